@@ -1,0 +1,18 @@
+"""fewstep: good samples from a pretrained diffusion or flow-matching model in 3-10 network evaluations."""
+
+from . import models, schedules, solvers
+from .evaluate import evaluate, noise
+from .metrics import rmse, summarize
+from .models import EmpiricalDenoiser, FlowDenoiser, GaussianMixture, VPContinuousDenoiser, VPDiscreteDenoiser, load_model
+from .sample import DenoiserError, nfe, plan, sample
+from .schedules import Schedule, ScheduleError
+from .solvers import SOLVERS
+from .teacher import Teacher
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "models", "schedules", "solvers", "evaluate", "noise", "rmse", "summarize", "EmpiricalDenoiser",
+    "FlowDenoiser", "GaussianMixture", "VPContinuousDenoiser", "VPDiscreteDenoiser", "load_model",
+    "DenoiserError", "nfe", "plan", "sample", "Schedule", "ScheduleError", "SOLVERS", "Teacher",
+]

@@ -1,0 +1,57 @@
+"""Error measures: per-sample RMSE to the teacher, summaries with bootstrap intervals, W2 distances."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-sample root-mean-square error over all dimensions, float64, shape [batch]."""
+    if x.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {tuple(x.shape)} vs reference {tuple(ref.shape)}")
+    diff = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1)
+    return diff.pow(2).mean(1).sqrt()
+
+
+def bootstrap_ci(values: torch.Tensor, stat=torch.mean, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``stat`` over ``values`` (seeded, so reproducible)."""
+    g = torch.Generator().manual_seed(seed)
+    v = values.to(torch.float64).flatten()
+    idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
+    boots = stat(v[idx], dim=1) if stat is torch.mean else torch.stack([stat(row) for row in v[idx]])
+    lo, hi = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
+def summarize(errors: torch.Tensor, ci: bool = False) -> dict:
+    """mean / median / p90 (and optionally a bootstrap 95% interval of the mean) of per-sample errors."""
+    e = errors.to(torch.float64).flatten()
+    out = {"mean": float(e.mean()), "median": float(e.median()), "p90": float(torch.quantile(e, 0.9)), "n": e.numel()}
+    if ci:
+        out["mean_ci95"] = list(bootstrap_ci(e))
+    return out
+
+
+def w2_exact(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact W2 between two equal-size empirical sets (optimal assignment, scipy's Hungarian solver)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if a.shape != b.shape:
+        raise ValueError(f"W2 needs equal-size sets of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a2, b2 = a.reshape(a.shape[0], -1).to(torch.float64), b.reshape(b.shape[0], -1).to(torch.float64)
+    cost = torch.cdist(a2, b2).pow(2)
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return float(cost[rows, cols].mean().sqrt())
+
+
+def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced W2: root mean over random directions of the 1-D W2 between the projected sets."""
+    if a.shape != b.shape:
+        raise ValueError(f"sliced W2 needs equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a2, b2 = a.reshape(a.shape[0], -1).to(torch.float64), b.reshape(b.shape[0], -1).to(torch.float64)
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.randn(a2.shape[1], projections, dtype=torch.float64, generator=g)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, pb = (a2 @ dirs).sort(0).values, (b2 @ dirs).sort(0).values
+    return float((pa - pb).pow(2).mean().sqrt())

@@ -1,0 +1,104 @@
+"""Built-in models by name, and loading a user's model from ``path/to/file.py:factory``."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .reference import EmpiricalDenoiser, GaussianMixture
+
+
+def digits() -> EmpiricalDenoiser:
+    """Empirical denoiser of scikit-learn's 1797 8x8 digits, pixels scaled to [-1, 1]."""
+    from sklearn.datasets import load_digits
+
+    x = torch.tensor(load_digits().images, dtype=torch.float64) / 8.0 - 1.0
+    return EmpiricalDenoiser(x[:, None], name="digits")
+
+
+def _rotation(d: int, g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(d, d, dtype=torch.float64, generator=g))
+    return q * torch.sign(torch.diagonal(r))[None]
+
+
+def gmm2d() -> GaussianMixture:
+    """8 anisotropic modes on a ring of radius 3, their scales spread over 0.05..0.6 (for plots)."""
+    g = torch.Generator().manual_seed(2)
+    k = 8
+    angles = torch.arange(k, dtype=torch.float64) * 2 * math.pi / k
+    means = 3 * torch.stack([angles.cos(), angles.sin()], 1)
+    scales = torch.logspace(math.log10(0.05), math.log10(0.6), k, dtype=torch.float64)
+    covs = []
+    for s in scales:
+        u = _rotation(2, g)
+        covs.append(u @ torch.diag(torch.tensor([1.0, 0.2], dtype=torch.float64) * s ** 2) @ u.T)
+    covs = torch.stack(covs)
+    return GaussianMixture(means, covs, name="gmm2d")
+
+
+def gmm64() -> GaussianMixture:
+    """10 modes in 64-d with decaying spectra (lambda_j ~ scale^2 j^-1.2) and scales over 0.05..1."""
+    g = torch.Generator().manual_seed(64)
+    k, d = 10, 64
+    means = 0.8 * torch.randn(k, d, dtype=torch.float64, generator=g)
+    scales = torch.logspace(math.log10(0.05), 0.0, k, dtype=torch.float64)
+    spectrum = torch.arange(1, d + 1, dtype=torch.float64) ** -1.2
+    covs = []
+    for s in scales:
+        u = _rotation(d, g)
+        covs.append(u @ torch.diag(s ** 2 * spectrum) @ u.T)
+    weights = torch.softmax(0.5 * torch.randn(k, dtype=torch.float64, generator=g), 0)
+    return GaussianMixture(means, torch.stack(covs), weights, shape=(1, 8, 8), name="gmm64")
+
+
+BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64}
+DEFAULT_MODEL = "digits"
+
+
+def load_model(spec: str) -> Callable:
+    """A built-in model by name, or ``path/to/file.py:factory`` (a function returning a denoiser)."""
+    if spec in BUILTIN_MODELS:
+        return BUILTIN_MODELS[spec]()
+    if ":" not in spec:
+        raise ValueError(f"unknown model {spec!r}; built-in: {', '.join(BUILTIN_MODELS)}, or give path/to/file.py:factory")
+    path, _, factory = spec.rpartition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"model file not found: {file}")
+    mod_name = f"fewstep_user_model_{abs(hash(str(file.resolve())))}"
+    mod_spec = importlib.util.spec_from_file_location(mod_name, file)
+    module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_name] = module
+    mod_spec.loader.exec_module(module)
+    if not hasattr(module, factory):
+        raise AttributeError(f"{file} has no function {factory!r}")
+    den = getattr(module, factory)()
+    if not callable(den):
+        raise TypeError(f"{spec} returned {type(den).__name__}, not a callable denoiser D(x, sigma)")
+    if not hasattr(den, "name"):
+        try:
+            den.name = f"{file.name}:{factory}"
+        except AttributeError:
+            pass
+    return den
+
+
+def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dict:
+    """Shape, sigma range and id of a denoiser: explicit values first, then its attributes, then EDM defaults."""
+    shape = shape if shape is not None else getattr(den, "shape", None)
+    if shape is None:
+        raise ValueError("the model has no .shape attribute: give the sample shape, e.g. shape=(3, 32, 32)")
+    info = {
+        "shape": tuple(int(v) for v in shape),
+        "sigma_min": float(sigma_min if sigma_min is not None else getattr(den, "sigma_min", 0.002)),
+        "sigma_max": float(sigma_max if sigma_max is not None else getattr(den, "sigma_max", 80.0)),
+        "name": str(getattr(den, "name", type(den).__name__)),
+    }
+    if not 0 < info["sigma_min"] < info["sigma_max"]:
+        raise ValueError(f"need 0 < sigma_min < sigma_max, got {info['sigma_min']} and {info['sigma_max']}")
+    return info

@@ -1,0 +1,131 @@
+"""``fewstep.sample``: run a schedule with a solver; ``fewstep.nfe``: what it costs in denoiser calls."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedules import Schedule, ScheduleError, as_schedule
+from .solvers import SOLVERS
+
+
+class DenoiserError(RuntimeError):
+    """The denoiser returned something unusable (wrong shape, NaN or inf)."""
+
+
+def get_solver(name: str) -> tuple[Callable, dict]:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+# Solvers that spend two calls on a step (except a step to sigma = 0, or where orders[i] == 1).
+TWO_STAGE = {"heun"}
+
+
+def nfe(schedule: Any, solver: str | None = None, **options: Any) -> int:
+    """Exact number of denoiser calls ``fewstep.sample`` makes for ``schedule`` with ``solver``."""
+    sched = as_schedule(schedule)
+    name = _solver_name(sched, solver)
+    get_solver(name)
+    orders = {**sched.solver_options, **options}.get("orders")
+    steps = sched.steps
+    if name not in TWO_STAGE:
+        return steps
+    final_zero = sched.sigma_final == 0
+    two = [not (final_zero and i == steps - 1) and (orders is None or orders[i] >= 2) for i in range(steps)]
+    return steps + sum(two)
+
+
+def plan(solver: str, nfe: int, final_zero: bool = True) -> tuple[int, dict]:
+    """Steps and solver options that spend exactly ``nfe`` calls with ``solver``.
+
+    Single-call solvers: ``nfe`` steps. Heun: 2 calls a step and 1 on a final step to 0; for an NFE
+    that this leaves over by one, the first step (at the highest noise, where the path is straightest)
+    is an Euler step, recorded as ``orders``.
+    """
+    get_solver(solver)
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if solver not in TWO_STAGE:
+        return int(nfe), {}
+    if final_zero:
+        if nfe % 2 == 1:
+            return (nfe + 1) // 2, {}
+        steps = nfe // 2 + 1
+        return steps, {"orders": [1] + [2] * (steps - 2) + [1]}
+    if nfe % 2 == 0:
+        return nfe // 2, {}
+    steps = (nfe + 1) // 2
+    return steps, {"orders": [1] + [2] * (steps - 1)}
+
+
+def _solver_name(sched: Any, solver: str | None) -> str:
+    name = solver or getattr(sched, "solver", None)
+    if name is None:
+        raise ValueError("no solver given and the schedule names none: pass solver=..., e.g. solver='dpmpp_2m'")
+    return name
+
+
+class CheckedDenoiser:
+    """Calls the user's denoiser with sigma of shape [batch], checks and counts what comes back."""
+
+    def __init__(self, denoiser: Callable):
+        self.denoiser = denoiser
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        sig = sigma.to(x.dtype)
+        sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
+        out = self.denoiser(x, sig)
+        self.calls += 1
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DenoiserError(f"denoiser returned shape {got} for input of shape {tuple(x.shape)}")
+        if not torch.isfinite(out).all():
+            raise DenoiserError(
+                f"denoiser returned NaN or inf at sigma={float(sig.detach().flatten()[0]):.6g} (call {self.calls})"
+            )
+        return out.to(x.dtype)
+
+
+def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None, *,
+           callback: Callable[[dict], None] | None = None, progress: bool = False, **options: Any) -> torch.Tensor:
+    """Solve the probability-flow ODE from ``x`` (the state at sigma_max: ``noise * sigmas[0]``).
+
+    ``schedule``: a Schedule, a list/tensor of sigmas, or a per-sample policy (an object with
+    ``sigmas_for(x) -> [steps + 1, batch]``). ``solver`` defaults to the one the schedule was made
+    for; ``options`` override the schedule's ``solver_options``.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
+    if hasattr(schedule, "sigmas_for"):
+        sigmas = schedule.sigmas_for(x)
+        opts = dict(getattr(schedule, "solver_options", {}) or {})
+    else:
+        sched = as_schedule(schedule)
+        sigmas = sched.sigmas
+        opts = sched.solver_options
+    name = _solver_name(schedule, solver)
+    fn, defaults = get_solver(name)
+    opts = {**defaults, **opts, **options}
+    orders = opts.get("orders")
+    if orders is not None and len(orders) != len(sigmas) - 1:
+        raise ScheduleError(f"solver option 'orders' has {len(orders)} entries for {len(sigmas) - 1} steps")
+    model = CheckedDenoiser(denoiser)
+    sigmas = sigmas.to(x.device)
+    if progress:
+        bar = tqdm(total=len(sigmas) - 1, desc=f"sample ({name})", leave=False)
+        user_cb = callback
+
+        def callback(info: dict) -> None:
+            bar.update(1)
+            if user_cb is not None:
+                user_cb(info)
+    try:
+        return fn(model, x, sigmas, callback=callback, **opts)
+    finally:
+        if progress:
+            bar.close()

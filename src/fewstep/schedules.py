@@ -1,0 +1,315 @@
+"""Noise schedules: a strictly decreasing float64 sequence of sigmas, plus where it came from.
+
+Sigmas follow the EDM / k-diffusion convention, ``x = x0 + sigma * noise``. A schedule of N steps
+has N + 1 sigmas, from sigma_max down to 0 (or down to a positive sigma_min).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+FORMAT = "fewstep.schedule"
+FORMAT_VERSION = 1
+
+
+class ScheduleError(ValueError):
+    """A schedule, or a schedule file, is not valid."""
+
+
+def check_sigmas(sigmas: Any) -> torch.Tensor:
+    """Return ``sigmas`` as a 1-d float64 tensor, or raise ScheduleError naming what is wrong."""
+    try:
+        s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ScheduleError(f"sigmas must be a list or tensor of numbers: {e}") from None
+    if s.numel() < 2:
+        raise ScheduleError(f"a schedule needs at least 2 sigmas (1 step), got {s.numel()}")
+    if not torch.isfinite(s).all():
+        raise ScheduleError(f"sigmas contain NaN or inf: {s.tolist()}")
+    if (s < 0).any():
+        raise ScheduleError(f"sigmas must be >= 0, got {s.tolist()}")
+    bad = (s[1:] >= s[:-1]).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise ScheduleError(
+            f"sigmas must be strictly decreasing: sigma[{i}]={s[i].item():.6g} "
+            f"<= sigma[{i + 1}]={s[i + 1].item():.6g}"
+        )
+    return s
+
+
+class Schedule:
+    """A strictly decreasing float64 sigma sequence with metadata.
+
+    ``Schedule([80, 10, 1, 0], solver="heun", method="karras")``. Metadata keys used by fewstep:
+    ``solver`` (the solver it was made for), ``solver_options`` (e.g. per-step ``orders``),
+    ``method``, ``nfe``, ``model``, ``params``, ``provenance``; any other JSON-serializable keys are kept.
+    """
+
+    def __init__(self, sigmas: Any, **metadata: Any):
+        self.sigmas = check_sigmas(sigmas)
+        self.metadata = dict(metadata)
+
+    @property
+    def solver(self) -> str | None:
+        return self.metadata.get("solver")
+
+    @property
+    def solver_options(self) -> dict:
+        return dict(self.metadata.get("solver_options") or {})
+
+    @property
+    def steps(self) -> int:
+        return self.sigmas.numel() - 1
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_final(self) -> float:
+        return float(self.sigmas[-1])
+
+    def __len__(self) -> int:
+        return self.sigmas.numel()
+
+    def __repr__(self) -> str:
+        vals = ", ".join(f"{v:.4g}" for v in self.sigmas.tolist())
+        tags = ", ".join(f"{k}={self.metadata[k]!r}" for k in ("method", "solver", "nfe") if k in self.metadata)
+        return f"Schedule([{vals}]{', ' + tags if tags else ''})"
+
+    def with_metadata(self, **metadata: Any) -> "Schedule":
+        return Schedule(self.sigmas, **{**self.metadata, **metadata})
+
+    def to_list(self) -> list[float]:
+        """The sigmas as a plain list (a k-diffusion ``sigmas`` tensor or a ComfyUI custom-sigmas list)."""
+        return self.sigmas.tolist()
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "version": FORMAT_VERSION, "sigmas": self.to_list(), "metadata": self.metadata}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "schedule") -> "Schedule":
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ScheduleError(f"{source}: not a fewstep schedule (missing format={FORMAT!r})")
+        if d.get("version") != FORMAT_VERSION:
+            raise ScheduleError(
+                f"{source}: schedule format version {d.get('version')!r} is not supported "
+                f"(this fewstep reads version {FORMAT_VERSION})"
+            )
+        if "sigmas" not in d:
+            raise ScheduleError(f"{source}: no 'sigmas' field")
+        try:
+            return cls(d["sigmas"], **dict(d.get("metadata") or {}))
+        except ScheduleError as e:
+            raise ScheduleError(f"{source}: {e}") from None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write JSON atomically (temp file in the same folder, then rename)."""
+        return write_atomic(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Schedule":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"schedule file not found: {path}")
+        try:
+            d = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{path}: corrupt schedule file ({e})") from None
+        return cls.from_dict(d, source=str(path))
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file and rename, so no partial file is ever left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def as_schedule(schedule: Any) -> Schedule:
+    return schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+
+
+# --------------------------------------------------------------------------------------------
+# Built-in schedules. Each returns a Schedule of ``steps`` steps (steps + 1 sigmas).
+
+def _finish(sigmas: Iterable[float] | torch.Tensor, final_zero: bool, method: str, **params: Any) -> Schedule:
+    s = torch.as_tensor(sigmas, dtype=torch.float64)
+    if final_zero:
+        s = torch.cat([s, s.new_zeros(1)])
+    return Schedule(s, method=method, params=params)
+
+
+def _check_range(steps: int, sigma_min: float, sigma_max: float) -> None:
+    if int(steps) != steps or steps < 1:
+        raise ScheduleError(f"steps must be a positive integer, got {steps!r}")
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ScheduleError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+
+
+def _points(steps: int, final_zero: bool) -> int:
+    """Number of points spanned from sigma_max to sigma_min (a final 0 is appended separately)."""
+    return steps if final_zero else steps + 1
+
+
+def polynomial(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+               final_zero: bool = True) -> Schedule:
+    """Uniform in sigma^(1/rho) (Karras et al. 2022, eq. 5)."""
+    _check_range(steps, sigma_min, sigma_max)
+    n = _points(steps, final_zero)
+    if n == 1:
+        return _finish([sigma_max], final_zero, "polynomial", rho=rho)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return _finish(s, final_zero, "polynomial", rho=rho)
+
+
+def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+           final_zero: bool = True) -> Schedule:
+    """EDM / Karras schedule (rho = 7 by default); same formula as k-diffusion's get_sigmas_karras."""
+    s = polynomial(steps, sigma_min, sigma_max, rho, final_zero)
+    return s.with_metadata(method="karras")
+
+
+def logsnr_uniform(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True) -> Schedule:
+    """Uniform in log sigma, i.e. uniform in logSNR = -2 log sigma (DPM-Solver's 'logSNR' schedule)."""
+    _check_range(steps, sigma_min, sigma_max)
+    n = _points(steps, final_zero)
+    s = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
+    return _finish(s, final_zero, "logsnr_uniform")
+
+
+# Continuous VP (Song et al. 2021): sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t in [eps_t, 1].
+VP_BETA_D, VP_BETA_MIN = 19.9, 0.1
+
+
+def vp_sigma(t: torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    return torch.sqrt(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+
+
+def vp_time(sigma: torch.Tensor, beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> torch.Tensor:
+    """Inverse of vp_sigma (EDM, Karras et al. 2022, Table 1)."""
+    return (torch.sqrt(beta_min ** 2 + 2 * beta_d * torch.log1p(sigma ** 2)) - beta_min) / beta_d
+
+
+def _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, power, method, beta_d, beta_min) -> Schedule:
+    _check_range(steps, sigma_min, sigma_max)
+    n = _points(steps, final_zero)
+    t0, t1 = (vp_time(torch.tensor(v, dtype=torch.float64), beta_d, beta_min) for v in (sigma_max, sigma_min))
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    t = (t0 ** (1 / power) + ramp * (t1 ** (1 / power) - t0 ** (1 / power))) ** power
+    return _finish(vp_sigma(t, beta_d, beta_min), final_zero, method, beta_d=beta_d, beta_min=beta_min)
+
+
+def time_uniform(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True,
+                 beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> Schedule:
+    """Uniform in the continuous-VP time t (DDIM's 'uniform' skip for VP models)."""
+    return _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, 1.0, "time_uniform", beta_d, beta_min)
+
+
+def time_quadratic(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True,
+                   beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> Schedule:
+    """Uniform in sqrt(t) of the continuous-VP time (DDIM's 'quadratic' skip)."""
+    return _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, 2.0, "time_quadratic", beta_d, beta_min)
+
+
+def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3 / Flux time shift: t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, eq. 23)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def flow_uniform(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 1.0,
+                 final_zero: bool = True) -> Schedule:
+    """Uniform in flow-matching time t = sigma / (1 + sigma), after the SD3/Flux shift.
+
+    The unshifted grid runs from u_max = shift^-1(t_max) to u_min, so after the shift it starts
+    exactly at sigma_max (t_max = sigma_max / (1 + sigma_max)) and ends at sigma_min (or 0).
+    """
+    _check_range(steps, sigma_min, sigma_max)
+    if shift <= 0:
+        raise ScheduleError(f"shift must be > 0, got {shift}")
+    n = _points(steps, final_zero)
+
+    def unshift(t: float) -> float:
+        return t / (shift - (shift - 1) * t)
+
+    t_max, t_min = sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min)
+    u = torch.linspace(unshift(t_max), unshift(t_min), n, dtype=torch.float64)
+    t = flow_shift(u, shift)
+    return _finish(t / (1 - t), final_zero, "flow_uniform", shift=shift)
+
+
+# Align Your Steps (Sabour et al. 2024): the published 10-step sigma lists, as shipped in diffusers'
+# `AysSchedules` (diffusers/schedulers/scheduling_utils.py).
+AYS_SIGMAS = {
+    "sd15": [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029],
+    "sdxl": [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.029],
+    "svd": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
+}
+
+
+def loglinear_interp(sigmas: list[float], num: int) -> torch.Tensor:
+    """AYS rule: interpolate log sigma linearly (on a uniform index axis) onto ``num`` points."""
+    ys = torch.tensor(sigmas, dtype=torch.float64).log().flip(0)
+    xs = torch.linspace(0, 1, len(sigmas), dtype=torch.float64)
+    new_xs = torch.linspace(0, 1, num, dtype=torch.float64)
+    idx = torch.searchsorted(xs, new_xs, right=True).clamp(1, len(sigmas) - 1)
+    x0, x1, y0, y1 = xs[idx - 1], xs[idx], ys[idx - 1], ys[idx]
+    new_ys = y0 + (new_xs - x0) / (x1 - x0) * (y1 - y0)
+    return new_ys.exp().flip(0)
+
+
+def ays(steps: int, model: str = "sd15", sigma_min: float | None = None, sigma_max: float | None = None) -> Schedule:
+    """Align Your Steps for ``model`` in {'sd15', 'sdxl', 'svd'}, interpolated to ``steps`` steps.
+
+    The published 11-value lists are log-linearly interpolated onto steps + 1 points and the last one
+    is set to 0 (the AYS authors' rule). Given ``sigma_min``/``sigma_max``, the log sigmas are mapped
+    affinely from the published range onto that range (fewstep's extension for other models).
+    """
+    if model not in AYS_SIGMAS:
+        raise ScheduleError(f"unknown AYS model {model!r}; known: {sorted(AYS_SIGMAS)}")
+    if int(steps) != steps or steps < 1:
+        raise ScheduleError(f"steps must be a positive integer, got {steps!r}")
+    s = loglinear_interp(AYS_SIGMAS[model], steps + 1)
+    if sigma_min is not None or sigma_max is not None:
+        lo, hi = math.log(AYS_SIGMAS[model][-1]), math.log(AYS_SIGMAS[model][0])
+        new_lo = math.log(sigma_min if sigma_min is not None else AYS_SIGMAS[model][-1])
+        new_hi = math.log(sigma_max if sigma_max is not None else AYS_SIGMAS[model][0])
+        s = torch.exp(new_lo + (s.log() - lo) * (new_hi - new_lo) / (hi - lo))
+    s[-1] = 0.0
+    return Schedule(s, method="ays", params={"model": model})
+
+
+BUILTIN_SCHEDULES = {
+    "karras": karras,
+    "logsnr_uniform": logsnr_uniform,
+    "time_uniform": time_uniform,
+    "time_quadratic": time_quadratic,
+    "polynomial": polynomial,
+    "flow_uniform": flow_uniform,
+    "ays": ays,
+}
+
+
+def builtin(name: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, **params: Any) -> Schedule:
+    """A built-in schedule by name; see ``BUILTIN_SCHEDULES``."""
+    if name not in BUILTIN_SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; known: {sorted(BUILTIN_SCHEDULES)}")
+    return BUILTIN_SCHEDULES[name](steps, sigma_min=sigma_min, sigma_max=sigma_max, **params)

@@ -1,0 +1,263 @@
+"""ODE solvers for the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma.
+
+One flat function per solver, k-diffusion style: ``solver(model, x, sigmas, callback=None, **options)``.
+``model(x, sigma)`` is the denoiser; ``sigma`` is a 0-d tensor, or a ``[batch]`` tensor when the
+schedule is per sample (``sigmas`` of shape ``[steps + 1, batch]``). Coefficients are computed in
+float64 from the sigmas and cast to ``x.dtype``; every operation is differentiable in the sigmas.
+
+Every solver accepts ``orders``: a per-step cap on the order (SDM's gate stores its decisions there).
+A step that lands on sigma = 0 returns the denoised estimate (first order), as k-diffusion does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Callback = Callable[[dict], None] | None
+
+
+def _b(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample coefficient, broadcastable against x and in x's dtype."""
+    c = c.to(x.dtype)
+    return c.reshape(-1, *([1] * (x.ndim - 1))) if c.ndim else c
+
+
+def _is_zero(s: torch.Tensor) -> bool:
+    return bool((s == 0).all())
+
+
+def _cap(orders: Sequence[int] | None, i: int, order: int) -> int:
+    return order if orders is None else min(order, int(orders[i]))
+
+
+def _report(callback: Callback, x, i, sigmas, denoised) -> None:
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+
+
+def euler(model, x, sigmas, callback: Callback = None, orders=None):
+    """Euler on dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 1 without the correction)."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x, i, sigmas, denoised)
+        d = (x - denoised) / _b(s, x)
+        x = x + d * _b(s_next - s, x)
+    return x
+
+
+def heun(model, x, sigmas, callback: Callback = None, orders=None):
+    """EDM 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on a step to sigma = 0 or where orders[i] == 1."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x, i, sigmas, denoised)
+        d = (x - denoised) / _b(s, x)
+        x_next = x + d * _b(s_next - s, x)
+        if not _is_zero(s_next) and _cap(orders, i, 2) >= 2:
+            d_next = (x_next - model(x_next, s_next)) / _b(s_next, x)
+            x_next = x + (d + d_next) / 2 * _b(s_next - s, x)
+        x = x_next
+    return x
+
+
+def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
+    """DPM-Solver++(2M), data prediction, in lambda = -log sigma (Lu et al. 2022, Alg. 2)."""
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x, i, sigmas, denoised)
+        if _is_zero(s_next):
+            x = denoised
+        else:
+            h = s.log() - s_next.log()
+            d = denoised
+            if old_denoised is not None and _cap(orders, i, 2) >= 2:
+                r = (sigmas[i - 1].log() - s.log()) / h
+                d = _b(1 + 1 / (2 * r), x) * denoised - _b(1 / (2 * r), x) * old_denoised
+            x = _b(s_next / s, x) * x - _b(torch.expm1(-h), x) * d
+        old_denoised = denoised
+    return x
+
+
+def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None):
+    """DPM-Solver++(3M), data prediction (Lu et al. 2022; k-diffusion's 3M form with eta = 0).
+
+    First step order 1, second order 2, then order 3; a step to sigma = 0 returns the denoised estimate.
+    """
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, h) of earlier steps, newest first
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x, i, sigmas, denoised)
+        if _is_zero(s_next):
+            x = denoised
+            break
+        h = s.log() - s_next.log()
+        x = _b(s_next / s, x) * x - _b(torch.expm1(-h), x) * denoised
+        order = _cap(orders, i, min(3, len(hist) + 1))
+        phi_2 = torch.expm1(-h) / h + 1
+        if order == 2:
+            d = (denoised - hist[0][0]) / _b(hist[0][1] / h, x)
+            x = x + _b(phi_2, x) * d
+        elif order == 3:
+            (den_1, h_1), (den_2, h_2) = hist[0], hist[1]
+            r0, r1 = h_1 / h, h_2 / h
+            d1_0 = (denoised - den_1) / _b(r0, x)
+            d1_1 = (den_1 - den_2) / _b(r1, x)
+            d1 = d1_0 + (d1_0 - d1_1) * _b(r0 / (r0 + r1), x)
+            d2 = (d1_0 - d1_1) / _b(r0 + r1, x)
+            phi_3 = phi_2 / h - 0.5
+            x = x + _b(phi_2, x) * d1 - _b(phi_3, x) * d2
+        hist = [(denoised, h)] + hist[:1]
+    return x
+
+
+def _unipc_update(x, m0, lam0, lam1, older, m_new=None):
+    """One UniP (m_new None) or UniC (m_new given) update, B(h) = e^{-h} - 1 ('bh2').
+
+    Zhao et al. 2023, UniPC, Alg. 1-2, data prediction. ``older``: [(m_k, lambda_k)] before m0,
+    newest first, as many as the order needs. x_next = (sigma_1/sigma_0) x - (e^{-h} - 1) m0 - B(h) sum_k rho_k D_k,
+    with D_k = (m_k - m0) / r_k, r_k = (lambda_k - lambda_0) / h, and rho solving R rho = b.
+    """
+    h = lam1 - lam0
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    x_lin = _b(torch.exp(hh), x) * x - _b(h_phi_1, x) * m0
+    rks = [(lam_k - lam0) / h for _, lam_k in older]
+    ds = [(m_k - m0) / _b(r_k, x) for (m_k, _), r_k in zip(older, rks)]
+    if m_new is not None:
+        rks.append(torch.ones_like(h))
+        ds.append(m_new - m0)
+    n = len(rks)
+    if n == 0:
+        return x_lin
+    if n == 1:  # UniP-2 / UniC-1 use rho = 1/2 (Zhao et al. 2023, Sec. 3.1)
+        rhos = [torch.full_like(h, 0.5)]
+    else:
+        b_h = h_phi_1
+        b, h_phi_k, fact = [], h_phi_1 / hh - 1, 1
+        for k in range(1, n + 1):
+            b.append(h_phi_k * fact / b_h)
+            fact *= k + 1
+            h_phi_k = h_phi_k / hh - 1 / fact
+        rk = torch.stack(torch.broadcast_tensors(*rks), -1)  # [..., n]
+        R = torch.stack([rk ** j for j in range(n)], -2)  # [..., n(power), n(node)]
+        rhos = torch.linalg.solve(R, torch.stack(torch.broadcast_tensors(*b), -1)).unbind(-1)
+    res = sum(_b(r, x) * d for r, d in zip(rhos, ds))
+    return x_lin - _b(h_phi_1, x) * res
+
+
+def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int = 2, corrector: bool = True):
+    """UniPC-p with the bh2 variant, data prediction, orders 1-3 (Zhao et al. 2023).
+
+    Order is lowered for warm-up and at the final steps (diffusers' ``lower_order_final``); the
+    corrector UniC reuses the next step's model output, so it costs no extra call.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
+    n_steps = len(sigmas) - 1
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (m, lambda), newest first
+    x_prev, p_prev = None, 0
+    for i in range(n_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        m, lam = model(x, s), -s.log()
+        _report(callback, x, i, sigmas, m)
+        if corrector and x_prev is not None:
+            x = _unipc_update(x_prev, hist[0][0], hist[0][1], lam, hist[1:p_prev], m_new=m)
+        hist = [(m, lam)] + hist[: order - 1]
+        p = _cap(orders, i, min(order, len(hist), n_steps - i))
+        x_prev, p_prev = x, p
+        x = m if _is_zero(s_next) else _unipc_update(x, m, lam, -s_next.log(), hist[1:p])
+    return x
+
+
+# iPNDM: Adams-Bashforth on d = (x - D) / sigma with the fixed coefficients of uniform steps
+# (Zhang & Chen 2023, DEIS paper, "iPNDM"; as in zju-pi/diff-sampler's `ipndm`).
+_AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+
+
+def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: int = 4):
+    """iPNDM, order up to ``max_order`` (<= 4), lower order while the history fills.
+
+    diff-sampler ends its schedules at sigma_min; here a final step to sigma = 0 returns the denoised
+    estimate, as for every other solver (an Adams-Bashforth step onto sigma = 0 overshoots).
+    """
+    if max_order not in _AB:
+        raise ValueError(f"ipndm max_order must be 1-4, got {max_order}")
+    ds: list[torch.Tensor] = []  # newest first
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x, i, sigmas, denoised)
+        ds = [(x - denoised) / _b(s, x)] + ds[: max_order - 1]
+        if _is_zero(s_next):
+            x = denoised
+            continue
+        p = _cap(orders, i, min(max_order, len(ds)))
+        x = x + _b(s_next - s, x) * sum(c * d for c, d in zip(_AB[p], ds))
+    return x
+
+
+def _lagrange_exp_integral(us: list[torch.Tensor], j: int, ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """int_{ua}^{ub} L_j(u) e^u du for the Lagrange basis polynomial L_j on nodes ``us``.
+
+    With p = L_j, the antiderivative of p(u) e^u is e^u (p - p' + p'' - ...).
+    """
+    coef = [torch.ones_like(ua)]  # polynomial coefficients in u, lowest power first
+    for m, um in enumerate(us):
+        if m == j:
+            continue
+        den = us[j] - um
+        coef = [(coef[k - 1] if k > 0 else 0) / den - (coef[k] * um / den if k < len(coef) else 0)
+                for k in range(len(coef) + 1)]
+
+    def antiderivative(u):
+        total, deriv, sign = 0, coef, 1
+        while deriv:
+            total = total + sign * sum(c * u ** k for k, c in enumerate(deriv))
+            deriv = [k * c for k, c in enumerate(deriv)][1:]
+            sign = -sign
+        return torch.exp(u) * total
+
+    return antiderivative(ub) - antiderivative(ua)
+
+
+def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 3):
+    """DEIS tAB-p (Zhang & Chen 2023): x' = x + int eps dsigma, with eps Lagrange-interpolated in log sigma.
+
+    This is the 'deis' algorithm of diffusers' DEISMultistepScheduler written in EDM variables.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"deis order must be 1, 2 or 3, got {order}")
+    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (eps, log sigma), newest first
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, s)
+        _report(callback, x, i, sigmas, denoised)
+        eps = (x - denoised) / _b(s, x)
+        hist = [(eps, s.log())] + hist[: order - 1]
+        if _is_zero(s_next):
+            x = denoised
+            continue
+        p = _cap(orders, i, len(hist))
+        us = [u for _, u in hist[:p]]
+        for j, (e, _) in enumerate(hist[:p]):
+            x = x + _b(_lagrange_exp_integral(us, j, s.log(), s_next.log()), x) * e
+    return x
+
+
+# name -> (function, default options). "unipc_3" and friends are the same function at another order.
+SOLVERS: dict[str, tuple[Callable, dict]] = {
+    "euler": (euler, {}),
+    "heun": (heun, {}),
+    "dpmpp_2m": (dpmpp_2m, {}),
+    "dpmpp_3m": (dpmpp_3m, {}),
+    "unipc": (unipc, {"order": 2}),
+    "unipc_3": (unipc, {"order": 3}),
+    "ipndm": (ipndm, {"max_order": 4}),
+    "deis": (deis, {"order": 3}),
+}

@@ -3,6 +3,7 @@
 from . import models, schedules, solvers
 from .evaluate import evaluate, noise
 from .metrics import rmse, summarize
+from .optimize import METHODS, optimize
 from .models import EmpiricalDenoiser, FlowDenoiser, GaussianMixture, VPContinuousDenoiser, VPDiscreteDenoiser, load_model
 from .sample import DenoiserError, nfe, plan, sample
 from .schedules import Schedule, ScheduleError
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "models", "schedules", "solvers", "evaluate", "noise", "rmse", "summarize", "EmpiricalDenoiser",
     "FlowDenoiser", "GaussianMixture", "VPContinuousDenoiser", "VPDiscreteDenoiser", "load_model",
-    "DenoiserError", "nfe", "plan", "sample", "Schedule", "ScheduleError", "SOLVERS", "Teacher",
+    "DenoiserError", "METHODS", "optimize", "nfe", "plan", "sample", "Schedule", "ScheduleError", "SOLVERS", "Teacher",
 ]

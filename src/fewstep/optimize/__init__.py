@@ -1,0 +1,108 @@
+"""``fewstep.optimize``: schedules tuned to a model, one module per method, one entry point.
+
+A method is a function ``method(ctx: Calibration, solver: str, nfe: int, **options) -> Schedule``
+registered with ``@register("name")``; it returns the sigmas (and any ``solver_options`` such as
+per-step ``orders``) and this module adds the record of how it was made. A method may instead return
+an object with ``sigmas_for(x)`` (a per-sample schedule policy).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..evaluate import CALIB_SEED, noise
+from ..models.builtin import model_info
+from ..sample import CheckedDenoiser, get_solver, nfe as count_nfe
+from ..teacher import Teacher
+
+METHODS: dict[str, Callable] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+@dataclass
+class Calibration:
+    """What a method may use: the counted denoiser, the calibration states at sigma_max, the teacher."""
+
+    denoiser: CheckedDenoiser
+    x: torch.Tensor
+    sigma_min: float
+    sigma_max: float
+    teacher: Teacher
+    seed: int
+    progress: bool = False
+    info: dict = field(default_factory=dict)
+
+    @property
+    def calls(self) -> int:
+        return self.denoiser.calls + self.teacher.calls
+
+
+def _load_methods() -> None:
+    """Import every module of this package: each method module registers itself, so a new method
+    appears in ``optimize`` and ``tune`` without editing either."""
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torch.Tensor | None = None, *,
+             shape=None, n: int = 64, seed: int = CALIB_SEED, sigma_min: float | None = None,
+             sigma_max: float | None = None, teacher: Teacher | None = None, progress: bool = False,
+             **options: Any):
+    """Optimize a schedule of exactly ``nfe`` denoiser calls with ``solver`` for ``denoiser``.
+
+    ``calib``: initial states at sigma_max (``noise * sigma_max``), or give ``shape``/``n``/``seed``.
+    Returns a Schedule carrying its solver, solver options and a record of how it was made.
+    """
+    _load_methods()
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    get_solver(solver)
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    info = model_info(denoiser, shape if shape is not None else (tuple(calib.shape[1:]) if calib is not None else None),
+                      sigma_min, sigma_max)
+    if info["sigma_min"] >= info["sigma_max"]:
+        raise ValueError(f"sigma_min {info['sigma_min']} must be < sigma_max {info['sigma_max']}")
+    if calib is None:
+        calib = noise(n, info["shape"], info["sigma_max"], seed)
+    elif not isinstance(calib, torch.Tensor) or tuple(calib.shape[1:]) != info["shape"] or calib.shape[0] < 1:
+        got = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise ValueError(f"calibration batch must have shape [n, {', '.join(map(str, info['shape']))}], got {got}")
+    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress)
+    ctx = Calibration(CheckedDenoiser(denoiser), calib.to(torch.float64), info["sigma_min"], info["sigma_max"],
+                      teacher, seed, progress, info)
+    teacher_calls0 = teacher.calls
+    start = time.perf_counter()
+    result = METHODS[method](ctx, solver, int(nfe), **options)
+    seconds = time.perf_counter() - start
+    record = {
+        "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],
+        "params": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "provenance": {
+            "calib_n": int(calib.shape[0]), "calib_seed": seed, "seconds": round(seconds, 3),
+            "denoiser_calls": ctx.denoiser.calls + teacher.calls - teacher_calls0,
+            "teacher_steps": teacher.steps, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
+            "fewstep": __import__("fewstep").__version__,
+        },
+    }
+    if hasattr(result, "sigmas_for"):
+        result.metadata = {**getattr(result, "metadata", {}), **record}
+        return result
+    record["provenance"].update(result.metadata.pop("provenance", {}))
+    result = result.with_metadata(**{**record, **{k: v for k, v in result.metadata.items() if k not in record}})
+    got = count_nfe(result, solver)
+    if got != nfe:
+        raise RuntimeError(f"internal error: method {method!r} made a schedule of {got} calls, asked {nfe}")
+    return result

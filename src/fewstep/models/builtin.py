@@ -76,10 +76,10 @@ def load_model(spec: str) -> Callable:
     sys.modules[mod_name] = module
     mod_spec.loader.exec_module(module)
     if not hasattr(module, factory):
-        raise AttributeError(f"{file} has no function {factory!r}")
+        raise ValueError(f"{file} has no function {factory!r}")
     den = getattr(module, factory)()
     if not callable(den):
-        raise TypeError(f"{spec} returned {type(den).__name__}, not a callable denoiser D(x, sigma)")
+        raise ValueError(f"{spec} returned {type(den).__name__}, not a callable denoiser D(x, sigma)")
     if not hasattr(den, "name"):
         try:
             den.name = f"{file.name}:{factory}"

@@ -1,0 +1,238 @@
+"""The ``fewstep`` command line: demo, sample, evaluate, optimize."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .evaluate import CALIB_SEED, TEST_SEED, evaluate, noise
+from .models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, load_model, model_info
+from .sample import DenoiserError, plan, sample
+from .schedules import BUILTIN_SCHEDULES, Schedule, builtin, write_atomic
+from .solvers import SOLVERS
+from .teacher import Teacher
+
+DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(known):
+    def parse(text: str) -> list[str]:
+        names = [v.strip() for v in text.split(",") if v.strip()]
+        if names == ["all"]:
+            return list(known)
+        bad = [v for v in names if v not in known]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown: {', '.join(bad)}; known: {', '.join(known)}")
+        return names
+    return parse
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+
+
+def _model_id(spec: str) -> str:
+    """A stable id for the teacher's disk cache: the built-in name, or the file's content hash."""
+    if spec in BUILTIN_MODELS:
+        return f"{spec}@{__version__}"
+    file = Path(spec.rpartition(":")[0])
+    return f"{spec}@{hashlib.sha1(file.read_bytes()).hexdigest()[:12]}"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in model ({', '.join(BUILTIN_MODELS)}) or path/to/file.py:factory "
+                        f"(a function returning a denoiser D(x, sigma)); default {DEFAULT_MODEL}")
+    p.add_argument("--shape", type=_ints, help="sample shape for a user model without .shape, e.g. 3,32,32")
+    p.add_argument("--sigma-min", type=float, help="smallest positive sigma (default: the model's, else 0.002)")
+    p.add_argument("--sigma-max", type=float, help="largest sigma (default: the model's, else 80)")
+    p.add_argument("--teacher-steps", type=int, default=512, help="Heun steps of the reference solve (default 512)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+
+
+def _load(args):
+    den = load_model(args.model)
+    info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
+    teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
+                      model_id=_model_id(args.model), progress=True)
+    return den, info, teacher
+
+
+def _schedule_for(name: str, solver: str, nfe: int, info: dict) -> Schedule:
+    steps, options = plan(solver, nfe)
+    sched = builtin(name, steps, sigma_min=info["sigma_min"], sigma_max=info["sigma_max"])
+    return sched.with_metadata(solver=solver, solver_options=options, nfe=nfe)
+
+
+def _print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in cols))
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+
+def cmd_demo(args) -> int:
+    den, info, teacher = _load(args)
+    x = noise(args.n, info["shape"], info["sigma_max"], TEST_SEED)
+    teacher.solve(x, info["sigma_max"])
+    rows = []
+    cells = [(s, sol, k) for k in args.nfe for s in args.schedules for sol in args.solvers]
+    for sched_name, solver, k in tqdm(cells, desc="demo", disable=args.json):
+        res = evaluate(den, _schedule_for(sched_name, solver, k, info), x=x, teacher=teacher)
+        rows.append({"nfe": k, "schedule": sched_name, "solver": solver, **res})
+    if args.json:
+        print(json.dumps({"model": info["name"], "n": args.n, "seed": TEST_SEED, "rows": rows}, indent=2))
+        return 0
+    print(f"fewstep {__version__} demo: model {info['name']} {info['shape']}, {args.n} held-out noises "
+          f"(seed {TEST_SEED}), RMSE to a {args.teacher_steps}-step Heun teacher; {platform.processor() or platform.machine()}")
+    for k in args.nfe:
+        sub = [r for r in rows if r["nfe"] == k]
+        best = min(sub, key=lambda r: r["mean"])
+        print(f"\nNFE {k} (best: {best['schedule']} + {best['solver']}, mean RMSE {best['mean']:.4g})")
+        _print_table(sub, ["schedule", "solver", "mean", "median", "p90"] + (["w2"] if "w2" in sub[0] else []))
+    return 0
+
+
+def _load_schedule(args, info) -> Schedule:
+    if args.schedule:
+        return Schedule.load(args.schedule)
+    if not args.nfe:
+        raise SystemExit("error: give --schedule FILE, or --builtin NAME with --nfe N and --solver S")
+    if not args.solver:
+        raise SystemExit("error: --builtin needs --solver")
+    return _schedule_for(args.builtin, args.solver, args.nfe, info)
+
+
+def _add_schedule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schedule", help="a schedule JSON file (from `fewstep optimize` or Schedule.save)")
+    p.add_argument("--builtin", default="karras", choices=sorted(BUILTIN_SCHEDULES),
+                   help="a built-in schedule when no --schedule is given (default karras)")
+    p.add_argument("--nfe", type=int, help="denoiser calls, with --builtin")
+    p.add_argument("--solver", choices=list(SOLVERS), help="solver (default: the one the schedule was made for)")
+
+
+def cmd_sample(args) -> int:
+    den, info, _ = _load(args)
+    sched = _load_schedule(args, info)
+    x = noise(args.n, info["shape"], sched.sigma_max, args.seed)
+    out = sample(den, x, sched, args.solver, progress=True)
+    buf = __import__("io").BytesIO()
+    torch.save({"samples": out, "sigmas": sched.sigmas, "metadata": sched.metadata, "seed": args.seed}, buf)
+    write_atomic(args.output, buf.getvalue())
+    print(json.dumps({"output": str(args.output), "n": args.n, "shape": list(out.shape)}) if args.json
+          else f"wrote {args.n} samples of shape {tuple(out.shape[1:])} to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    den, info, teacher = _load(args)
+    sched = _load_schedule(args, info)
+    res = evaluate(den, sched, args.solver, n=args.n, seed=args.seed, teacher=teacher, shape=info["shape"], ci=True)
+    res.update({"model": info["name"], "solver": args.solver or sched.solver, "seed": args.seed,
+                "sigmas": sched.to_list()})
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        lo, hi = res["mean_ci95"]
+        print(f"{info['name']}: {res['solver']} on {len(sched.sigmas) - 1} steps, NFE {res.get('nfe')}, "
+              f"{res['n']} held-out noises (seed {args.seed})")
+        print(f"RMSE to teacher: mean {res['mean']:.4g} (95% CI {lo:.4g}-{hi:.4g}), median {res['median']:.4g}, "
+              f"p90 {res['p90']:.4g}" + (f"; W2 to the data {res['w2']:.4g} (n={res['w2_n']})" if "w2" in res else ""))
+    return 0
+
+
+def cmd_optimize(args) -> int:
+    from .optimize import optimize
+
+    den, info, teacher = _load(args)
+    options = json.loads(args.options) if args.options else {}
+    sched = optimize(den, args.method, args.solver, args.nfe, n=args.n, seed=args.seed, shape=info["shape"],
+                     sigma_min=info["sigma_min"], sigma_max=info["sigma_max"], teacher=teacher, progress=True,
+                     **options)
+    sched.save(args.output)
+    prov = sched.metadata.get("provenance", {})
+    print(json.dumps({"output": str(args.output), **sched.to_dict()}) if args.json else
+          f"wrote {args.output}: {sched}\n{prov.get('denoiser_calls')} denoiser calls, {prov.get('seconds')} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .optimize import METHODS, _load_methods
+
+    _load_methods()
+    p = argparse.ArgumentParser(
+        prog="fewstep",
+        description="Few-step sampling for pretrained diffusion models: pick the solver and timesteps for "
+                    "your model. Models are denoisers D(x, sigma) -> x0 (EDM convention).",
+        epilog="Start with `fewstep demo`. Each command has --help.")
+    p.add_argument("--version", action="version", version=f"fewstep {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="held-out error of the built-in schedules with every solver at a few NFE")
+    _add_model_args(d)
+    d.add_argument("--nfe", type=_ints, default=[4, 6, 8], help="comma-separated NFE budgets (default 4,6,8)")
+    d.add_argument("--solvers", type=_names(list(SOLVERS)), default=list(SOLVERS), help="comma-separated, or all")
+    d.add_argument("--schedules", type=_names(list(BUILTIN_SCHEDULES)), default=DEMO_SCHEDULES,
+                   help=f"comma-separated built-in schedules (default {','.join(DEMO_SCHEDULES)})")
+    d.add_argument("--n", type=int, default=128, help="held-out noises (default 128)")
+    d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("sample", help="generate samples with a schedule and save them (torch .pt)")
+    _add_model_args(s)
+    _add_schedule_args(s)
+    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--seed", type=int, default=TEST_SEED)
+    s.add_argument("-o", "--output", default="samples.pt")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="held-out RMSE of a schedule against the teacher")
+    _add_model_args(e)
+    _add_schedule_args(e)
+    e.add_argument("--n", type=int, default=256, help="held-out noises (default 256)")
+    e.add_argument("--seed", type=int, default=TEST_SEED, help=f"noise seed (default {TEST_SEED}; optimizers use {CALIB_SEED})")
+    e.set_defaults(func=cmd_evaluate)
+
+    o = sub.add_parser("optimize", help="optimize a schedule for a model, solver and NFE")
+    _add_model_args(o)
+    o.add_argument("--method", required=True, choices=sorted(METHODS))
+    o.add_argument("--solver", required=True, choices=list(SOLVERS))
+    o.add_argument("--nfe", type=int, required=True)
+    o.add_argument("--n", type=int, default=64, help="calibration noises (default 64)")
+    o.add_argument("--seed", type=int, default=CALIB_SEED, help=f"calibration seed (default {CALIB_SEED})")
+    o.add_argument("--options", help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
+    o.add_argument("-o", "--output", default="schedule.json")
+    o.set_defaults(func=cmd_optimize)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, DenoiserError) as e:
+        print(f"fewstep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,23 +24,25 @@ class ScheduleError(ValueError):
 
 
 def check_sigmas(sigmas: Any) -> torch.Tensor:
-    """Return ``sigmas`` as a 1-d float64 tensor, or raise ScheduleError naming what is wrong."""
+    """Return ``sigmas`` as a 1-d float64 tensor (keeping its autograd graph, so schedules can be
+    learned through ``fewstep.sample``), or raise ScheduleError naming what is wrong."""
     try:
-        s = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().flatten()
+        s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     except (TypeError, ValueError, RuntimeError) as e:
         raise ScheduleError(f"sigmas must be a list or tensor of numbers: {e}") from None
     if s.numel() < 2:
         raise ScheduleError(f"a schedule needs at least 2 sigmas (1 step), got {s.numel()}")
-    if not torch.isfinite(s).all():
-        raise ScheduleError(f"sigmas contain NaN or inf: {s.tolist()}")
-    if (s < 0).any():
-        raise ScheduleError(f"sigmas must be >= 0, got {s.tolist()}")
-    bad = (s[1:] >= s[:-1]).nonzero().flatten()
+    values = s.detach()
+    if not torch.isfinite(values).all():
+        raise ScheduleError(f"sigmas contain NaN or inf: {values.tolist()}")
+    if (values < 0).any():
+        raise ScheduleError(f"sigmas must be >= 0, got {values.tolist()}")
+    bad = (values[1:] >= values[:-1]).nonzero().flatten()
     if bad.numel():
         i = int(bad[0])
         raise ScheduleError(
-            f"sigmas must be strictly decreasing: sigma[{i}]={s[i].item():.6g} "
-            f"<= sigma[{i + 1}]={s[i + 1].item():.6g}"
+            f"sigmas must be strictly decreasing: sigma[{i}]={values[i].item():.6g} "
+            f"<= sigma[{i + 1}]={values[i + 1].item():.6g}"
         )
     return s
 
@@ -90,7 +92,7 @@ class Schedule:
 
     def to_list(self) -> list[float]:
         """The sigmas as a plain list (a k-diffusion ``sigmas`` tensor or a ComfyUI custom-sigmas list)."""
-        return self.sigmas.tolist()
+        return self.sigmas.detach().cpu().tolist()
 
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "sigmas": self.to_list(), "metadata": self.metadata}

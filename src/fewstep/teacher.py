@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -76,7 +77,7 @@ class Teacher:
                 if traj.shape == (len(grid), *x.shape):
                     self._memory[key] = traj
                     return traj
-            except (RuntimeError, EOFError, ValueError):
+            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
                 pass  # a corrupt cache entry is recomputed and overwritten
         traj = torch.cat([self._solve_chunk(c, grid, substeps) for c in x.split(self.batch_size)], dim=1)
         self._memory[key] = traj

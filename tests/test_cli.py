@@ -1,0 +1,76 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+
+
+def test_demo_json(capsys):
+    assert main(["demo", "--model", "gmm2d", "--nfe", "4,6", "--n", "16", "--teacher-steps", "64",
+                 "--solvers", "euler,dpmpp_2m", "--schedules", "karras,logsnr_uniform", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {(r["nfe"], r["schedule"], r["solver"]) for r in out["rows"]} == {
+        (k, s, v) for k in (4, 6) for s in ("karras", "logsnr_uniform") for v in ("euler", "dpmpp_2m")}
+    assert all(r["mean"] > 0 and r["nfe"] in (4, 6) and "w2" in r for r in out["rows"])
+
+
+def test_demo_table(capsys):
+    assert main(["demo", "--model", "gmm2d", "--nfe", "3", "--n", "8", "--teacher-steps", "32",
+                 "--solvers", "heun", "--schedules", "karras"]) == 0
+    out = capsys.readouterr().out
+    assert "NFE 3 (best: karras + heun" in out and "mean" in out
+
+
+def test_sample_and_evaluate_with_a_schedule_file(tmp_path, capsys):
+    sched = fewstep.schedules.karras(5).with_metadata(solver="dpmpp_2m")
+    sched.save(tmp_path / "s.json")
+    assert main(["sample", "--model", "gmm2d", "--schedule", str(tmp_path / "s.json"), "--n", "4",
+                 "-o", str(tmp_path / "x.pt")]) == 0
+    saved = torch.load(tmp_path / "x.pt", weights_only=False)
+    assert saved["samples"].shape == (4, 2)
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "gmm2d", "--schedule", str(tmp_path / "s.json"), "--n", "16",
+                 "--teacher-steps", "64", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["nfe"] == 5 and res["solver"] == "dpmpp_2m" and res["mean_ci95"][0] <= res["mean"] <= res["mean_ci95"][1]
+
+
+def test_user_model_factory(tmp_path, capsys):
+    f = tmp_path / "mymodel.py"
+    f.write_text("import fewstep\n\ndef make():\n    return fewstep.load_model('gmm2d')\n")
+    assert main(["evaluate", "--model", f"{f}:make", "--builtin", "karras", "--nfe", "4", "--solver", "euler",
+                 "--n", "8", "--teacher-steps", "32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nfe"] == 4
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["evaluate", "--model", "nope.py:make", "--nfe", "4", "--solver", "euler"], "model file not found: nope.py"),
+    (["evaluate", "--model", "nosuch", "--nfe", "4", "--solver", "euler"], "unknown model 'nosuch'"),
+    (["evaluate", "--model", "gmm2d", "--schedule", "missing.json"], "schedule file not found"),
+])
+def test_cli_errors_are_named(argv, msg, capsys):
+    assert main(argv) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_cli_rejects_unknown_solver(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--solvers", "rk45"])
+    assert "unknown: rk45" in capsys.readouterr().err
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    cmd = re.search(r"<!-- test-command -->\s*```(?:bash|sh)?\n(.+?)\n```", readme, re.S).group(1).strip()
+    assert cmd in (ROOT / ".ci" / "run").read_text()

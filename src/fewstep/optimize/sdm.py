@@ -1,0 +1,251 @@
+"""SDM: Wasserstein-bounded timesteps, N-step resampling and the adaptive-order gate.
+
+After "Formalizing the Sampling Design Space of Diffusion-Based Generative Models via Adaptive Solvers
+and Wasserstein-Bounded Timesteps" (arXiv 2602.12624; reference code aiimaginglab/sdm,
+``modules/sampler.py``, ``modules/utils.py``). See docs/methods/sdm.md.
+
+1. ``search``: walk the calibration batch from sigma_max to sigma_min with Euler steps whose local
+   error bound 1/2 h^2 S stays under eta(sigma); S is the secant size of the drift's change.
+2. ``resample``: put exactly ``steps`` nodes uniformly in the cumulative weight eta_i^power (sigma_max/sigma_i)^q,
+   mapped back by a monotone PCHIP in u = sigma^(1/rho); a final step to 0 is appended.
+3. ``gate``: per step, order 1 until the curvature proxy kappa reaches tau, then the solver's full
+   order (one-way), last step first order. Measured on the calibration batch, the decisions are stored
+   as ``solver_options['orders']`` so sampling spends a fixed, known NFE; ``sample_adaptive`` runs the
+   gate online instead and reports the calls it spent.
+
+Norms are per-dimension RMS (a dimension-free tolerance); the reference uses whole-sample L2 norms,
+so its eta values equal ours times sqrt(dim) (``norm="l2"`` reproduces them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+
+from ..sample import TWO_STAGE, CheckedDenoiser, get_solver, nfe as count_nfe, plan, sample
+from ..metrics import rmse
+from ..schedules import Schedule, polynomial
+from . import Calibration, register
+
+# The reference's defaults (eta 0.02 / 0.20 with whole-sample L2 norms, used for its 64x64x3 data
+# sets FFHQ and AFHQv2) in per-dimension RMS units: divided by sqrt(3 * 64 * 64).
+REF_DIM = 3 * 64 * 64
+ETA_MIN, ETA_MAX, ETA_P = 0.02 / math.sqrt(REF_DIM), 0.20 / math.sqrt(REF_DIM), 1.0
+GAMMA, C_SHRINK, MAX_EXPAND, MAX_SHRINK = 0.95, 0.5, 2, 2
+POWER, Q, RHO = 0.5, 0.25, 7.0
+# Highest order of each solver, the order the gate switches to.
+MAX_ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 2, "unipc_3": 3, "ipndm": 4, "deis": 3}
+
+
+def _norms(v: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample norm of v: RMS over dimensions ('rms') or the whole-sample L2 norm ('l2', reference)."""
+    n = v.reshape(v.shape[0], -1).norm(dim=1)
+    return n / math.sqrt(v[0].numel()) if norm == "rms" else n
+
+
+def eta_of(sigma: float, sigma_max: float, eta_min: float, eta_max: float, eta_p: float) -> float:
+    """Tolerance eta(sigma) = eta_min + (eta_max - eta_min) (sigma / sigma_max)^p (SDM, Sec. 4)."""
+    r = min(max(sigma / sigma_max, 0.0), 1.0)
+    return eta_min + (eta_max - eta_min) * r ** eta_p
+
+
+def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float, *, eta_min: float = ETA_MIN,
+           eta_max: float = ETA_MAX, eta_p: float = ETA_P, grid_points: int = 40, rho: float = RHO,
+           norm: str = "rms", gamma: float = GAMMA, c_shrink: float = C_SHRINK, max_expand: int = MAX_EXPAND,
+           max_shrink: int = MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Wasserstein-bounded step search on the batch ``x`` (states at sigma_max).
+
+    Returns the path sigma_max > ... > sigma_min and eta_i = 1/2 h_i^2 S_i measured on each of its
+    intervals (the drift at the end of an interval is the next step's drift, so this costs no extra
+    call but the one at sigma_min). Reference: ``sdm_scheduler`` in modules/sampler.py.
+    """
+    grid = polynomial(grid_points - 1, sigma_min, sigma_max, rho, final_zero=False).sigmas.tolist()
+    sigma, path, etas = sigma_max, [sigma_max], []
+    d_prev = None
+    while True:
+        d = (x - model(x, torch.tensor(sigma, dtype=torch.float64))) / sigma
+        if d_prev is not None:  # eta actually spent on the step just taken
+            h_prev = path[-2] - sigma
+            etas.append(0.5 * h_prev * float(_norms(d - d_prev, norm).mean()))
+        if sigma <= sigma_min * (1 + 1e-12):
+            break
+        eta = eta_of(sigma, sigma_max, eta_min, eta_max, eta_p)
+        k = next((i for i in range(len(grid) - 1) if grid[i + 1] < sigma), len(grid) - 2)
+        delta = min(sigma - sigma_min, sigma - grid[k + 1])  # trial: down to the next grid node
+        best, last, expand, shrink, prev = None, None, 0, 0, None
+        while True:
+            s_try = min(max(sigma - delta, sigma_min), sigma)
+            if s_try == prev:
+                break
+            prev, h = s_try, sigma - s_try
+            d_try = (x - h * d - model(x - h * d, torch.tensor(s_try, dtype=torch.float64))) / s_try
+            s_hat = float(_norms(d_try - d, norm).mean()) / h  # secant estimate of |dd/dsigma|
+            last = (s_hat, h)
+            if 0.5 * h * h * s_hat <= eta:
+                best = last
+                nxt = k + 2 ** (expand + 1)
+                if expand >= max_expand or shrink or nxt > len(grid) - 1:
+                    break
+                new = min(sigma - sigma_min, sigma - grid[nxt])
+                if new <= delta * (1 + 1e-15):
+                    break
+                delta, expand = new, expand + 1
+            elif shrink < max_shrink:
+                delta, shrink = c_shrink * delta, shrink + 1
+            else:
+                break
+        s_hat, h_floor = best if best is not None else (last[0], 0.0)
+        # Step 0.95 sqrt(2 eta / S), never shorter than an accepted trial. The reference also keeps
+        # a rejected trial as floor, which breaks the bound; here a rejected search uses S alone.
+        h = min(max(gamma * math.sqrt(2 * eta / max(s_hat, 1e-30)), h_floor), sigma - sigma_min)
+        s_next = sigma_min if sigma - h <= sigma_min * (1 + 1e-12) else sigma - h
+        x = x + (s_next - sigma) * d
+        sigma, d_prev = s_next, d
+        path.append(sigma)
+    return torch.tensor(path, dtype=torch.float64), torch.tensor(etas, dtype=torch.float64)
+
+
+def resample(path: torch.Tensor, etas: torch.Tensor, steps: int, power: float = POWER, q: float = Q,
+             rho: float = RHO) -> torch.Tensor:
+    """``steps`` nodes from sigma_max to sigma_min, uniform in C = cumsum(eta_i^power (sigma_0 / sigma_i)^q),
+    through a monotone PCHIP of u = sigma^(1/rho) against C, then 0 appended: ``steps`` steps.
+
+    Reference: ``resample_sigmas_uniform_cum_eta`` in modules/utils.py (sigma_i = interval's lower end).
+    """
+    from scipy.interpolate import PchipInterpolator
+
+    if int(steps) != steps or steps < 2:
+        raise ValueError(f"resampling needs steps >= 2 (sigma_max, sigma_min, then 0), got {steps!r}")
+    if len(path) < 2 or len(etas) != len(path) - 1:
+        raise ValueError(f"need a path of >= 2 sigmas and one eta per interval, got {len(path)} and {len(etas)}")
+    w = etas.clamp_min(0) ** power * (path[0] / path[1:]) ** q
+    w = w.clamp_min(1e-12 * float(w.max().clamp_min(1e-300)))  # keep C strictly increasing
+    c = torch.cat([w.new_zeros(1), w.cumsum(0)])
+    u = path ** (1 / rho)
+    f = PchipInterpolator(c.numpy(), u.numpy())
+    new = torch.as_tensor(f(torch.linspace(0, float(c[-1]), steps, dtype=torch.float64).numpy())) ** rho
+    new[0], new[-1] = path[0], path[-1]
+    return torch.cat([new, new.new_zeros(1)])
+
+
+def _gate_run(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, solver: str, tau: float,
+              **options: Any) -> tuple[torch.Tensor, list[int], list[float]]:
+    """Run ``solver`` with the online gate; returns (x, per-step orders used, per-step kappa).
+
+    kappa_i = mean_b ||d_i - d_{i-1}|| / (|sigma_i - sigma_{i-1}| ||d_{i-1}||), kappa_0 = 0, with
+    d = (x - D(x, sigma)) / sigma at each step's start (reference: ``sdm_solver``, modules/sampler.py).
+    The order is 1 until kappa >= tau, then the solver's full order; the last step is first order.
+    The solvers read ``orders[i]`` after step i's first call, so the callback decides it in time.
+    """
+    fn, defaults = get_solver(solver)
+    high = MAX_ORDER[solver] if solver != "unipc" else int({**defaults, **options}.get("order", 2))
+    steps = len(sigmas) - 1
+    orders, kappas, state = [1] * steps, [0.0] * steps, {"d": None, "on": False}
+
+    def gate(info: dict) -> None:
+        i, s = info["i"], info["sigma"]
+        d = (info["x"] - info["denoised"]) / s
+        if state["d"] is not None:
+            dp = state["d"]
+            k = _norms(d - dp, "l2") / (_norms(dp, "l2").clamp_min(1e-30) * abs(float(sigmas[i - 1] - s)) + 1e-12)
+            kappas[i] = float(k.mean())
+        state["on"] = state["on"] or kappas[i] >= tau
+        orders[i] = high if state["on"] and i < steps - 1 else 1
+        state["d"] = d
+
+    x = fn(model, x, sigmas, callback=gate, **{**defaults, **options, "orders": orders})
+    return x, orders, kappas
+
+
+def sample_adaptive(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None,
+                    tau: float | None = None, **options: Any) -> tuple[torch.Tensor, int]:
+    """Sample with the online gate (the reference's ``sdm_solver``): the order is decided per step
+    from this batch's own kappa, so the NFE is known only afterwards. Returns (x, calls spent).
+
+    ``solver`` and ``tau`` default to those stored by ``optimize(method="sdm")`` in the schedule.
+    """
+    sched = schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+    solver = solver or sched.solver or "heun"
+    stored = sched.metadata.get("sdm") or {}
+    if tau is None and "switch" in stored:  # a stored tau of None: the gate never switched
+        tau = math.inf if stored["tau"] is None else stored["tau"]
+    if tau is None or not tau >= 0:
+        raise ValueError(f"tau must be a number >= 0 (or stored in the schedule by optimize), got {tau!r}")
+    model = CheckedDenoiser(denoiser)
+    opts = {k: v for k, v in {**sched.solver_options, **options}.items() if k != "orders"}
+    x, _, _ = _gate_run(model, x, sched.sigmas.to(x.device), solver, float(tau), **opts)
+    return x, model.calls
+
+
+def _switch_candidates(kappas: list[float], tau: float | None) -> dict[int, float]:
+    """Switch step -> the threshold that makes the gate switch there (first i with kappa_i >= tau).
+
+    With tau given, the one switch it makes; otherwise every step whose kappa is a new maximum (the
+    switches some tau can make; tau = kappa there), and "never" (index len, tau = inf).
+    """
+    n = len(kappas)
+    if tau is not None:
+        return {next((i for i, k in enumerate(kappas[:-1]) if k >= tau), n): tau}
+    out, top = {n: math.inf}, -math.inf
+    for i, k in enumerate(kappas[:-1]):
+        if k > top:
+            out[i], top = k, k
+    return out
+
+
+@register("sdm")
+def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, eta_max: float = ETA_MAX,
+        eta_p: float = ETA_P, power: float = POWER, q: float = Q, tau: float | None = None, gate: bool = True,
+        grid_points: int = 40, rho: float = RHO, norm: str = "rms", **search_options: Any) -> Schedule:
+    """SDM schedule of exactly ``nfe`` calls for ``solver`` (see the module docstring and docs/methods/sdm.md).
+
+    With ``gate`` (default), the per-step orders of the adaptive solver are measured on the calibration
+    batch and stored; ``tau=None`` picks, among the switches a threshold can make, the one with the
+    lowest calibration error to the teacher, and stores tau = kappa at that step.
+    """
+    if not 0 < eta_min <= eta_max:
+        raise ValueError(f"need 0 < eta_min <= eta_max, got eta_min={eta_min}, eta_max={eta_max}")
+    if tau is not None and not tau >= 0:
+        raise ValueError(f"tau must be >= 0 (or None to choose it from the calibration batch), got {tau}")
+    if norm not in ("rms", "l2"):
+        raise ValueError(f"norm must be 'rms' (per dimension) or 'l2' (whole sample, the reference's), got {norm!r}")
+    if int(grid_points) != grid_points or grid_points < 2:
+        raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
+    if power <= 0 or q < 0 or eta_p <= 0 or rho <= 0:
+        raise ValueError(f"need power > 0, q >= 0, eta_p > 0, rho > 0; got {power}, {q}, {eta_p}, {rho}")
+    if nfe < 2:
+        raise ValueError(f"sdm needs nfe >= 2 (a step to sigma_min and the final step to 0), got {nfe}")
+    two_stage = solver in TWO_STAGE
+    lo = (nfe + 2) // 2 if two_stage else nfe  # Heun: fewest steps (first and last steps first order)
+    path, etas = search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, eta_min=eta_min, eta_max=eta_max,
+                        eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm, **search_options)
+    info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
+    high = MAX_ORDER[solver]
+    if not gate or high == 1:
+        steps, opts = plan(solver, nfe)
+        return Schedule(resample(path, etas, steps, power, q, rho), solver=solver, solver_options=opts,
+                        sdm={**info, "tau": None})
+    candidates = []  # (sigmas, orders, switch, tau, kappas) spending exactly nfe calls
+    for steps in range(lo, nfe + 1) if two_stage else [nfe]:
+        sigmas = resample(path, etas, steps, power, q, rho)
+        _, _, kappas = _gate_run(ctx.denoiser, ctx.x, sigmas, solver, math.inf)  # kappa before any switch
+        for j, t in _switch_candidates(kappas, tau).items():
+            orders = [1] * min(j, steps) + [high] * max(steps - 1 - j, 0) + [1] * (j < steps)
+            if count_nfe(Schedule(sigmas), solver, orders=orders) == nfe:
+                candidates.append((sigmas, orders, j, t, kappas))
+    if not candidates:
+        raise ValueError(f"with tau={tau} no {solver} schedule of {lo}..{nfe} steps spends exactly {nfe} calls; "
+                         "pass another tau, or tau=None to choose it from the calibration batch")
+    err = None
+    best = candidates[0]
+    if len(candidates) > 1:  # the lowest calibration error to the teacher
+        ref = ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)
+        errs = [float(rmse(sample(ctx.denoiser, ctx.x, Schedule(c[0]), solver, orders=c[1]), ref).mean())
+                for c in candidates]
+        err = min(errs)
+        best = candidates[errs.index(err)]
+    sigmas, orders, j, t, kappas = best
+    info.update(tau=None if math.isinf(t) else t, switch=j, kappa=kappas, calib_rmse=err)
+    return Schedule(sigmas, solver=solver, solver_options={"orders": orders}, sdm=info)

@@ -24,8 +24,22 @@ def _b(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.reshape(-1, *([1] * (x.ndim - 1))) if c.ndim else c
 
 
-def _is_zero(s: torch.Tensor) -> bool:
-    return bool((s == 0).all())
+def _per_step(c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-step coefficients ([steps] or [steps, batch], float64) as one coefficient per step in x's
+    dtype, broadcastable against x: cast and reshaped once per solve rather than once per step."""
+    c = c.to(x.dtype)
+    return (c.reshape(*c.shape, *([1] * (x.ndim - 1))) if c.ndim > 1 else c).unbind(0)
+
+
+def _log_sigmas(sigmas: torch.Tensor, zero: list[bool]) -> torch.Tensor:
+    """log sigma down to the last nonzero sigma (a step onto sigma = 0 needs no log: no -inf, no NaN gradient)."""
+    return sigmas[: len(sigmas) - zero[-1]].log()
+
+
+def _zeros(sigmas: torch.Tensor) -> list[bool]:
+    """Whether each sigma (each row, for per-sample sigmas) is 0; one host sync per solve, not per step."""
+    z = sigmas == 0
+    return (z if z.ndim == 1 else z.all(-1)).tolist()
 
 
 def _cap(orders: Sequence[int] | None, i: int, order: int) -> int:
@@ -39,46 +53,50 @@ def _report(callback: Callback, x, i, sigmas, denoised) -> None:
 
 def euler(model, x, sigmas, callback: Callback = None, orders=None):
     """Euler on dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 1 without the correction)."""
+    sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s)
+        denoised = model(x, sigmas[i])
         _report(callback, x, i, sigmas, denoised)
-        d = (x - denoised) / _b(s, x)
-        x = x + d * _b(s_next - s, x)
+        d = (x - denoised) / sig[i]
+        x = x + d * dt[i]
     return x
 
 
 def heun(model, x, sigmas, callback: Callback = None, orders=None):
     """EDM 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on a step to sigma = 0 or where orders[i] == 1."""
+    zero = _zeros(sigmas)
+    sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s)
+        denoised = model(x, sigmas[i])
         _report(callback, x, i, sigmas, denoised)
-        d = (x - denoised) / _b(s, x)
-        x_next = x + d * _b(s_next - s, x)
-        if not _is_zero(s_next) and _cap(orders, i, 2) >= 2:
-            d_next = (x_next - model(x_next, s_next)) / _b(s_next, x)
-            x_next = x + (d + d_next) / 2 * _b(s_next - s, x)
+        d = (x - denoised) / sig[i]
+        x_next = x + d * dt[i]
+        if not zero[i + 1] and _cap(orders, i, 2) >= 2:
+            d_next = (x_next - model(x_next, sigmas[i + 1])) / sig[i + 1]
+            x_next = x + (d + d_next) / 2 * dt[i]
         x = x_next
     return x
 
 
 def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     """DPM-Solver++(2M), data prediction, in lambda = -log sigma (Lu et al. 2022, Alg. 2)."""
+    zero = _zeros(sigmas)
+    log_s = _log_sigmas(sigmas, zero)
+    h = log_s[:-1] - log_s[1:]  # h_i = lambda_{i+1} - lambda_i
+    r = torch.cat([h[:1], h[:-1]]) / h  # r_i = h_{i-1} / h_i (unused at i = 0)
+    ratio, em1 = _per_step(sigmas[1:] / sigmas[:-1], x), _per_step(torch.expm1(-h), x)
+    w_new, w_old = _per_step(1 + 1 / (2 * r), x), _per_step(1 / (2 * r), x)
     old_denoised = None
     for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s)
+        denoised = model(x, sigmas[i])
         _report(callback, x, i, sigmas, denoised)
-        if _is_zero(s_next):
+        if zero[i + 1]:
             x = denoised
         else:
-            h = s.log() - s_next.log()
             d = denoised
             if old_denoised is not None and _cap(orders, i, 2) >= 2:
-                r = (sigmas[i - 1].log() - s.log()) / h
-                d = _b(1 + 1 / (2 * r), x) * denoised - _b(1 / (2 * r), x) * old_denoised
-            x = _b(s_next / s, x) * x - _b(torch.expm1(-h), x) * d
+                d = w_new[i] * denoised - w_old[i] * old_denoised
+            x = ratio[i] * x - em1[i] * d
         old_denoised = denoised
     return x
 
@@ -91,31 +109,35 @@ def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: b
     k-diffusion's and diffusers') uses -phi_3, which leaves the scheme globally second order
     (tests/test_solvers.py measures both); ``exact3=True`` uses -2 phi_3 and is third order.
     """
-    hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (denoised, h) of earlier steps, newest first
+    zero = _zeros(sigmas)
+    log_s = _log_sigmas(sigmas, zero)
+    h = log_s[:-1] - log_s[1:]  # h_i = lambda_{i+1} - lambda_i
+    r0 = torch.cat([h[:1], h[:-1]]) / h  # h_{i-1} / h_i (unused at i = 0)
+    r1 = torch.cat([h[:2], h[:-2]]) / h  # h_{i-2} / h_i (unused at i < 2)
+    phi_2 = torch.expm1(-h) / h + 1
+    phi_3 = phi_2 / h - 0.5
+    ratio, em1 = _per_step(sigmas[1:] / sigmas[:-1], x), _per_step(torch.expm1(-h), x)
+    c_r0, c_r1, c_w, c_r01 = (_per_step(c, x) for c in (r0, r1, r0 / (r0 + r1), r0 + r1))
+    c_phi_2, c_phi_3 = _per_step(phi_2, x), _per_step(phi_3 * (2 if exact3 else 1), x)
+    den_1 = den_2 = None  # denoised estimates of the last two steps
     for i in range(len(sigmas) - 1):
-        s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s)
+        denoised = model(x, sigmas[i])
         _report(callback, x, i, sigmas, denoised)
-        if _is_zero(s_next):
+        if zero[i + 1]:
             x = denoised
             break
-        h = s.log() - s_next.log()
-        x = _b(s_next / s, x) * x - _b(torch.expm1(-h), x) * denoised
-        order = _cap(orders, i, min(3, len(hist) + 1))
-        phi_2 = torch.expm1(-h) / h + 1
+        x = ratio[i] * x - em1[i] * denoised
+        order = _cap(orders, i, min(3, i + 1))
         if order == 2:
-            d = (denoised - hist[0][0]) / _b(hist[0][1] / h, x)
-            x = x + _b(phi_2, x) * d
+            d = (denoised - den_1) / c_r0[i]
+            x = x + c_phi_2[i] * d
         elif order == 3:
-            (den_1, h_1), (den_2, h_2) = hist[0], hist[1]
-            r0, r1 = h_1 / h, h_2 / h
-            d1_0 = (denoised - den_1) / _b(r0, x)
-            d1_1 = (den_1 - den_2) / _b(r1, x)
-            d1 = d1_0 + (d1_0 - d1_1) * _b(r0 / (r0 + r1), x)
-            d2 = (d1_0 - d1_1) / _b(r0 + r1, x)
-            phi_3 = phi_2 / h - 0.5
-            x = x + _b(phi_2, x) * d1 - _b(phi_3 * (2 if exact3 else 1), x) * d2
-        hist = [(denoised, h)] + hist[:1]
+            d1_0 = (denoised - den_1) / c_r0[i]
+            d1_1 = (den_1 - den_2) / c_r1[i]
+            d1 = d1_0 + (d1_0 - d1_1) * c_w[i]
+            d2 = (d1_0 - d1_1) / c_r01[i]
+            x = x + c_phi_2[i] * d1 - c_phi_3[i] * d2
+        den_1, den_2 = denoised, den_1
     return x
 
 
@@ -165,6 +187,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
     n_steps = len(sigmas) - 1
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (m, lambda), newest first
     x_prev, p_prev = None, 0
+    zero = _zeros(sigmas)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         m, lam = model(x, s), -s.log()
@@ -174,7 +197,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
         hist = [(m, lam)] + hist[: order - 1]
         p = _cap(orders, i, min(order, len(hist), n_steps - i))
         x_prev, p_prev = x, p
-        x = m if _is_zero(s_next) else _unipc_update(x, m, lam, -s_next.log(), hist[1:p])
+        x = m if zero[i + 1] else _unipc_update(x, m, lam, -s_next.log(), hist[1:p])
     return x
 
 
@@ -192,12 +215,13 @@ def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: i
     if max_order not in _AB:
         raise ValueError(f"ipndm max_order must be 1-4, got {max_order}")
     ds: list[torch.Tensor] = []  # newest first
+    zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, s)
         _report(callback, x, i, sigmas, denoised)
         ds = [(x - denoised) / _b(s, x)] + ds[: max_order - 1]
-        if _is_zero(s_next):
+        if zero[i + 1]:
             x = denoised
             continue
         p = _cap(orders, i, min(max_order, len(ds)))
@@ -237,13 +261,14 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
     if order not in (1, 2, 3):
         raise ValueError(f"deis order must be 1, 2 or 3, got {order}")
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (eps, log sigma), newest first
+    zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, s)
         _report(callback, x, i, sigmas, denoised)
         eps = (x - denoised) / _b(s, x)
         hist = [(eps, s.log())] + hist[: order - 1]
-        if _is_zero(s_next):
+        if zero[i + 1]:
             x = denoised
             continue
         p = _cap(orders, i, len(hist))

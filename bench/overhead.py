@@ -33,6 +33,14 @@ def denoiser(x, sigma):
     return x * 0.5
 
 
+def cpu_name() -> str:
+    if os.path.exists("/proc/cpuinfo"):
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def per_step(run, steps: int, repeats: int, sync) -> float:
     run()  # warm-up
     best = float("inf")
@@ -55,7 +63,7 @@ def main() -> None:
     K = load_k_sampling()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"machine: {where}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} thread), "
           f"python {platform.python_version()}")
     print(f"per-step time, {args.steps} steps, x float32 [4, 3, 16, 16] on {device}, denoiser x * 0.5, "

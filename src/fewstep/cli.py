@@ -176,6 +176,25 @@ def cmd_optimize(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .report import _improvement_rows
+    from .tune import tune
+
+    den, info, teacher = _load(args)
+    summary = tune(den, nfe=args.nfe, methods=args.methods or "all", solvers=args.solvers or "all",
+                   outdir=args.output, quick=args.quick, n_calib=args.n_calib, n_test=args.n_test,
+                   shape=info["shape"], sigma_min=info["sigma_min"], sigma_max=info["sigma_max"],
+                   teacher=teacher, progress=not args.json, model_id=_model_id(args.model))
+    rows = _improvement_rows(summary)
+    if args.json:
+        print(json.dumps({"output": str(args.output), "best": rows}, indent=2))
+        return 0
+    print(f"fewstep tune: {info['name']}; report: {Path(args.output) / 'report.html'}")
+    _print_table([{**r, "ci95": f"{r['ci'][0]:.4g}-{r['ci'][1]:.4g}"} for r in rows],
+                 ["nfe", "winner", "mean", "ci95", "baseline", "base_mean", "ratio"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .optimize import METHODS, _load_methods
 
@@ -222,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--options", help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
     o.add_argument("-o", "--output", default="schedule.json")
     o.set_defaults(func=cmd_optimize)
+
+    from .tune import all_methods
+
+    t = sub.add_parser("tune", help="every method x solver x NFE on held-out noises: best schedule per NFE + report")
+    _add_model_args(t)
+    t.add_argument("--nfe", type=_ints, help="comma-separated NFE budgets (default 4,5,6,8,10; --quick: 5,10)")
+    t.add_argument("--methods", type=_names(all_methods()), help="comma-separated methods and baselines (default all)")
+    t.add_argument("--solvers", type=_names(list(SOLVERS)), help="comma-separated solvers (default all)")
+    t.add_argument("--n-calib", type=int, help="calibration noises (default 64; --quick 32)")
+    t.add_argument("--n-test", type=int, help="held-out test noises (default 256; --quick 128)")
+    t.add_argument("--quick", action="store_true", help="smaller sizes: NFE 5,10 and fewer noises")
+    t.add_argument("-o", "--output", default="fewstep-out", help="output folder (default fewstep-out); a rerun resumes")
+    t.set_defaults(func=cmd_tune)
     return p
 
 

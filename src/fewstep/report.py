@@ -1,0 +1,237 @@
+"""The tuning report: PNG plots, ``report.md`` and a self-contained ``report.html``."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from .sample import sample  # noqa: E402
+from .schedules import BUILTIN_SCHEDULES, Schedule, karras, write_atomic  # noqa: E402
+
+
+def _save(fig, path: Path) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    write_atomic(path, buf.getvalue())
+    return path.name
+
+
+def plot_error_vs_nfe(cells: list[dict], path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for method in sorted({c["method"] for c in cells}):
+        pts = {}
+        for c in cells:
+            if c["method"] == method and c["status"] == "ok" and (c["nfe"] not in pts or c["mean"] < pts[c["nfe"]]["mean"]):
+                pts[c["nfe"]] = c
+        if not pts:
+            continue
+        ks = sorted(pts)
+        means = [pts[k]["mean"] for k in ks]
+        lo = [pts[k]["mean"] - pts[k]["mean_ci95"][0] for k in ks]
+        hi = [pts[k]["mean_ci95"][1] - pts[k]["mean"] for k in ks]
+        style = "--" if method in BUILTIN_SCHEDULES else "-"
+        ax.errorbar(ks, means, yerr=[lo, hi], fmt=style + "o", ms=3, capsize=2, label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("NFE (denoiser calls)")
+    ax.set_ylabel("held-out RMSE to teacher (best solver)")
+    ax.set_title("Error vs NFE per method (dashed: baselines; bars: 95% CI)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_heatmap(cells: list[dict], k: int, path: Path) -> str:
+    methods = sorted({c["method"] for c in cells})
+    solvers = list(dict.fromkeys(c["solver"] for c in cells))
+    grid = torch.full((len(methods), len(solvers)), float("nan"))
+    for c in cells:
+        if c["nfe"] == k and c["status"] == "ok":
+            grid[methods.index(c["method"]), solvers.index(c["solver"])] = math.log10(max(c["mean"], 1e-12))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(solvers), 0.8 + 0.4 * len(methods)))
+    im = ax.imshow(grid.numpy(), cmap="viridis_r", aspect="auto")
+    ax.set_xticks(range(len(solvers)), solvers, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    for i in range(len(methods)):
+        for j in range(len(solvers)):
+            v = grid[i, j].item()
+            ax.text(j, i, "skip" if math.isnan(v) else f"{10 ** v:.3g}", ha="center", va="center", fontsize=6,
+                    color="grey" if math.isnan(v) else "white")
+    fig.colorbar(im, ax=ax, label="log10 held-out RMSE")
+    ax.set_xlabel("solver")
+    ax.set_ylabel("method")
+    ax.set_title(f"Held-out RMSE at NFE {k}")
+    return _save(fig, path)
+
+
+def plot_sigmas(summary: dict, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    info = summary["model"]
+    for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
+        s = [v for v in entry["winner"]["sigmas"] if v > 0]
+        line, = ax.plot(range(len(s)), s, "o-", ms=3, label=f"NFE {k}: {entry['winner']['method']}+{entry['winner']['solver']}")
+        ref = karras(len(s), info["sigma_min"], info["sigma_max"]).sigmas[:-1]
+        ax.plot(range(len(ref)), ref, ":", color=line.get_color(), alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("step index")
+    ax.set_ylabel("sigma (log scale; final 0 not shown)")
+    ax.set_title("Chosen sigmas per NFE (dotted: EDM rho=7 with as many steps)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    return _save(fig, path)
+
+
+def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path: Path, n: int = 3) -> str:
+    """The 'boomerang': each sample's teacher trajectory and few-step states in the plane of the
+    trajectory's top-2 principal directions."""
+    x = x[:n]
+    fine = karras(64, teacher.sigma_min, float(sched.sigmas[0])).sigmas
+    traj = teacher.trajectory(x, fine, substeps=4).flatten(2)  # [T, n, d]
+    states = _student_states(denoiser, x, sched)
+    fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2))
+    for i, ax in enumerate(axes if n > 1 else [axes]):
+        t = traj[:, i]
+        mean = t.mean(0)
+        _, _, v = torch.pca_lowrank(t - mean, q=2, center=False)
+        pt = (t - mean) @ v
+        ps = (states[:, i] - mean) @ v
+        ax.plot(pt[:, 0], pt[:, 1], "-", color="grey", label="teacher")
+        ax.plot(ps[:, 0], ps[:, 1], "o-", ms=4, color="C3", label=f"{sched.steps} steps")
+        ax.plot(pt[0, 0], pt[0, 1], "k^", label="x_T")
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_title(f"sample {i}", fontsize=9)
+    axes_list = axes if n > 1 else [axes]
+    axes_list[0].legend(fontsize=7)
+    fig.suptitle("Trajectories projected on their top-2 principal directions")
+    return _save(fig, path)
+
+
+def _student_states(denoiser, x, sched: Schedule) -> torch.Tensor:
+    states = []
+    out = sample(denoiser, x, sched, callback=lambda d: states.append(d["x"].flatten(1).to(torch.float64)))
+    return torch.stack(states + [out.flatten(1).to(torch.float64)])
+
+
+def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Tensor, out: Path, path: Path,
+                 n: int = 8) -> str | None:
+    shape = tuple(summary["model"]["shape"])
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        return None
+    rows = [("teacher", teacher_out[:n])]
+    for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
+        sched = Schedule.load(out / "best" / f"nfe-{k}.json")
+        rows.append((f"NFE {k}", sample(denoiser, x[:n], sched)))
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.15 * len(rows)))
+    for r, (label, imgs) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            img = ((imgs[c].to(torch.float64).clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
+            ax.imshow(img.squeeze(-1).numpy() if shape[0] == 1 else img.numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=8)
+    fig.suptitle("Samples from the same held-out noises: teacher and best schedule per NFE")
+    return _save(fig, path)
+
+
+def _improvement_rows(summary: dict) -> list[dict]:
+    rows = []
+    for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
+        win, base = entry["winner"], entry["best_baseline"]
+        row = {"nfe": int(k), "winner": f"{win['method']} + {win['solver']}", "mean": win["mean"],
+               "ci": win["mean_ci95"]}
+        if base is not None:
+            row.update({"baseline": f"{base['method']} + {base['solver']}", "base_mean": base["mean"],
+                        "base_ci": base["mean_ci95"], "ratio": win["mean"] / base["mean"]})
+        if entry.get("policy"):
+            row["policy"] = f"{entry['policy']['method']} + {entry['policy']['solver']}: {entry['policy']['mean']:.4g}"
+        rows.append(row)
+    return rows
+
+
+def _markdown(summary: dict, images: dict[str, str]) -> str:
+    info = summary["model"]
+    lines = [f"# fewstep tuning report: {info['name']}", "",
+             f"Model shape {tuple(info['shape'])}, sigma {info['sigma_min']:g} .. {info['sigma_max']:g}. "
+             f"Held-out error: RMSE to a {summary['key']['teacher_steps']}-step float64 Heun teacher on "
+             f"{summary['key']['n_test']} test noises (seed {summary['key']['test_seed']}); optimizers calibrated on "
+             f"{summary['key']['n_calib']} other noises (seed {summary['key']['calib_seed']}). "
+             "Intervals: bootstrap 95% of the mean.", "",
+             "## Best schedule per NFE", "",
+             "| NFE | best | mean RMSE [95% CI] | best baseline | its mean [95% CI] | ratio |",
+             "|---|---|---|---|---|---|"]
+    for r in _improvement_rows(summary):
+        lines.append(f"| {r['nfe']} | {r['winner']} | {r['mean']:.4g} [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}] | "
+                     f"{r.get('baseline', '-')} | " + (f"{r['base_mean']:.4g} [{r['base_ci'][0]:.4g}, {r['base_ci'][1]:.4g}] | "
+                                                        f"{r['ratio']:.3f} |" if "ratio" in r else "- | - |"))
+        if "policy" in r:
+            lines.append(f"|  | per-sample policy {r['policy']} | | | | |")
+    skipped = [c for c in summary["cells"] if c["status"] == "skipped"]
+    lines += ["", "ratio < 1: the tuned schedule's held-out error is that fraction of the best baseline's.", ""]
+    for title, name in images.items():
+        lines += [f"## {title}", "", f"![{title}](plots/{name})", ""]
+    if skipped:
+        lines += ["## Skipped cells", ""] + [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: {c['reason']}" for c in skipped]
+    return "\n".join(lines) + "\n"
+
+
+def _html(markdown_text: str, plots: Path) -> str:
+    """A self-contained page: the markdown's tables and headings, images inlined as data URIs."""
+    body, table = [], []
+    for line in markdown_text.splitlines():
+        if line.startswith("|"):
+            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+            if not set("".join(cells)) <= set("-"):
+                table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            continue
+        if table:
+            body.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("![") and "](plots/" in line:
+            alt, name = line[2:].split("](plots/")
+            data = base64.b64encode((plots / name.rstrip(")")).read_bytes()).decode()
+            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
+        elif line.startswith("- "):
+            body.append(f"<li>{html.escape(line[2:])}</li>")
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    if table:
+        body.append("<table>" + "".join(table) + "</table>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
+             "td{border:1px solid #ccc;padding:3px 8px}img{max-width:100%;display:block;margin:1em 0}")
+    return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fewstep report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
+
+
+def write_report(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> None:
+    plots = out / "plots"
+    cells = summary["cells"]
+    images = {"Held-out error vs NFE": plot_error_vs_nfe(cells, plots / "error_vs_nfe.png")}
+    for k in sorted({c["nfe"] for c in cells}):
+        images[f"Method x solver at NFE {k}"] = plot_heatmap(cells, k, plots / f"heatmap_nfe{k}.png")
+    if summary["best"]:
+        images["Chosen sigmas"] = plot_sigmas(summary, plots / "sigmas.png")
+        k_max = max(summary["best"], key=int)
+        images[f"Trajectories at NFE {k_max}"] = plot_trajectories(
+            denoiser, teacher, x_test, Schedule.load(out / "best" / f"nfe-{k_max}.json"), plots / "trajectories.png")
+        ref = teacher.solve(x_test, summary["model"]["sigma_max"])
+        grid = plot_samples(denoiser, summary, ref, x_test, out, plots / "samples.png")
+        if grid:
+            images["Samples"] = grid
+    md = _markdown(summary, images)
+    write_atomic(out / "report.md", md)
+    write_atomic(out / "report.html", _html(md, plots))

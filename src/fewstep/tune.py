@@ -1,0 +1,205 @@
+"""``fewstep.tune``: every method x every solver x every NFE on the user's model, scored held out.
+
+Cells are (nfe, method, solver). Baseline methods are the built-in schedules; every optimizer that
+``fewstep.optimize`` knows is a method too, so a new optimizer appears here without editing this file.
+Calibration and test noises are disjoint seeded batches; the teacher is solved once (and cached on
+disk); every cell is written to ``results.json`` as soon as it is done, atomically, so a run that is
+killed resumes where it stopped and ends with the same results as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from .evaluate import CALIB_SEED, TEST_SEED, noise
+from .metrics import rmse, summarize
+from .models.builtin import model_info
+from .optimize import METHODS, _load_methods, optimize
+from .sample import nfe as count_nfe, plan, sample
+from .schedules import BUILTIN_SCHEDULES, Schedule, builtin, write_atomic
+from .solvers import SOLVERS
+from .teacher import Teacher
+
+BASELINES = ["karras", "logsnr_uniform", "time_uniform", "time_quadratic", "ays", "flow_uniform"]
+RESULTS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Default sizes of a tuning run (``quick`` is the smaller set)."""
+
+    nfe: tuple = (4, 5, 6, 8, 10)
+    n_calib: int = 64
+    n_test: int = 256
+
+    @staticmethod
+    def quick() -> "Sizes":
+        return Sizes(nfe=(5, 10), n_calib=32, n_test=128)
+
+
+def all_methods() -> list[str]:
+    _load_methods()
+    return BASELINES + sorted(METHODS)
+
+
+def _cell_name(k: int, method: str, solver: str) -> str:
+    return f"nfe{k}-{method}-{solver}"
+
+
+def _baseline(method: str, solver: str, k: int, info: dict) -> Schedule:
+    steps, options = plan(solver, k)
+    sched = builtin(method, steps, sigma_min=info["sigma_min"], sigma_max=info["sigma_max"])
+    return sched.with_metadata(solver=solver, solver_options=options, nfe=k)
+
+
+def _run_cell(den, method, solver, k, info, calib, x_test, ref, teacher, method_options) -> tuple[dict, Any]:
+    start = time.perf_counter()
+    if method in BUILTIN_SCHEDULES:
+        sched = _baseline(method, solver, k, info)
+        calib_calls, calib_seconds = 0, 0.0
+    else:
+        sched = optimize(den, method, solver, k, calib=calib, teacher=teacher, sigma_min=info["sigma_min"],
+                         sigma_max=info["sigma_max"], **method_options.get(method, {}))
+        prov = sched.metadata.get("provenance", {})
+        calib_calls, calib_seconds = prov.get("denoiser_calls", 0), time.perf_counter() - start
+    out = sample(den, x_test, sched)
+    errors = rmse(out, ref)
+    row = {"nfe": k, "method": method, "solver": solver, "status": "ok", **summarize(errors, ci=True),
+           "calib_calls": int(calib_calls), "calib_seconds": round(calib_seconds, 3)}
+    if not hasattr(sched, "sigmas_for"):
+        row["sigmas"] = sched.to_list()
+        row["nfe_counted"] = count_nfe(sched)
+    return row, sched
+
+
+def _save_schedule(sched, path: Path) -> str:
+    if hasattr(sched, "sigmas_for"):
+        path = path.with_suffix(".pt")
+    sched.save(path)
+    return path.name
+
+
+def _load_results(path: Path, key: dict) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}  # written atomically, so only a foreign file can be corrupt: start again
+    if data.get("version") != RESULTS_VERSION or data.get("key") != key:
+        return {}
+    return {_cell_name(c["nfe"], c["method"], c["solver"]): c for c in data.get("cells", [])}
+
+
+def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str | Path | None = None, *,
+         quick: bool = False, n_calib: int | None = None, n_test: int | None = None, shape=None,
+         sigma_min: float | None = None, sigma_max: float | None = None, teacher: Teacher | None = None,
+         method_options: dict | None = None, progress: bool = True, report: bool = True,
+         model_id: str | None = None) -> dict:
+    """Score every (NFE, method, solver) cell on held-out noises; return and write the results.
+
+    Returns ``{"cells": [...], "best": {nfe: cell}, ...}``. With ``outdir``: ``results.json``,
+    ``schedules/``, ``best/nfe-<N>.json`` and the report (``report.html``, ``report.md``, ``plots/``).
+    """
+    _load_methods()
+    sizes = Sizes.quick() if quick else Sizes()
+    nfes = [int(v) for v in (nfe or sizes.nfe)]
+    methods = all_methods() if methods == "all" else list(methods)
+    solvers = list(SOLVERS) if solvers == "all" else list(solvers)
+    unknown = [m for m in methods if m not in BUILTIN_SCHEDULES and m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {all_methods()}")
+    bad = [s for s in solvers if s not in SOLVERS]
+    if bad:
+        raise ValueError(f"unknown solver(s) {bad}; known: {list(SOLVERS)}")
+    info = model_info(denoiser, shape, sigma_min, sigma_max)
+    n_calib, n_test = n_calib or sizes.n_calib, n_test or sizes.n_test
+    calib = noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED)
+    x_test = noise(n_test, info["shape"], info["sigma_max"], TEST_SEED)
+    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id or info["name"],
+                                 cache_dir=Path(outdir) / "teacher" if outdir else None, progress=progress)
+    ref = teacher.solve(x_test, info["sigma_max"])
+    method_options = method_options or {}
+    key = {"model": model_id or info["name"], "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED,
+           "test_seed": TEST_SEED, "teacher_steps": teacher.steps, "method_options": method_options}
+    out = Path(outdir) if outdir else None
+    done = _load_results(out / "results.json", key) if out else {}
+    cells = [(k, m, s) for k in nfes for m in methods for s in solvers]
+    results: dict[str, dict] = {}
+    bar = tqdm(cells, desc="tune", disable=not progress)
+    for k, method, solver in bar:
+        name = _cell_name(k, method, solver)
+        bar.set_postfix_str(name)
+        if name in done:
+            results[name] = done[name]
+            continue
+        try:
+            plan(solver, k)
+        except ValueError as e:
+            results[name] = {"nfe": k, "method": method, "solver": solver, "status": "skipped", "reason": str(e)}
+        else:
+            try:
+                row, sched = _run_cell(denoiser, method, solver, k, info, calib, x_test, ref, teacher, method_options)
+            except (ValueError, NotImplementedError) as e:
+                row, sched = {"nfe": k, "method": method, "solver": solver, "status": "skipped", "reason": str(e)}, None
+            if out is not None and sched is not None and method not in BUILTIN_SCHEDULES:
+                row["schedule_file"] = _save_schedule(sched, out / "schedules" / f"{name}.json")
+            results[name] = row
+        if out is not None:
+            _write_results(out, key, info, results)
+    summary = {"version": RESULTS_VERSION, "key": key, "model": info, "cells": list(results.values()),
+               "best": _best(results, nfes)}
+    if out is not None:
+        _write_results(out, key, info, results)
+        _write_best(out, summary, info)
+        if report:
+            from .report import write_report
+            write_report(out, summary, denoiser, teacher, x_test)
+    return summary
+
+
+def _write_results(out: Path, key: dict, info: dict, results: dict) -> None:
+    payload = {"version": RESULTS_VERSION, "key": key, "model": {**info, "shape": list(info["shape"])},
+               "cells": list(results.values())}
+    write_atomic(out / "results.json", json.dumps(payload, indent=1))
+
+
+def _best(results: dict, nfes: list[int]) -> dict:
+    """Per NFE: the best global schedule and its runner-up, the best baseline, and the best
+    per-sample policy where one beats the best global schedule."""
+    best = {}
+    for k in nfes:
+        ok = sorted((c for c in results.values() if c["nfe"] == k and c["status"] == "ok"), key=lambda c: c["mean"])
+        glob = [c for c in ok if "sigmas" in c]
+        if not glob:
+            continue
+        base = [c for c in glob if c["method"] in BUILTIN_SCHEDULES]
+        policies = [c for c in ok if "sigmas" not in c and c["mean"] < glob[0]["mean"]]
+        best[str(k)] = {"winner": glob[0], "runner_up": glob[1] if len(glob) > 1 else None,
+                        "best_baseline": base[0] if base else None, "policy": policies[0] if policies else None}
+    return best
+
+
+def _write_best(out: Path, summary: dict, info: dict) -> None:
+    """best/nfe-<N>.json: the winning global schedule (a Schedule file), with its held-out error and
+    the runner-up; a per-sample policy that beats it is copied beside it as best/nfe-<N>-policy.pt."""
+    for k, entry in summary["best"].items():
+        win, runner, policy = entry["winner"], entry["runner_up"], entry["policy"]
+        meta = {"held_out": {key: win[key] for key in ("mean", "median", "p90", "mean_ci95", "n")},
+                "runner_up": None if runner is None else {key: runner[key] for key in ("method", "solver", "mean")}}
+        if "schedule_file" in win:
+            sched = Schedule.load(out / "schedules" / win["schedule_file"])
+        else:
+            sched = _baseline(win["method"], win["solver"], win["nfe"], info)
+        if policy is not None:
+            meta["better_policy"] = {"file": f"nfe-{k}-policy.pt", "method": policy["method"],
+                                     "solver": policy["solver"], "mean": policy["mean"]}
+            write_atomic(out / "best" / f"nfe-{k}-policy.pt", (out / "schedules" / policy["schedule_file"]).read_bytes())
+        sched.with_metadata(**meta).save(out / "best" / f"nfe-{k}.json")

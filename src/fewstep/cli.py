@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, distributed
 from .evaluate import CALIB_SEED, TEST_SEED, evaluate, noise
 from .models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, load_model, model_info
 from .sample import DenoiserError, plan, sample
@@ -166,9 +166,11 @@ def cmd_optimize(args) -> int:
 
     den, info, teacher = _load(args)
     options = json.loads(args.options) if args.options else {}
-    sched = optimize(den, args.method, args.solver, args.nfe, n=args.n, seed=args.seed, shape=info["shape"],
+    sched = optimize(den, args.method, args.solver, args.nfe, n=args.n_calib, seed=args.seed, shape=info["shape"],
                      sigma_min=info["sigma_min"], sigma_max=info["sigma_max"], teacher=teacher, progress=True,
                      **options)
+    if distributed.rank() != 0:
+        return 0
     sched.save(args.output)
     prov = sched.metadata.get("provenance", {})
     print(json.dumps({"output": str(args.output), **sched.to_dict()}) if args.json else
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--method", required=True, choices=sorted(METHODS))
     o.add_argument("--solver", required=True, choices=list(SOLVERS))
     o.add_argument("--nfe", type=int, required=True)
-    o.add_argument("--n", type=int, default=64, help="calibration noises (default 64)")
+    o.add_argument("--n-calib", type=int, default=64, help="calibration noises (default 64)")
     o.add_argument("--seed", type=int, default=CALIB_SEED, help=f"calibration seed (default {CALIB_SEED})")
     o.add_argument("--options", help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
     o.add_argument("-o", "--output", default="schedule.json")
@@ -259,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    distributed.init_from_env()
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, DenoiserError) as e:

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import shard_map
 from .sample import CheckedDenoiser
 from .schedules import check_sigmas, write_atomic
 from .solvers import heun
@@ -79,7 +80,8 @@ class Teacher:
                     return traj
             except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
                 pass  # a corrupt cache entry is recomputed and overwritten
-        traj = torch.cat([self._solve_chunk(c, grid, substeps) for c in x.split(self.batch_size)], dim=1)
+        traj = shard_map(lambda xs: torch.cat([self._solve_chunk(c, grid, substeps) for c in xs.split(self.batch_size)],
+                                              dim=1), x, dim=1)
         self._memory[key] = traj
         if file is not None:
             buf = io.BytesIO()

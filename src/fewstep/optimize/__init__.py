@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..distributed import broadcast
 from ..evaluate import CALIB_SEED, noise
 from ..models.builtin import model_info
 from ..sample import CheckedDenoiser, get_solver, nfe as count_nfe
@@ -85,7 +86,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
                       teacher, seed, progress, info)
     teacher_calls0 = teacher.calls
     start = time.perf_counter()
-    result = METHODS[method](ctx, solver, int(nfe), **options)
+    result = broadcast(METHODS[method](ctx, solver, int(nfe), **options))
     seconds = time.perf_counter() - start
     record = {
         "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],

@@ -1,0 +1,53 @@
+"""Calibration over several processes with torch.distributed (launched by ``torchrun``).
+
+Only the teacher's work is sharded: each rank solves its slice of the calibration batch and the
+slices are gathered, so every rank holds the same teacher states. The method then runs on every rank
+on identical inputs, and rank 0's schedule is broadcast so all ranks return exactly the same one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def init_from_env() -> bool:
+    """Join the process group ``torchrun`` describes (NCCL on GPUs, gloo on CPU); False if not launched so."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or active():
+        return active()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def shard_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``fn`` over this rank's slice of ``x`` (split along the batch), results gathered and concatenated
+    along ``dim`` of the output, identical on every rank. Without a process group: ``fn(x)``."""
+    if not active():
+        return fn(x)
+    mine = fn(x.tensor_split(dist.get_world_size())[dist.get_rank()])
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine.cpu())
+    return torch.cat(parts, dim=dim).to(mine.device)
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,89 @@
+"""Held-out RMSE of karras rho=7, GITS, OSS, LD3 and the instance-aware policy; phi's overhead.
+
+Optimizers see seed-0 noises (the calibration batch); errors are on seed-1 noises, against the teacher.
+    OMP_NUM_THREADS=1 python bench/instance.py [--models gmm2d gmm64] [--solvers euler ipndm] [--nfe 3 4 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+import fewstep
+from fewstep.evaluate import CALIB_SEED, TEST_SEED
+from fewstep.optimize import METHODS, _load_methods
+from overhead import cpu_name  # bench/overhead.py, next to this script
+
+
+def machine() -> str:
+    return f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, 1 thread"
+
+
+def timed(fn, repeat: int = 20) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["gmm2d", "gmm64"])
+    ap.add_argument("--solvers", nargs="+", default=["euler", "ipndm"])
+    ap.add_argument("--nfe", nargs="+", type=int, default=[3, 4, 5])
+    ap.add_argument("--n-calib", type=int, default=512)
+    ap.add_argument("--n-test", type=int, default=1024)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    _load_methods()
+    print(f"machine: {machine()}")
+    print(f"calibration: {args.n_calib} noises (seed {CALIB_SEED}, half train / half validation); "
+          f"held-out: {args.n_test} noises (seed {TEST_SEED}); mean per-sample RMSE to the teacher\n")
+    others = [m for m in ("gits", "oss") if m in METHODS]
+    cols = ["karras", *others, "ld3", "instance"]
+    print(f"| model | solver | NFE | {' | '.join(cols)} | instance < ld3 < karras | instance < best DP "
+          f"| ld3 s | instance s (phi stage) | instance calls, phi stage (teacher + student) |")
+    print("|" + "---|" * (len(cols) + 8))
+    overhead = {}
+    for name in args.models:
+        den = fewstep.load_model(name)
+        teacher = fewstep.Teacher(den, sigma_min=den.sigma_min, model_id=name)
+        calib = fewstep.noise(args.n_calib, den.shape, den.sigma_max, CALIB_SEED)
+        test = fewstep.noise(args.n_test, den.shape, den.sigma_max, TEST_SEED)
+
+        def err(sched, solver):
+            return fewstep.evaluate(den, sched, solver, x=test, teacher=teacher, distribution=False)["mean"]
+
+        for solver in args.solvers:
+            for nfe in args.nfe:
+                steps, _ = fewstep.plan(solver, nfe)
+                res = {"karras": err(fewstep.schedules.karras(steps, den.sigma_min, den.sigma_max), solver)}
+                for m in others:
+                    res[m] = err(fewstep.optimize(den, m, solver, nfe, calib=calib, teacher=teacher), solver)
+                ld3 = fewstep.optimize(den, "ld3", solver, nfe, calib=calib, teacher=teacher)
+                res["ld3"] = err(ld3, solver)
+                pol = fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher, init=ld3)
+                res["instance"] = err(pol, solver)
+                tr = pol.metadata["training"]
+                order = res["instance"] < res["ld3"] < res["karras"]
+                dp = res["instance"] < min((res[m] for m in others), default=float("inf"))
+                print(f"| {name} | {solver} | {nfe} | " + " | ".join(f"{res[c]:.4f}" for c in cols)
+                      + f" | {'yes' if order else 'NO'} | {'yes' if dp else 'NO' if others else 'n/a'}"
+                      f" | {ld3.metadata['training']['seconds']:.1f} | {tr['seconds']:.1f}"
+                      f" | {tr['teacher_calls']} + {tr['student_calls']} |", flush=True)
+        t_phi = timed(lambda: pol.sigmas_for(test))
+        t_den = timed(lambda: den(test, torch.full((test.shape[0],), 1.0, dtype=torch.float64)))
+        overhead[name] = (t_phi, t_den)
+    print(f"\nphi's overhead at sampling time (batch {args.n_test}, one phi pass per batch vs one denoiser call):")
+    print("| model | phi ms | denoiser call ms | phi / denoiser call |")
+    print("|---|---|---|---|")
+    for name, (t_phi, t_den) in overhead.items():
+        print(f"| {name} | {1e3 * t_phi:.3f} | {1e3 * t_den:.3f} | {t_phi / t_den:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

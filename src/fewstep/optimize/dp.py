@@ -1,5 +1,5 @@
-"""The machinery GITS and OSS share: running the solver in use on a batch of candidate steps, and the
-exact-K-steps shortest path.
+"""The machinery GITS and OSS share: running the solver in use on a batch of candidate steps, and one
+level of the exactly-K-steps dynamic program over the grid.
 
 Candidate steps go through the core solver functions themselves, so the cost is the step of the solver
 actually used, multistep history, UniPC's corrector and per-step ``orders`` included. A :class:`Replay`
@@ -16,6 +16,17 @@ from typing import Callable, Sequence
 import torch
 
 from ..sample import get_solver, nfe
+
+
+class Counter:
+    """Wraps a denoiser and counts the samples it evaluates (one call on a batch of n counts n)."""
+
+    def __init__(self, denoiser: Callable):
+        self.denoiser, self.samples = denoiser, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        self.samples += x.shape[0]
+        return self.denoiser(x, sigma)
 
 
 class Captured(Exception):
@@ -101,22 +112,24 @@ def batch_rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).mean(-1).sqrt().mean(-1)
 
 
-def shortest_path(cost: torch.Tensor, steps: int, coeff: float = 1.0) -> tuple[list[int], float]:
-    """Path of exactly ``steps`` edges from node 0 to the last node minimizing sum_m coeff^m cost[s_m, s_m+1].
+def extend(nodes: torch.Tensor, paths: torch.Tensor, hi: int, score: Callable, per_item: int):
+    """One level of the exactly-K-steps DP: extend the kept paths (``paths[a]`` ends at grid point
+    ``nodes[a]``) by one step to every later point up to ``hi``, and keep the cheapest per point.
 
-    Bellman recursion on the cost to go, V_1(j) = C(j, end), V_k(j) = min_i C(j, i) + coeff V_{k-1}(i)
-    (GITS, Chen et al. 2024; diff-sampler gits_utils.py): step m, counted from the noise end, weighs
-    coeff^m. ``cost[i, j]`` must be inf where i -> j is not a step (j <= i). One [n, n] min per step.
+    ``score(a, j)`` gives the cost of extending path a to point j for a chunk of pairs (about
+    2^22 / ``per_item`` at a time). Returns the points now reached, the winning path for each, its cost
+    and the new paths ``[kept, k + 2]``. With additive pairwise costs this is Bellman's recursion and
+    the result is the exact shortest path of K edges (GITS, gits_utils.py); with a cost that depends on
+    the whole path (OSS, or a solver's history) it keeps the best predecessor per point.
     """
-    end = cost.shape[0] - 1
-    v = cost[:, end].clone()
-    choices = []
-    for _ in range(steps - 1):
-        v, arg = (cost[:, :end] + coeff * v[None, :end]).min(1)
-        choices.append(arg)
-    if not torch.isfinite(v[0]):
-        raise ValueError(f"no path of {steps} steps through the grid: use a larger grid")
-    path = [0]
-    for arg in reversed(choices):
-        path.append(int(arg[path[-1]]))
-    return path + [end], float(v[0])
+    a, j = (torch.arange(hi + 1)[None] > nodes[:, None]).nonzero(as_tuple=True)
+    cost = torch.empty(a.numel(), dtype=torch.float64)
+    for s in chunks(a.numel(), per_item):
+        cost[s] = score(a[s], j[s])
+    table = torch.full((nodes.numel(), hi + 1), torch.inf, dtype=torch.float64)
+    table[a, j] = cost
+    best, arg = table.min(0)
+    kept = torch.isfinite(best).nonzero().flatten()
+    if kept.numel() == 0:
+        raise ValueError("no finite cost for any candidate step: the denoiser or the grid is unusable")
+    return kept, arg[kept], best[kept], torch.cat([paths[arg[kept]], kept[:, None]], 1)

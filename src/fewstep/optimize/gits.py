@@ -2,37 +2,44 @@
 ODE-based Diffusion Sampling"; arXiv 2506.10177). Reference: zju-pi/diff-sampler, gits-main/gits_utils.py.
 
 Sampling trajectories are regular enough that a few warm-up teacher trajectories on a fine grid tell
-how costly each jump between grid times is. GITS fills a cost matrix C[i, j] with the error of one
-step i -> j started on the teacher's trajectory, then picks the path of exactly ``steps`` edges from
-sigma_max to 0 minimizing sum_m coeff^m C[s_m, s_m+1] (``coeff`` > 1 weighs the later, low-noise steps
-more; 1.15 is the reference's default).
+how costly each jump between grid times is. GITS scores every step i -> j started on the teacher's
+trajectory and picks the path of exactly ``steps`` steps from sigma_max to 0 that minimizes the weighted
+sum of its step costs, by dynamic programming (exact shortest path when the costs are pairwise).
 
-The cost here is the step of the solver in use, scored as the batch's mean RMSE to the teacher at j:
-- single-step solvers (Euler, Heun): the step from the teacher state at i, as the solver takes it
-  (Heun spends its corrector call on each candidate pair);
-- multistep solvers (DPM-Solver++(2M/3M), UniPC, iPNDM, DEIS): their history is taken from the
-  teacher at the grid points that a locally regular schedule would have visited before i, i.e. the
-  same stride back, i - (j - i), i - 2 (j - i), ... (up to ``HISTORY`` points, fewer near sigma_max,
-  where the solver is in warm-up anyway). The solver runs along those points with the teacher's states
-  and model outputs forced in (teacher forcing), so the cost is the solver's local error with an exact
-  history. For UniPC the corrector recomputes the state at i from the point before it (its corrected
-  state), so its local error includes that correction, as in a real run.
+Step cost here: the batch's mean RMSE at j to the teacher, times w_j = spread(x_0) / spread(x_sigma_j),
+the batch spread of the teacher's final states over that at sigma_j, times coeff^m for step m. w_j
+estimates how much of an error made at sigma_j survives to the sample (exact for isotropic Gaussian
+data, where the ODE maps x_sigma - mu to s / sqrt(s^2 + sigma^2) (x_sigma - mu)); without it the costs at
+high noise, in units of a very noisy state, dominate. The reference's coeff^m (1.15) was its stand-in
+for this; coeff stays available (default 1).
+- ``history=0`` (default): the step is taken from the teacher state at i as the solver's first step
+  (all core multistep solvers start with the same first-order step; Heun takes its real two-call step,
+  spending a corrector call per candidate pair). This is the reference's one-step cost.
+- ``history=1..3``: a multistep solver (DPM-Solver++(2M/3M), UniPC, iPNDM, DEIS) runs the step with the
+  teacher's states and model outputs at the last ``history`` points of the kept path to i forced in
+  (teacher forcing), with the orders and remaining step count of the real schedule: its local error
+  with an exact history. The DP then keeps the best predecessor per point and level. UniPC's corrector
+  recomputes the state at i from the point before, so its cost includes that correction.
+  Measured on the built-in models (bench/dp.py), this solver-exact local cost gave worse schedules than
+  ``history=0``: a sum of local errors does not see how later steps amplify or damp them.
 The final step to 0 returns the denoised estimate for every solver: its cost is the denoiser's error
 at the teacher state.
 
-Differences from the reference: the reference costs every solver with one Euler step along the
-teacher's derivative and scores it with a signed trajectory-deviation metric ('dev'); its schedule ends
-at sigma_min with no final denoising step; its teacher is iPNDM on the 61-point grid itself. Here the
-cost is the solver's own step, the metric is the RMSE the schedule is judged by, the last step goes to 0,
-and the teacher is Heun with ``substeps`` per grid interval.
+Differences from the reference (zju-pi/diff-sampler gits-main): the reference costs every solver with
+one Euler step along the teacher's derivative, scored by a signed trajectory-deviation metric ('dev')
+with the coeff^m weight; its schedule ends at sigma_min with no final denoising step; its teacher is
+iPNDM on its 61-point grid. Here the score is the RMSE the schedule is judged by with the propagation
+weight, the last step goes to 0, and the teacher is Heun with ``substeps`` per grid interval.
 
 Cost in denoiser calls (G grid points, warm-up batch B): the teacher (G * substeps Heun steps, 2 calls
-each, per sample), then one batched call of G * B samples (the model outputs on the teacher states);
-Heun adds one corrector call per candidate pair, about G^2 / 2 * B samples. Independent of the NFE: the
-shortest path itself is K [G, G] min operations.
+each, per sample), one batched call of G * B samples (the model on the teacher states), and B samples
+to measure the chosen schedule; Heun adds one corrector call per candidate pair and level, at most
+K * G^2 / 2 * B samples. The DP itself is K levels of [G, G] tensor operations, no model calls.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -40,69 +47,70 @@ from ..metrics import rmse
 from ..sample import plan, sample
 from ..schedules import Schedule
 from . import Calibration, register
-from .dp import batch_rmse, chunks, pad_sigmas, per_sample, run_candidates, shortest_path, step_calls
+from .dp import Counter, batch_rmse, extend, pad_sigmas, per_sample, run_candidates, step_calls
 from .grid import DEFAULT_SIZE, candidate_grid, check_steps, teacher_on_grid
 
-HISTORY = 3  # teacher points before i given to the solver: enough for every core solver (iPNDM-4 uses 3)
-PAD = 3  # steps left after the candidate, so UniPC does not lower its order as on a last step
+MAX_HISTORY = 3  # path points before i a solver may use: enough for every core solver (iPNDM-4 uses 3)
 
 
-def _edge_costs(ctx: Calibration, solver: str, cap: int | None, traj: torch.Tensor, den: torch.Tensor,
-                sig: torch.Tensor, i: torch.Tensor, j: torch.Tensor, q: int) -> torch.Tensor:
-    """Mean RMSE at j of the solver's step i -> j from the teacher, after q teacher-forced history points."""
-    c, b = i.numel(), traj.shape[1]
-    nodes = i[None] - (j - i)[None] * torch.arange(q, -1, -1)[:, None]  # [q + 1, c], ends at i
-    head = torch.cat([sig[nodes], sig[j][None]])
-    sigmas = per_sample(pad_sigmas(head, q + 2 + PAD), b)
-    orders = None if cap is None else [cap] * (q + 1 + PAD)
+def _local_error(model: Counter, solver: str, orders, steps: int, k: int, history: int, traj: torch.Tensor,
+                 den: torch.Tensor, sig: torch.Tensor, paths: torch.Tensor, a: torch.Tensor,
+                 j: torch.Tensor) -> torch.Tensor:
+    """Mean RMSE at j of step k of the kept paths ``a`` to grid points ``j``, taken by the solver from
+    the teacher with the teacher's states and outputs at the path's last ``q`` points as its history."""
+    q = min(history, k)
+    nodes = paths[a][:, -(q + 1):].T  # [q + 1, c], the last is i
+    b = traj.shape[1]
+    # the solver runs from step k - q of the real schedule: as many steps remain, with their orders
+    sigmas = per_sample(pad_sigmas(torch.cat([sig[nodes], sig[j][None]]), steps - k + q + 1), b)
+    orders = None if orders is None else orders[k - q:]
     force = [traj[n].flatten(0, 1) for n in nodes]
-    x, _ = run_candidates(solver, force[0].clone(), sigmas, [den[n].flatten(0, 1) for n in nodes], ctx.denoiser,
+    x, _ = run_candidates(solver, force[0].clone(), sigmas, [den[n].flatten(0, 1) for n in nodes], model,
                           step_calls(solver, orders, q) - 1, force=force, orders=orders)
-    return batch_rmse(x.view(c, *traj.shape[1:]), traj[j])
-
-
-def cost_matrix(ctx: Calibration, solver: str, orders, traj: torch.Tensor, sig: torch.Tensor) -> torch.Tensor:
-    """C[i, j]: mean RMSE of the step i -> j from the teacher (inf where j <= i); the last node is 0."""
-    end, b = len(sig) - 1, traj.shape[1]
-    den = ctx.denoiser(traj[:end].flatten(0, 1), per_sample(sig[:end], b)).view_as(traj[:end])
-    cost = torch.full((end + 1, end + 1), torch.inf, dtype=torch.float64)
-    cost[:end, end] = batch_rmse(den, traj[end].expand_as(den))
-    i, j = torch.triu_indices(end, end, 1)
-    # history points before i at the same stride; none for a two-call solver (Heun has no history)
-    q = torch.clamp(i // (j - i), max=HISTORY if step_calls(solver, None, 0) == 1 else 0)
-    # per-step order caps (Heun with an Euler first step): edges from sigma_max are the first step
-    first_cap = None if orders is None else orders[0]
-    mid_cap = None if orders is None else max(orders[1:-1], default=orders[0])
-    for qq in q.unique().tolist():
-        for first in (True, False):
-            sel = ((q == qq) & ((i == 0) == first)).nonzero().flatten()
-            cap = first_cap if first else mid_cap
-            for s in chunks(sel.numel(), b * traj[0, 0].numel() * (qq + 2)):
-                cost[i[sel[s]], j[sel[s]]] = _edge_costs(ctx, solver, cap, traj, den, sig, i[sel[s]], j[sel[s]], qq)
-    return cost
+    return batch_rmse(x.view(j.numel(), *traj.shape[1:]), traj[j])
 
 
 @register("gits")
 def gits(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, substeps: int | None = None,
-         coeff: float = 1.15, warmup: int | None = None) -> Schedule:
+         coeff: float = 1.0, history: int = 0, warmup: int | None = None) -> Schedule:
     """GITS schedule of exactly ``nfe`` calls with ``solver``, picked from a ``grid``-point candidate grid.
 
-    ``coeff``: weight coeff^m of step m in the path cost (> 0; the reference's 1.15). ``warmup``: the
-    number of calibration trajectories used for the cost (default: all of them; the reference uses 256).
-    ``substeps``: teacher Heun steps per grid interval.
+    ``coeff``: extra weight coeff^m of step m in the path cost (> 0; the reference uses 1.15 without the
+    propagation weight). ``history``: 0 costs each step as the solver's first-order step from the teacher
+    (the reference's choice); 1-3 give a multistep solver that many teacher-forced points of the kept
+    path as history. ``warmup``: the number of calibration trajectories used for the cost (default:
+    all of them; the reference uses 256). ``substeps``: teacher Heun steps per grid interval.
     """
     steps, opts = plan(solver, nfe)
     check_steps(steps, grid)
     if not coeff > 0:
         raise ValueError(f"coeff must be > 0, got {coeff}")
+    if history not in range(MAX_HISTORY + 1):
+        raise ValueError(f"history must be 0..{MAX_HISTORY}, got {history!r}")
     n = ctx.x.shape[0] if warmup is None else int(warmup)
     if not 1 <= n <= ctx.x.shape[0]:
         raise ValueError(f"warmup must be between 1 and the calibration batch size {ctx.x.shape[0]}, got {warmup}")
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, grid)
     traj, substeps = teacher_on_grid(ctx.teacher, ctx.x[:n], sig, substeps)
-    cost = cost_matrix(ctx, solver, opts.get("orders"), traj, sig)
-    path, _ = shortest_path(cost, steps, coeff)
+    end, orders, model = grid, opts.get("orders"), Counter(ctx.denoiser)
+    # the model's outputs on the teacher states: the solver's history, and the final step's result
+    den = model(traj[:end].flatten(0, 1), per_sample(sig[:end], n)).view_as(traj[:end])
+    final = batch_rmse(den, traj[end].expand_as(den))
+    # how much of an error at sigma_j reaches the sample: spread(x_0) / spread(x_sigma_j) over the batch,
+    # exact for isotropic Gaussian data (x_0 - mu = s / sqrt(s^2 + sigma^2) (x_sigma - mu) along the ODE)
+    spread = (traj - traj.mean(1, keepdim=True)).pow(2).flatten(1).mean(1).sqrt()
+    weight = spread[end] / spread
+    history = history if step_calls(solver, None, 0) == 1 else 0  # a two-call solver (Heun) has none
+    nodes, paths = torch.zeros(1, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)
+    total = torch.zeros(1, dtype=torch.float64)  # sum_m coeff^m C_m along each kept path
+    for k in range(steps - 1):
+        local = partial(_local_error, model, solver, orders, steps, k, history, traj, den, sig, paths)
+        nodes, _, total, paths = extend(nodes, paths, end - steps + k + 1,
+                                        lambda a, j: total[a] + coeff ** k * weight[j] * local(a, j),
+                                        n * traj[0, 0].numel() * (min(history, k) + 2))
+    best = int((total + coeff ** (steps - 1) * final[nodes]).argmin())
+    path = paths[best].tolist() + [end]
     sched = Schedule(sig[path], solver=solver, solver_options=opts, method="gits")
-    calib = rmse(sample(ctx.denoiser, ctx.x[:n], sched), traj[-1]).mean()
+    calib = rmse(sample(model, ctx.x[:n], sched), traj[-1]).mean()
     return sched.with_metadata(provenance={"grid": {"size": grid, "rho": 7.0, "substeps": substeps, "indices": path},
-                                           "warmup": n, "calib_error": float(calib)})
+                                           "warmup": n, "evaluations": model.samples, "calib_error": float(calib)})

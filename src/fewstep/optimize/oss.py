@@ -22,25 +22,27 @@ the winners. Replays cost no calls but O(K^2 G^2 B) solver arithmetic.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from tqdm.auto import tqdm
 
 from ..sample import plan
 from ..schedules import Schedule
 from . import Calibration, register
-from .dp import batch_rmse, chunks, pad_sigmas, per_sample, run_candidates, step_calls
+from .dp import Counter, batch_rmse, extend, pad_sigmas, per_sample, run_candidates, step_calls
 from .grid import DEFAULT_SIZE, candidate_grid, check_steps, teacher_on_grid
 
 
-def _land(ctx: Calibration, solver: str, orders, steps: int, k: int, sig: torch.Tensor, paths: torch.Tensor,
-          outs: list[torch.Tensor], a: torch.Tensor, j: torch.Tensor):
+def _land(ctx: Calibration, model: Counter, solver: str, orders, steps: int, k: int, sig: torch.Tensor,
+          paths: torch.Tensor, outs: list[torch.Tensor], a: torch.Tensor, j: torch.Tensor):
     """Step k of the kept paths ``a`` (indices into the kept points) to grid points ``j``: the states
     reached, ``[c, B, ...]``, and the outputs of the step's live calls (Heun's second call)."""
     c, b = a.numel(), ctx.x.shape[0]
     head = torch.cat([sig[paths[a]].T, sig[j][None]])
     sigmas = per_sample(pad_sigmas(head, steps + 1), b)
     x0 = ctx.x.repeat(c, *[1] * (ctx.x.ndim - 1))
-    x, rec = run_candidates(solver, x0, sigmas, [o[a].flatten(0, 1) for o in outs], ctx.denoiser,
+    x, rec = run_candidates(solver, x0, sigmas, [o[a].flatten(0, 1) for o in outs], model,
                             step_calls(solver, orders, k) - 1, orders=orders)
     return x.view(c, *ctx.x.shape), [r.view(c, *ctx.x.shape) for r in rec]
 
@@ -55,12 +57,13 @@ def oss(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, subst
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, grid)
     traj, substeps = teacher_on_grid(ctx.teacher, ctx.x, sig, substeps)
     end, b = grid, ctx.x.shape[0]
+    model = Counter(ctx.denoiser)
     nodes = torch.zeros(1, dtype=torch.long)  # grid index of each kept point at this level
     paths = torch.zeros(1, 1, dtype=torch.long)  # its best path from sigma_max, [kept, k + 1]
     states = ctx.x[None]  # the state the solver reaches there, [kept, B, ...]
     outs: list[torch.Tensor] = []  # the model outputs along that path, one [kept, B, ...] per call
     for k in tqdm(range(steps), desc="oss", leave=False, disable=not ctx.progress):
-        fresh = ctx.denoiser(states.flatten(0, 1), per_sample(sig[nodes], b)).view_as(states)
+        fresh = model(states.flatten(0, 1), per_sample(sig[nodes], b)).view_as(states)
         outs = outs + [fresh]
         if k == steps - 1:  # the final step to 0 returns the denoised estimate
             err = batch_rmse(fresh, traj[end].expand_as(fresh))
@@ -68,19 +71,11 @@ def oss(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, subst
             path = paths[best].tolist() + [end]
             break
         # Candidate next points leave room for the steps - k - 2 points still to come before 0.
-        hi = end - steps + k + 1
-        a, j = (torch.arange(hi + 1)[None] > nodes[:, None]).nonzero(as_tuple=True)
-        err = torch.cat([batch_rmse(_land(ctx, solver, orders, steps, k, sig, paths, outs, a[s], j[s])[0], traj[j[s]])
-                         for s in chunks(a.numel(), b * ctx.x[0].numel() * (k + 2))])
-        cost = torch.full((nodes.numel(), hi + 1), torch.inf, dtype=torch.float64)
-        cost[a, j] = err
-        best_err, best_a = cost.min(0)
-        nodes = torch.isfinite(best_err).nonzero().flatten()
-        a = best_a[nodes]
-        states, rec = _land(ctx, solver, orders, steps, k, sig, paths, outs, a, nodes)
+        land = partial(_land, ctx, model, solver, orders, steps, k, sig, paths, outs)
+        nodes, a, _, paths = extend(nodes, paths, end - steps + k + 1,
+                                    lambda a, j: batch_rmse(land(a, j)[0], traj[j]), b * ctx.x[0].numel() * (k + 2))
+        states, rec = land(a, nodes)
         outs = [o[a] for o in outs] + rec
-        paths = torch.cat([paths[a], nodes[:, None]], 1)
     return Schedule(sig[path], solver=solver, solver_options=opts, method="oss",
-                    provenance={"grid": {"size": grid, "rho": 7.0, "substeps": substeps,
-                                         "indices": path},
-                                "calib_error": float(err[best])})
+                    provenance={"grid": {"size": grid, "rho": 7.0, "substeps": substeps, "indices": path},
+                                "evaluations": model.samples, "calib_error": float(err[best])})

@@ -72,8 +72,9 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     get_solver(solver)
     if int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
-    info = model_info(denoiser, shape if shape is not None else (tuple(calib.shape[1:]) if calib is not None else None),
-                      sigma_min, sigma_max)
+    if shape is None and getattr(denoiser, "shape", None) is None and isinstance(calib, torch.Tensor):
+        shape = tuple(calib.shape[1:])  # the calibration batch gives the shape only if the model has none
+    info = model_info(denoiser, shape, sigma_min, sigma_max)
     if info["sigma_min"] >= info["sigma_max"]:
         raise ValueError(f"sigma_min {info['sigma_min']} must be < sigma_max {info['sigma_max']}")
     if calib is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -56,7 +57,37 @@ def gmm64() -> GaussianMixture:
     return GaussianMixture(means, torch.stack(covs), weights, shape=(1, 8, 8), name="gmm64")
 
 
-BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64}
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _shipped(name: str) -> Callable:
+    """A network shipped in fewstep/assets/<name> (diffusers format, made by scripts/train_digits.py)."""
+    try:
+        from diffusers import UNet2DModel
+    except ImportError:
+        raise ImportError(f"model {name!r} needs diffusers: pip install 'fewstep[diffusers]'") from None
+    from ..integrations.diffusers import from_diffusers
+
+    folder = ASSETS / name
+    if not (folder / "unet" / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is missing: reinstall fewstep, or recreate it with scripts/train_digits.py")
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    return from_diffusers(unet, config, name=name)
+
+
+def digits_unet() -> Callable:
+    """Trained DDPM UNet (epsilon, linear betas, 1000 steps) on the 8x8 digits, as a VP denoiser."""
+    return _shipped("digits-unet")
+
+
+def digits_flow() -> Callable:
+    """Trained rectified-flow UNet (velocity) on the 8x8 digits, as a flow denoiser."""
+    return _shipped("digits-flow")
+
+
+BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64,
+                                       "digits-unet": digits_unet, "digits-flow": digits_flow}
 DEFAULT_MODEL = "digits"
 
 

@@ -1,0 +1,144 @@
+"""Train fewstep's shipped networks on scikit-learn's digits (8x8, pixels scaled to [-1, 1]).
+
+Two tiny diffusers ``UNet2DModel`` denoisers of the same data, saved the way diffusers saves models:
+- ``digits-unet``: VP / DDPM, epsilon prediction, linear betas 1e-4..0.02 over 1000 steps
+  (Ho et al. 2020, Alg. 1), with a ``DDPMScheduler`` config;
+- ``digits-flow``: rectified flow, x_t = (1 - t) x0 + t n, target v = n - x0, t ~ U(0, 1), fed to the
+  network as t * 1000 (Liu et al. 2022; as SD3 / Flux), with a ``FlowMatchEulerDiscreteScheduler`` config.
+Each folder gets ``unet/``, ``scheduler/`` and ``training.json`` (seed, settings, versions, loss curve).
+The weights saved are an exponential moving average of the training weights.
+
+    OMP_NUM_THREADS=1 python scripts/train_digits.py            # both models, ~5-10 min on one CPU core
+    OMP_NUM_THREADS=1 python scripts/train_digits.py --which flow --steps 200 --out /tmp/try
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "fewstep" / "assets"
+
+UNET_CONFIG = dict(
+    sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32, 48), layers_per_block=1,
+    down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+    norm_num_groups=8, time_embedding_dim=64,
+)
+DDPM_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                   prediction_type="epsilon", clip_sample=False)
+FLOW_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+
+
+def digits_data() -> torch.Tensor:
+    from sklearn.datasets import load_digits
+
+    return torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+
+
+def ddpm_loss(unet, x0, g, alphas_cumprod):
+    """Ho et al. 2020, Alg. 1: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2."""
+    t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    abar = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
+    return (unet(x_t, t).sample - eps).pow(2).mean()
+
+
+def flow_loss(unet, x0, g, num_train_timesteps):
+    """Rectified flow (Liu et al. 2022): || (n - x0) - v_theta((1 - t) x0 + t n, t) ||^2, t ~ U(0, 1)."""
+    t = torch.rand(x0.shape[0], generator=g)
+    n = torch.randn(x0.shape, generator=g)
+    tb = t.reshape(-1, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * n
+    return (unet(x_t, t * num_train_timesteps).sample - (n - x0)).pow(2).mean()
+
+
+def train(which: str, args, data: torch.Tensor) -> dict:
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+
+    torch.manual_seed(args.seed)
+    g = torch.Generator().manual_seed(args.seed)
+    unet = UNet2DModel(**UNET_CONFIG)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    if which == "unet":
+        scheduler = DDPMScheduler(**DDPM_CONFIG)
+        ac = scheduler.alphas_cumprod.float()
+        loss_fn = lambda x0: ddpm_loss(unet, x0, g, ac)  # noqa: E731
+    else:
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_CONFIG)
+        loss_fn = lambda x0: flow_loss(unet, x0, g, FLOW_CONFIG["num_train_timesteps"])  # noqa: E731
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
+    # linear warm-up, then cosine decay to 0
+    warm = max(1, args.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))))
+    curve, window, t0 = [], [], time.time()
+    for step in range(1, args.steps + 1):
+        x0 = data[torch.randint(0, data.shape[0], (args.batch,), generator=g)]
+        loss = loss_fn(x0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1 - decay)
+        window.append(loss.item())
+        if step % args.log_every == 0 or step == args.steps:
+            mean = sum(window) / len(window)
+            curve.append([step, mean])
+            print(f"[{which}] step {step:5d}  loss {mean:.4f}  lr {sched.get_last_lr()[0]:.2e}  "
+                  f"{time.time() - t0:6.1f}s", flush=True)
+            window = []
+    wall = time.time() - t0
+    out = Path(args.out) / f"digits-{which}"
+    ema.save_pretrained(out / "unet")
+    scheduler.save_pretrained(out / "scheduler")
+    import diffusers
+
+    record = {
+        "model": f"digits-{which}", "objective": "ddpm_epsilon" if which == "unet" else "rectified_flow_velocity",
+        "data": "sklearn.datasets.load_digits images / 8 - 1, shape [1797, 1, 8, 8]",
+        "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema,
+        "optimizer": "AdamW(weight_decay=0), grad clip 1.0, linear warm-up then cosine decay",
+        "unet_config": UNET_CONFIG, "scheduler_config": DDPM_CONFIG if which == "unet" else FLOW_CONFIG,
+        "parameters": sum(p.numel() for p in unet.parameters()),
+        "final_loss": curve[-1][1], "loss_curve": curve, "wall_seconds": round(wall, 1),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__},
+        "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
+        "command": " ".join(["python"] + sys.argv),
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(f"[{which}] saved {out} (final loss {curve[-1][1]:.4f}, {wall:.0f}s)", flush=True)
+    return record
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--which", choices=["unet", "flow", "both"], default="both")
+    p.add_argument("--steps", type=int, default=2500)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--out", default=str(ASSETS))
+    args = p.parse_args(argv)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    data = digits_data()
+    for which in (["unet", "flow"] if args.which == "both" else [args.which]):
+        train(which, args, data)
+
+
+if __name__ == "__main__":
+    main()

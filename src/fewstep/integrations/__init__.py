@@ -1,0 +1,1 @@
+"""Bridges to other libraries: ``diffusers`` (imported on first use, it is optional) and ``kdiffusion``."""

@@ -1,0 +1,58 @@
+"""k-diffusion and ComfyUI.
+
+k-diffusion uses fewstep's convention (x = x0 + sigma n, denoiser ``model(x, sigma, **extra_args)``,
+``sigmas`` a decreasing tensor ending at 0), so a fewstep schedule is a k-diffusion ``sigmas`` tensor
+as is, and a k-diffusion model wrapper (``CompVisDenoiser``, ``CompVisVDenoiser``, ``DiscreteEpsDDPMDenoiser``,
+a CFG wrapper, ...) is a fewstep denoiser once its ``extra_args`` (``cond``, ...) are fixed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..schedules import as_schedule
+
+
+class KDiffusionDenoiser:
+    """A k-diffusion model wrapper ``model(x, sigma, **extra_args)`` as a fewstep denoiser D(x, sigma).
+
+    ``sigma_min`` / ``sigma_max`` come from the wrapper when it has them (k-diffusion's DiscreteSchedule
+    wrappers do), else from the arguments; ``shape`` (one sample's shape) is needed by fewstep.optimize
+    and evaluate when the wrapper does not tell it.
+    """
+
+    def __init__(self, model: Callable, extra_args: dict | None = None, shape=None, sigma_min: float | None = None,
+                 sigma_max: float | None = None, name: str | None = None):
+        self.model, self.extra_args = model, dict(extra_args or {})
+        for attr, given in (("sigma_min", sigma_min), ("sigma_max", sigma_max)):
+            value = given if given is not None else getattr(model, attr, None)
+            if value is not None:
+                setattr(self, attr, float(value))
+        if shape is not None:
+            self.shape = tuple(int(v) for v in shape)
+        self.name = name or type(model).__name__
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self.model(x, sigma, **self.extra_args)
+
+
+def from_kdiffusion(model: Callable, shape=None, sigma_min: float | None = None, sigma_max: float | None = None,
+                    **extra_args: Any) -> KDiffusionDenoiser:
+    """``from_kdiffusion(CompVisDenoiser(ldm), cond=c)``: the wrapper called as ``model(x, sigma, cond=c)``."""
+    return KDiffusionDenoiser(model, extra_args, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
+
+
+def to_kdiffusion(schedule: Any, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The schedule as the ``sigmas`` tensor k-diffusion's samplers take (``sample_euler(model, x, sigmas)``)."""
+    return as_schedule(schedule).sigmas.to(device=device, dtype=dtype)
+
+
+def to_comfyui(schedule: Any) -> str:
+    """The sigmas as the comma-separated text that ComfyUI custom-sigmas nodes read (e.g. "14.61, 6.47, ..., 0.0").
+
+    Full float precision; ``Schedule.to_list()`` gives the same numbers as a list (for a SIGMAS tensor:
+    ``torch.tensor(schedule.to_list())``).
+    """
+    return ", ".join(repr(v) for v in as_schedule(schedule).to_list())

@@ -1,0 +1,332 @@
+"""fewstep inside diffusers and diffusers inside fewstep, against diffusers' own code (0.42), offline.
+
+- the shipped DDPM UNet in DDPMPipeline with FewstepScheduler == fewstep.sample on from_diffusers(unet);
+- a tiny StableDiffusionPipeline (random weights, byte-level CLIP tokenizer): FewstepScheduler latents ==
+  fewstep.sample on from_diffusers(pipe, prompt, guidance_scale); the pipeline's own Euler and
+  DPM-Solver++ given to_diffusers' sigmas / timesteps == fewstep's euler / dpmpp_2m;
+- flow matching (SD3 / Flux shift): sigmas from to_diffusers stay the schedule's after the shift; the shipped
+  flow UNet in an SD3-style loop with FlowMatchEulerDiscreteScheduler and with FewstepScheduler;
+- clear errors for wrong prediction types, unmappable configs, sigmas outside the trained range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.schedules import Schedule, ScheduleError, karras, logsnr_uniform
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (  # noqa: E402
+    DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler, UNet2DModel,
+)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+ASSETS = Path(fewstep.__file__).parent / "assets"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def shipped(name: str):
+    unet = UNet2DModel.from_pretrained(ASSETS / name / "unet").eval().requires_grad_(False)
+    config = json.loads((ASSETS / name / "scheduler" / "scheduler_config.json").read_text())
+    return unet, config
+
+
+@pytest.fixture(scope="module")
+def digits_unet():
+    return shipped("digits-unet")
+
+
+@pytest.fixture(scope="module")
+def digits_flow():
+    return shipped("digits-flow")
+
+
+# --------------------------------------------------------------------------------------------
+# shipped models
+
+def test_shipped_models_load_by_name_offline(digits_unet, digits_flow):
+    unet, config = digits_unet
+    assert config["_class_name"] == "DDPMScheduler" and config["prediction_type"] == "epsilon"
+    for name, (_, cfg) in (("digits-unet", digits_unet), ("digits-flow", digits_flow)):
+        den = fewstep.load_model(name)
+        assert den.name == name and den.shape == (1, 8, 8)
+        assert 0 < den.sigma_min < 0.05 and den.sigma_max > 100
+        record = json.loads((ASSETS / name / "training.json").read_text())
+        assert record["seed"] == 0 and record["loss_curve"][-1][1] == record["final_loss"]
+    ac = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    vp = fewstep.load_model("digits-unet")
+    assert vp.sigma_max == pytest.approx(float(((1 - ac[-1]) / ac[-1]).sqrt()))
+
+
+def test_shipped_unet_denoises(digits_unet):
+    """The trained UNet's D(x, sigma) beats the trivial estimates on held-out-noised digits."""
+    from sklearn.datasets import load_digits
+
+    den = fewstep.from_diffusers(*digits_unet)
+    x0 = torch.tensor(load_digits().images[:64], dtype=torch.float32)[:, None] / 8 - 1
+    g = torch.Generator().manual_seed(1)
+    for sigma in (0.1, 0.5, 2.0):
+        x = x0 + sigma * torch.randn(x0.shape, generator=g)
+        err = (den(x, torch.full((64,), sigma)) - x0).pow(2).mean()
+        assert err < 0.8 * min((x - x0).pow(2).mean(), (x0.mean(0) - x0).pow(2).mean())
+
+
+# --------------------------------------------------------------------------------------------
+# FewstepScheduler in DDPMPipeline
+
+@pytest.mark.parametrize("solver,steps", [("heun", 4), ("dpmpp_3m", 5), ("unipc", 5)])
+def test_ddpm_pipeline_with_fewstep_scheduler(digits_unet, solver, steps):
+    unet, config = digits_unet
+    den = fewstep.from_diffusers(unet, config)
+    sched = karras(steps, 0.02, 80.0)
+    scheduler = fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver)
+    assert len(scheduler.timesteps) == fewstep.nfe(sched, solver)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=steps,
+               output_type="pt").images
+    n = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = fewstep.sample(den, n * math.sqrt(1 + 80.0 ** 2), sched, solver)
+    assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 1e-5
+
+
+def test_fewstep_scheduler_saves_and_loads_with_the_pipeline(digits_unet, tmp_path):
+    unet, config = digits_unet
+    sched = karras(4, 0.02, 80.0).with_metadata(solver="heun", solver_options={"orders": [1, 2, 2, 1]})
+    pipe = DDPMPipeline(unet=unet, scheduler=fewstep.FewstepScheduler.from_schedule(sched, config))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler).__name__ == "FewstepScheduler"
+    assert loaded.scheduler.config.sigmas == sched.to_list() and loaded.scheduler.config.solver == "heun"
+    assert torch.equal(loaded.scheduler.timesteps, pipe.scheduler.timesteps)
+    assert len(pipe.scheduler.timesteps) == fewstep.nfe(sched)  # orders [1, 2, 2, 1]: 1 + 2 + 2 + 1 calls
+    run = [p(batch_size=2, generator=torch.Generator().manual_seed(3), num_inference_steps=4, output_type="pt").images
+           for p in (pipe, loaded)]
+    assert torch.equal(run[0], run[1])
+
+
+def test_fewstep_scheduler_errors(digits_unet):
+    unet, config = digits_unet
+    scheduler = fewstep.FewstepScheduler.from_schedule(karras(4, 0.02, 80.0), config, solver="euler")
+    with pytest.raises(ValueError, match="num_inference_steps=4"):
+        scheduler.set_timesteps(50)
+    with pytest.raises(ValueError, match="outside the model's trained range"):
+        fewstep.FewstepScheduler.from_schedule(karras(4, 0.002, 80.0), config, solver="euler")
+    with pytest.raises(ValueError, match="no solver"):
+        fewstep.FewstepScheduler.from_schedule(karras(4, 0.02, 80.0), config)
+    scheduler.set_timesteps(4)
+    x = torch.randn(2, 1, 8, 8)
+    x = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x).prev_sample
+    with pytest.raises(ValueError, match="latents were changed"):
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[1], x + 1)
+
+
+# --------------------------------------------------------------------------------------------
+# from_diffusers: prediction types, errors, range
+
+def test_prediction_types_follow_the_config(digits_unet):
+    """Same network output read as eps, v or x0: D matches the VP formulas (Salimans & Ho 2022 for v)."""
+    unet, config = digits_unet
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 3
+    sigma = torch.full((2,), 3.0)
+    out = unet(x / math.sqrt(10), fewstep.from_diffusers(unet, config).sigma_to_t(sigma)).sample
+    alpha, s = 1 / math.sqrt(10), 3 / math.sqrt(10)
+    expect = {"epsilon": x - 3 * out, "v_prediction": alpha * alpha * x - s * out, "sample": out}
+    for pred, want in expect.items():
+        got = fewstep.from_diffusers(unet, {**config, "prediction_type": pred})(x, sigma)
+        assert rel(got, want) < 1e-5, pred
+
+
+def test_from_diffusers_errors(digits_unet, digits_flow):
+    unet, config = digits_unet
+    with pytest.raises(ValueError, match="'eps'"):
+        fewstep.from_diffusers(unet, config, prediction_type="eps")
+    with pytest.raises(ValueError, match="EDMEulerScheduler"):
+        fewstep.from_diffusers(unet, {"_class_name": "EDMEulerScheduler", "sigma_min": 0.002, "sigma_max": 80.0})
+    with pytest.raises(ValueError, match="flow-matching config.*'epsilon'"):
+        fewstep.from_diffusers(digits_flow[0], digits_flow[1], prediction_type="epsilon")
+    with pytest.raises(ValueError, match="beta_schedule|noise schedule"):
+        fewstep.from_diffusers(unet, {**config, "beta_schedule": "cubic"})
+    with pytest.raises(ValueError, match="scheduler config"):
+        fewstep.from_diffusers(unet)
+    den = fewstep.from_diffusers(unet, config)
+    with pytest.raises(ValueError, match="outside the model's trained range"):
+        fewstep.sample(den, torch.randn(1, 1, 8, 8) * 80, karras(5, 0.002, 80.0), "euler")
+
+
+# --------------------------------------------------------------------------------------------
+# a tiny Stable Diffusion pipeline
+
+def byte_level_clip_tokenizer(folder: Path):
+    """CLIP's byte-to-unicode symbols (Radford et al. 2019's GPT-2 table) as the whole vocab, no merges."""
+    from transformers import CLIPTokenizer
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = byte_level_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=8)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PROMPT, GUIDANCE = "a handwritten digit", 4.0
+
+
+def sd_latents(pipe, scheduler, n, steps, **kwargs):
+    pipe.scheduler = scheduler
+    return pipe(PROMPT, num_images_per_prompt=n.shape[0], guidance_scale=GUIDANCE, latents=n.clone(),
+                output_type="latent", num_inference_steps=steps, **kwargs).images
+
+
+def test_sd_pipeline_fewstep_scheduler_matches_sample(sd_pipe):
+    config = dict(sd_pipe.scheduler.config)
+    den = fewstep.from_diffusers(sd_pipe, prompt=PROMPT, guidance_scale=GUIDANCE)
+    assert den.shape == (4, 8, 8)
+    n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for solver, steps in (("dpmpp_2m", 6), ("heun", 3)):
+        sched = karras(steps, den.sigma_min, den.sigma_max)
+        got = sd_latents(sd_pipe, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n, steps)
+        want = fewstep.sample(den, n * math.sqrt(1 + den.sigma_max ** 2), sched, solver)
+        assert rel(got, want) <= 1e-5, solver
+    sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+
+
+def test_sd_pipeline_own_schedulers_given_the_schedule_agree_with_fewstep(sd_pipe):
+    config = dict(sd_pipe.scheduler.config)
+    den = fewstep.from_diffusers(sd_pipe, prompt=PROMPT, guidance_scale=GUIDANCE)
+    n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    # Euler takes sigmas= (EDM coordinates, init_noise_sigma sqrt(1 + sigma_max^2) for 'leading' spacing)
+    sched = karras(8, den.sigma_min, den.sigma_max)
+    euler = EulerDiscreteScheduler.from_config(config)
+    kwargs = fewstep.to_diffusers(sched, sd_pipe)
+    assert list(kwargs) == ["sigmas"]
+    got = sd_latents(sd_pipe, euler, n, 8, **kwargs)
+    want = fewstep.sample(den, n * math.sqrt(1 + den.sigma_max ** 2), sched, "euler")
+    assert rel(got, want) < 1e-4
+    # DPM-Solver++(2M) takes integer timesteps= only: a schedule on integer timesteps maps exactly
+    ac = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    on_grid = Schedule(torch.cat([((1 - ac) / ac).sqrt()[[999, 600, 300, 120, 40, 10]], torch.zeros(1)]))
+    dpm = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    kwargs = fewstep.to_diffusers(on_grid, dpm)
+    assert kwargs == {"timesteps": [999, 600, 300, 120, 40, 10]}
+    got = sd_latents(sd_pipe, dpm, n, 6, **kwargs)
+    want = fewstep.sample(den, n * math.sqrt(1 + on_grid.sigma_max ** 2), on_grid, "dpmpp_2m")
+    assert rel(got, want) < 1e-4
+    sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+
+
+def test_to_diffusers_errors(digits_unet, sd_pipe):
+    unet, config = digits_unet
+    sched = karras(6, 0.02, 80.0)
+    with pytest.raises(ValueError, match="DDPMPipeline passes neither"):
+        fewstep.to_diffusers(sched, DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(config)))
+    with pytest.raises(ValueError, match="DDIMScheduler takes neither"):
+        fewstep.to_diffusers(sched, DDIMScheduler.from_config(config))
+    with pytest.raises(ValueError, match="outside the model's trained range"):
+        fewstep.to_diffusers(karras(6, 0.002, 80.0), EulerDiscreteScheduler.from_config(config))
+    dpm = DPMSolverMultistepScheduler.from_config(config)  # integer timesteps= only
+    with pytest.raises(ScheduleError, match="DPMSolverMultistepScheduler turned the schedule"):
+        fewstep.to_diffusers(Schedule([0.05, 0.0165, 0.0]), dpm)  # between t = 1 (0.0148) and t = 2 (0.0190)
+    with pytest.raises(ScheduleError, match="repeated integer timesteps"):
+        fewstep.to_diffusers(logsnr_uniform(12, 0.011, 0.05), dpm)
+    ddpm = DDPMScheduler.from_config(config)  # takes integer timesteps= only; nearest ones, within rtol
+    with pytest.raises(ScheduleError, match="tolerance 0.05"):
+        fewstep.to_diffusers(sched, ddpm)  # the nearest integer timestep to sigma 0.02 has sigma 0.01897
+    assert len(fewstep.to_diffusers(sched, ddpm, rtol=0.06)["timesteps"]) == 6
+    timesteps = fewstep.to_diffusers(karras(6, 0.05, 80.0), ddpm)["timesteps"]
+    ddpm.set_timesteps(timesteps=timesteps)
+    assert ddpm.timesteps.tolist() == timesteps and timesteps[0] > timesteps[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# flow matching: the shift trap, and the shipped flow model in an SD3-style loop
+
+@pytest.mark.parametrize("cfg,mu", [({"shift": 3.0}, None), ({"use_dynamic_shifting": True}, 0.8),
+                                    ({"use_dynamic_shifting": True, "time_shift_type": "linear"}, 2.5)])
+def test_flow_sigmas_stay_the_schedules_after_the_shift(cfg, mu):
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg)
+    sched = karras(7, 0.01, 200.0)
+    t = sched.sigmas[:-1] / (1 + sched.sigmas[:-1])
+    kwargs = fewstep.to_diffusers(sched, scheduler, mu=mu)
+    scheduler.set_timesteps(**kwargs, mu=mu)
+    assert torch.allclose(scheduler.sigmas.double(), torch.cat([t, t.new_zeros(1)]), rtol=1e-5, atol=1e-7)
+    assert torch.allclose(scheduler.timesteps.double(), t * 1000, rtol=1e-5)
+    scheduler.set_timesteps(sigmas=t.tolist(), mu=mu)  # the trap: handing the times over as they are
+    assert not torch.allclose(scheduler.sigmas[:-1].double(), t, rtol=1e-2)
+
+
+def test_flow_to_diffusers_errors():
+    sched = karras(5, 0.01, 200.0)
+    with pytest.raises(ValueError, match="pass mu="):
+        fewstep.to_diffusers(sched, FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True))
+    with pytest.raises(ValueError, match="shift_terminal"):
+        fewstep.to_diffusers(sched, FlowMatchEulerDiscreteScheduler(shift=3.0, shift_terminal=0.1))
+    with pytest.raises(ScheduleError, match="ends at sigma 0"):
+        fewstep.to_diffusers(karras(5, 0.01, 200.0, final_zero=False), FlowMatchEulerDiscreteScheduler())
+
+
+def sd3_loop(unet, scheduler, n, **kwargs):
+    """The loop of diffusers' SD3 / Flux pipelines: latents = noise, no scale_model_input."""
+    scheduler.set_timesteps(**kwargs)
+    x = n.clone()
+    for t in scheduler.timesteps:
+        v = unet(x, t.expand(x.shape[0])).sample
+        x = scheduler.step(v, t, x).prev_sample
+    return x
+
+
+def test_shipped_flow_model_in_an_sd3_style_loop(digits_flow):
+    unet, config = digits_flow
+    den = fewstep.from_diffusers(unet, config)
+    n = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    sched = karras(6, den.sigma_min, den.sigma_max)
+    x_init = n * (1 + den.sigma_max)  # the loop's latents are x_t = x / (1 + sigma)
+    want = fewstep.sample(den, x_init, sched, "euler")
+    shifted = FlowMatchEulerDiscreteScheduler.from_config({**config, "shift": 3.0})
+    got = sd3_loop(unet, shifted, n, **fewstep.to_diffusers(sched, shifted))
+    assert rel(got, want) < 1e-4  # flow Euler on x_t and EDM Euler on x are the same steps (DDIM)
+    for solver in ("dpmpp_2m", "heun"):
+        got = sd3_loop(unet, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n,
+                       num_inference_steps=6)
+        assert rel(got, fewstep.sample(den, x_init, sched, solver)) < 1e-5, solver

@@ -1,0 +1,128 @@
+"""k-diffusion and ComfyUI integration, and the runnable examples of docs/integrations.md.
+
+k-diffusion 0.1.1 is installed with ``--no-deps`` and its ``__init__`` imports torchvision; where that
+import fails, the package is stood in for by a stub module whose ``__path__`` is the installed package
+(so ``k_diffusion.sampling`` and ``k_diffusion.external`` are the real files) and whose ``utils`` has
+``append_dims``, the only helper those two files use.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.schedules import Schedule, karras
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
+ASSETS = Path(fewstep.__file__).parent / "assets"
+
+
+@pytest.fixture(scope="module")
+def kd():
+    """The k_diffusion package (``sampling``, ``external``), real or with the stub described above."""
+    if importlib.util.find_spec("k_diffusion") is None:
+        pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion torchdiffeq torchsde)")
+    saved = {k: v for k, v in sys.modules.items() if k == "k_diffusion" or k.startswith("k_diffusion.")}
+    try:
+        pkg = importlib.import_module("k_diffusion")
+    except ImportError:
+        for k in [k for k in sys.modules if k == "k_diffusion" or k.startswith("k_diffusion.")]:
+            del sys.modules[k]
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = list(importlib.util.find_spec("k_diffusion").submodule_search_locations)
+        utils = types.ModuleType("k_diffusion.utils")
+        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+        pkg.utils = utils
+        sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
+    pkg.sampling = importlib.import_module("k_diffusion.sampling")
+    pkg.external = importlib.import_module("k_diffusion.external")
+    yield pkg
+    for k in [k for k in sys.modules if k == "k_diffusion" or k.startswith("k_diffusion.")]:
+        del sys.modules[k]
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize("solver,k_name", [("euler", "sample_euler"), ("heun", "sample_heun"),
+                                           ("dpmpp_2m", "sample_dpmpp_2m")])
+def test_schedule_is_a_kdiffusion_sigmas_tensor(kd, solver, k_name):
+    """A fewstep schedule and a fewstep denoiser go into k-diffusion's samplers with no glue."""
+    den = fewstep.load_model("gmm64")
+    sched = karras(7, 0.002, 80.0)
+    x = fewstep.noise(8, den.shape, 80.0, seed=1)
+    by_k = getattr(kd.sampling, k_name)(den, x, sched.sigmas, disable=True)
+    assert torch.allclose(by_k, fewstep.sample(den, x, sched, solver), rtol=1e-10, atol=1e-12)
+    as_k = fewstep.to_kdiffusion(sched)
+    assert as_k.dtype == torch.float32 and torch.equal(as_k, sched.sigmas.float())
+
+
+def test_compvis_wrapper_is_a_denoiser(kd):
+    """k-diffusion's CompVisDenoiser around the shipped UNet == fewstep.from_diffusers on the same UNet."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel.from_pretrained(ASSETS / "digits-unet" / "unet").requires_grad_(False)
+    config = json.loads((ASSETS / "digits-unet" / "scheduler" / "scheduler_config.json").read_text())
+    calls = []
+
+    class LatentDiffusionLike(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+
+        def apply_model(self, x, t, cond):
+            calls.append(cond)
+            return unet(x, t).sample
+
+    k_model = kd.external.CompVisDenoiser(LatentDiffusionLike())
+    den = fewstep.from_kdiffusion(k_model, cond="c", shape=(1, 8, 8))
+    ref = fewstep.from_diffusers(unet, config)
+    assert den.shape == (1, 8, 8) and den.sigma_min == pytest.approx(ref.sigma_min, rel=1e-6)
+    assert den.sigma_max == pytest.approx(ref.sigma_max, rel=1e-6)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.05, 1.0, 30.0):
+        s = torch.full((3,), sigma)
+        got, want = den(x * sigma, s), ref(x * sigma, s)
+        assert (got - want).norm() <= 1e-5 * want.norm()
+    assert calls == ["c"] * 3
+
+
+def test_extra_args_reach_the_model():
+    seen = {}
+
+    def model(x, sigma, cond=None, scale=1.0):
+        seen.update(cond=cond, scale=scale)
+        return x * scale / (1 + sigma[:, None] ** 2)
+
+    den = fewstep.from_kdiffusion(model, sigma_min=0.01, sigma_max=10.0, cond="text", scale=0.5)
+    x = torch.ones(2, 3)
+    assert torch.allclose(den(x, torch.full((2,), 1.0)), torch.full((2, 3), 0.25))
+    assert seen == {"cond": "text", "scale": 0.5} and (den.sigma_min, den.sigma_max) == (0.01, 10.0)
+
+
+def test_comfyui_sigmas_text():
+    sched = Schedule([14.614642, 6.475, 1 / 3, 0.0291675, 0.0])
+    text = fewstep.to_comfyui(sched)
+    assert [float(v) for v in text.split(",")] == sched.to_list()
+    assert text.endswith(", 0.0") and "\n" not in text
+
+
+def test_docs_integrations_examples_run(kd, capsys):
+    """Every python block of docs/integrations.md runs, in order, in one namespace."""
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
+    assert len(blocks) >= 6
+    namespace: dict = {"__name__": "docs_integrations"}
+    for i, block in enumerate(blocks):
+        try:
+            exec(compile(block, f"{DOCS.name}[block {i}]", "exec"), namespace)
+        except Exception as e:  # name the block that failed
+            raise AssertionError(f"docs/integrations.md block {i} failed: {e!r}\n{block}") from e
+    out = capsys.readouterr().out
+    assert "unknown prediction_type 'eps'" in out and "DDPMPipeline passes neither" in out

@@ -37,7 +37,7 @@ def global_logits(init: Schedule, ctx: Calibration, solver: str, nfe: int, learn
 @register("instance")
 def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = "l2", radius: float | None = None,
              learn_last: bool = True, starts: int = 4, init: Schedule | None = None, hidden: int = 64,
-             max_inputs: int = 256, lr: float = 1e-2, iters: int = 400, patience: int = 40, valid: float = 0.5,
+             max_inputs: int = 256, lr: float = 3e-3, iters: int = 1000, patience: int = 100, valid: float = 0.5,
              seed: int = 0) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top.
 

@@ -52,14 +52,18 @@ def logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, learn_last: bool,
 
 
 def per_sample_loss(out: torch.Tensor, ref: torch.Tensor, loss: str) -> torch.Tensor:
-    """Per-sample L2 (mean squared error over all dimensions) or L1 (mean absolute error)."""
+    """Per-sample L2 (mean squared error over all dimensions), L1 (mean absolute error) or RMSE
+    (root of the L2: fewstep's evaluation metric, less dominated by the worst samples)."""
     diff = (out - ref).reshape(out.shape[0], -1)
-    return diff.pow(2).mean(1) if loss == "l2" else diff.abs().mean(1)
+    if loss == "l1":
+        return diff.abs().mean(1)
+    mse = diff.pow(2).mean(1)
+    return mse.sqrt() if loss == "rmse" else mse
 
 
 def check_options(loss: str, valid: float, n: int) -> tuple[int, int]:
-    if loss not in ("l2", "l1"):
-        raise ValueError(f"loss must be 'l2' or 'l1', got {loss!r}")
+    if loss not in ("l2", "l1", "rmse"):
+        raise ValueError(f"loss must be 'l2', 'l1' or 'rmse', got {loss!r}")
     if not 0 < valid < 1:
         raise ValueError(f"valid must be a fraction in (0, 1), got {valid!r}")
     n_valid = int(round(n * valid))
@@ -206,8 +210,8 @@ def ld3(ctx: Calibration, solver: str, nfe: int, *, loss: str = "l2", radius: fl
         valid: float = 0.5, seed: int = 0) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver.
 
-    Options: ``loss`` 'l2' | 'l1'; ``radius`` of the soft-teacher ball (default 0.001 D / steps^2, 0 for a
-    hard teacher); ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
+    Options: ``loss`` 'l2' | 'l1' | 'rmse' (per-sample root of the L2, the evaluation metric);
+    ``radius`` of the soft-teacher ball (default 0.001 D / steps^2, 0 for a hard teacher); ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
     many of the best baseline schedules to start from (the best result is kept); Adam ``lr``,
     at most ``iters`` steps, ``patience`` for the halving / early stop; ``valid`` fraction of the
     calibration batch held out for early stopping; ``seed``.

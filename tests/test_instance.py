@@ -1,0 +1,110 @@
+"""Instance-aware schedules: the policy phi(x_T) -> per-sample sigmas, its training, saving and loading."""
+
+import torch
+import pytest
+
+import fewstep
+from fewstep.policy import SchedulePolicy
+from fewstep.schedules import ScheduleError
+
+
+def config(shape=(2,), steps=3, **kw):
+    return {"shape": list(shape), "steps": steps, "n_logits": steps, "learn_last": True, "hidden": 16,
+            "max_inputs": 256, "sigma_min": 0.002, "sigma_max": 80.0, "solver": "ipndm", "solver_options": {}, **kw}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    den = fewstep.load_model("gmm2d")
+    teacher = fewstep.Teacher(den, steps=256)
+    calib = fewstep.noise(256, den.shape, den.sigma_max, seed=0)
+    ld3 = fewstep.optimize(den, "ld3", "ipndm", 3, calib=calib, teacher=teacher, iters=80, starts=2)
+    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, init=ld3, iters=300)
+    return den, teacher, ld3, pol
+
+
+def test_untrained_policy_is_the_global_schedule():
+    pol = SchedulePolicy(config())
+    glob = fewstep.schedules.karras(3, 0.002, 80.0, final_zero=False).sigmas
+    glob = torch.cat([glob[:-1], glob.new_zeros(1)])
+    from fewstep.optimize.ld3 import logits_from_sigmas
+
+    pol.net.global_logits.copy_(logits_from_sigmas(glob, 0.002, True))
+    sig = pol.sigmas_for(fewstep.noise(5, (2,), 80.0, seed=0))
+    assert sig.shape == (4, 5)
+    assert torch.allclose(sig, glob[:, None].expand(4, 5), rtol=1e-10)
+
+
+def test_instance_policy_beats_ld3_held_out(trained):
+    den, teacher, ld3, pol = trained
+    test = fewstep.noise(256, den.shape, den.sigma_max, seed=1)
+    sig = pol.sigmas_for(test)
+    assert sig.shape == (4, 256) and (sig[0] == den.sigma_max).all() and (sig[-1] == 0).all()
+    assert (sig[1:] < sig[:-1]).all()
+    assert (sig[1:-1].std(1) > 0).all()  # a schedule per sample, not one for all
+    out = fewstep.sample(den, test, pol)  # the policy names its solver
+    assert out.shape == test.shape and torch.isfinite(out).all()
+    tr = pol.metadata["training"]
+    assert tr["valid_best"] < tr["valid_init"] and tr["student_calls"] > 0 and tr["seconds"] > 0
+    assert pol.metadata["method"] == "instance" and pol.metadata["nfe"] == 3
+    err = fewstep.evaluate(den, pol, x=test, teacher=teacher, distribution=False)["mean"]
+    err_ld3 = fewstep.evaluate(den, ld3, "ipndm", x=test, teacher=teacher, distribution=False)["mean"]
+    assert err < err_ld3
+
+
+def test_save_load_identical_sigmas(trained, tmp_path):
+    _, _, _, pol = trained
+    x = fewstep.noise(32, (2,), 80.0, seed=5)
+    path = pol.save(tmp_path / "p.pt")
+    back = SchedulePolicy.load(path)
+    assert torch.equal(back.sigmas_for(x), pol.sigmas_for(x))
+    assert back.solver == "ipndm" and back.metadata["training"]["iters"] == pol.metadata["training"]["iters"]
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+
+
+def test_load_errors(tmp_path):
+    pol = SchedulePolicy(config())
+    good = pol.save(tmp_path / "good.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(good[: len(good) // 2])
+    with pytest.raises(ScheduleError, match="corrupt"):
+        SchedulePolicy.load(tmp_path / "trunc.pt")
+    (tmp_path / "junk.pt").write_text("not a policy")
+    with pytest.raises(ScheduleError, match="corrupt"):
+        SchedulePolicy.load(tmp_path / "junk.pt")
+    sched = fewstep.schedules.karras(3).save(tmp_path / "sched.json")
+    with pytest.raises(ScheduleError):
+        SchedulePolicy.load(sched)
+    d = torch.load(tmp_path / "good.pt", weights_only=True)
+    torch.save({**d, "version": 99}, tmp_path / "v99.pt")
+    with pytest.raises(ScheduleError, match="version 99"):
+        SchedulePolicy.load(tmp_path / "v99.pt")
+    torch.save({**d, "format": "other"}, tmp_path / "fmt.pt")
+    with pytest.raises(ScheduleError, match="not a fewstep schedule policy"):
+        SchedulePolicy.load(tmp_path / "fmt.pt")
+    torch.save({**d, "config": d["config"].replace('"hidden": 16', '"hidden": 32')}, tmp_path / "mismatch.pt")
+    with pytest.raises(ScheduleError, match="do not match"):
+        SchedulePolicy.load(tmp_path / "mismatch.pt")
+    with pytest.raises(FileNotFoundError):
+        SchedulePolicy.load(tmp_path / "missing.pt")
+
+
+def test_wrong_sample_shape():
+    pol = SchedulePolicy(config())
+    with pytest.raises(ValueError, match="shape"):
+        pol.sigmas_for(torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (4, 64, 64), (1000,), (1, 8, 8)])
+def test_features_stay_small_for_any_shape(shape):
+    pol = SchedulePolicy(config(shape))
+    x = fewstep.noise(3, shape, 80.0, seed=0)
+    assert pol.net.features(x / 80.0).shape[1] <= 257
+    sig = pol.sigmas_for(x)
+    assert sig.shape == (4, 3) and (sig[1:] < sig[:-1]).all()
+
+
+def test_init_must_match(trained):
+    den, teacher, _, _ = trained
+    with pytest.raises(ValueError, match="init must be a schedule of 3 steps"):
+        fewstep.optimize(den, "instance", "ipndm", 3, n=16, teacher=teacher,
+                         init=fewstep.schedules.karras(5, den.sigma_min, den.sigma_max), iters=1)

@@ -211,10 +211,11 @@ def ld3(ctx: Calibration, solver: str, nfe: int, *, loss: str = "l2", radius: fl
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver.
 
     Options: ``loss`` 'l2' | 'l1' | 'rmse' (per-sample root of the L2, the evaluation metric);
-    ``radius`` of the soft-teacher ball (default 0.001 D / steps^2, 0 for a hard teacher); ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
-    many of the best baseline schedules to start from (the best result is kept); Adam ``lr``,
-    at most ``iters`` steps, ``patience`` for the halving / early stop; ``valid`` fraction of the
-    calibration batch held out for early stopping; ``seed``.
+    ``radius`` of the soft-teacher ball (default 0.001 D / steps^2, 0 for a hard teacher);
+    ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how many of the
+    best baseline schedules to start from (the best result is kept); Adam ``lr``, at most ``iters``
+    steps, ``patience`` for the halving / early stop; ``valid`` fraction of the calibration batch held
+    out for early stopping; ``seed``.
     """
     logits, steps, opts, record = learn_global(ctx, solver, nfe, loss=loss, radius=radius, learn_last=learn_last,
                                                starts=starts, lr=lr, iters=iters, patience=patience, valid=valid, seed=seed)

@@ -10,6 +10,7 @@ from .sample import DenoiserError, nfe, plan, sample
 from .schedules import Schedule, ScheduleError
 from .solvers import SOLVERS
 from .teacher import Teacher
+from .tune import tune
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,6 @@ def __getattr__(name):
 __all__ = [
     "models", "schedules", "solvers", "evaluate", "noise", "rmse", "summarize", "EmpiricalDenoiser",
     "FlowDenoiser", "GaussianMixture", "VPContinuousDenoiser", "VPDiscreteDenoiser", "load_model",
-    "DenoiserError", "METHODS", "optimize", "nfe", "plan", "sample", "Schedule", "ScheduleError", "SOLVERS", "Teacher",
+    "DenoiserError", "METHODS", "optimize", "nfe", "plan", "sample", "Schedule", "ScheduleError", "SOLVERS", "Teacher", "tune",
     "from_kdiffusion", "to_comfyui", "to_kdiffusion", *_DIFFUSERS,
 ]

@@ -114,7 +114,8 @@ def train(which: str, args, data: torch.Tensor) -> dict:
         "unet_config": UNET_CONFIG, "scheduler_config": DDPM_CONFIG if which == "unet" else FLOW_CONFIG,
         "parameters": sum(p.numel() for p in unet.parameters()),
         "final_loss": curve[-1][1], "loss_curve": curve, "wall_seconds": round(wall, 1),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "diffusers": diffusers.__version__},
         "machine": f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}",
         "command": " ".join(["python"] + sys.argv),
     }

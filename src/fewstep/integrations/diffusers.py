@@ -134,32 +134,45 @@ def wrap(spec: dict, net: Callable, name: str = "diffusers") -> Callable:
     return FlowDenoiser(net, time_scale=spec["num_train_timesteps"], name=name)
 
 
+def _expand(v: Any, b: int) -> Any:
+    """Conditioning of batch 1 repeated to batch b (tensors, and tensors inside dicts such as SDXL's
+    ``added_cond_kwargs``); anything else as is."""
+    if isinstance(v, dict):
+        return {k: _expand(w, b) for k, w in v.items()}
+    return v.expand(b, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
+
+
+def _join(u: Any, c: Any) -> Any:
+    """One [uncond, cond] batch from two conditioning structures of the same form."""
+    if isinstance(c, dict):
+        if set(c) != set(u):
+            raise ValueError(f"cond and uncond need the same keys, got {sorted(c)} and {sorted(u)}")
+        return {k: _join(u[k], c[k]) for k in c}
+    return torch.cat([u, c]) if isinstance(c, torch.Tensor) else c
+
+
 class DiffusersNet:
     """``net(x, t) -> output`` for a diffusers UNet / transformer, with conditioning fixed at wrap time.
 
     With ``uncond`` and ``guidance_scale`` != 1: classifier-free guidance, computed as the pipelines do:
     one batch [uncond, cond], then out_u + g (out_c - out_u) (Ho & Salimans 2022).
-    Conditioning tensors of batch 1 are repeated to the batch of x.
+    Conditioning of batch 1 is repeated to the batch of x.
     """
 
     def __init__(self, net, cond: dict | None = None, uncond: dict | None = None, guidance_scale: float = 1.0):
         self.net, self.cond, self.uncond, self.guidance_scale = net, dict(cond or {}), uncond, float(guidance_scale)
         self.cfg = uncond is not None and self.guidance_scale != 1.0
+        if self.cfg:
+            _join(uncond, self.cond)  # same keys, or a clear error now
         self.dtype = getattr(net, "dtype", torch.float32)
-
-    @staticmethod
-    def _batch(kwargs: dict, b: int) -> dict:
-        return {k: v.expand(b, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] == 1 else v
-                for k, v in kwargs.items()}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         x = x.to(self.dtype)
         t = t.to(torch.float32)
         if not self.cfg:
-            return self.net(x, timestep=t, **self._batch(self.cond, b)).sample
-        u, c = self._batch(self.uncond, b), self._batch(self.cond, b)
-        kw = {k: torch.cat([u[k], c[k]]) if isinstance(c[k], torch.Tensor) else c[k] for k in c}
+            return self.net(x, timestep=t, **_expand(self.cond, b)).sample
+        kw = _join(_expand(self.uncond, b), _expand(self.cond, b))
         out_u, out_c = self.net(torch.cat([x, x]), timestep=torch.cat([t, t]), **kw).sample.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
@@ -204,7 +217,8 @@ def from_diffusers(model: Any, scheduler_config: Any = None, *, prediction_type:
 def _encode_prompt(pipe, prompt, negative_prompt, guidance_scale) -> tuple[dict, dict | None]:
     if not hasattr(pipe, "encode_prompt"):
         raise ValueError(f"{type(pipe).__name__} has no encode_prompt: pass cond= / uncond= network arguments")
-    out = pipe.encode_prompt(prompt, pipe.device, 1, guidance_scale > 1.0, negative_prompt)
+    out = pipe.encode_prompt(prompt=prompt, device=pipe.device, num_images_per_prompt=1,
+                             do_classifier_free_guidance=guidance_scale != 1.0, negative_prompt=negative_prompt)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(f"{type(pipe).__name__}.encode_prompt does not return (prompt_embeds, negative_embeds) as "
                          "Stable Diffusion's does: pass cond= / uncond= network arguments instead")
@@ -266,7 +280,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  beta_start: float = 0.0001, beta_end: float = 0.02, beta_schedule: str = "linear",
                  trained_betas: list[float] | None = None, rescale_betas_zero_snr: bool = False):
         if sigmas is None:
-            raise ValueError("FewstepScheduler needs sigmas: build it with FewstepScheduler.from_schedule(schedule, config)")
+            raise ValueError("FewstepScheduler needs sigmas: build it with "
+                             "FewstepScheduler.from_schedule(schedule, config)")
         self.schedule = Schedule(sigmas)
         get_solver(solver)
         self._spec = noise_model(self.config)
@@ -320,7 +335,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                 f"{self.config.solver}); call the pipeline with num_inference_steps={self.schedule.steps}"
             )
         if sigmas is not None or timesteps is not None:
-            logger.warning("FewstepScheduler ignores the sigmas/timesteps passed to set_timesteps: it runs its own schedule")
+            logger.warning("FewstepScheduler ignores the sigmas/timesteps passed to set_timesteps: "
+                           "it runs its own schedule")
         self.num_inference_steps = calls
         self.timesteps = self._timesteps.to(device) if device is not None else self._timesteps.clone()
         self.sigmas = self.schedule.sigmas.to(torch.float32)
@@ -339,7 +355,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def _replay(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the solver with the outputs received so far: (next query state, its sigma), or (final state, None)."""
-        outputs, spec = self._outputs, self._spec
+        outputs, spec, seen = self._outputs, self._spec, []
 
         def replay(x, sigma):
             k = len(seen)
@@ -348,7 +364,6 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             seen.append(k)
             return wrap(spec, lambda x_in, t: outputs[k])(x, sigma)
 
-        seen: list[int] = []
         try:
             x = sample(replay, self._x_init, self.schedule, self.config.solver, **self._opts())
         except _Pause as p:
@@ -397,7 +412,8 @@ def to_diffusers(schedule: Any, target: Any, mu: float | None = None, rtol: floa
     sched = as_schedule(schedule)
     scheduler = getattr(target, "scheduler", target)
     sname = type(scheduler).__name__
-    hint = "run the schedule with pipe.scheduler = fewstep.FewstepScheduler.from_schedule(schedule, pipe.scheduler.config)"
+    hint = ("run the schedule with "
+            "pipe.scheduler = fewstep.FewstepScheduler.from_schedule(schedule, pipe.scheduler.config)")
     accepts = {k for k in ("sigmas", "timesteps") if k in inspect.signature(scheduler.set_timesteps).parameters}
     if target is not scheduler:
         accepts &= set(inspect.signature(target.__call__).parameters)
@@ -426,10 +442,12 @@ def to_diffusers(schedule: Any, target: Any, mu: float | None = None, rtol: floa
             kwargs, tol = {"sigmas": sched.to_list()}, 1e-5
         elif "timesteps" in accepts:
             if sched.sigma_final != 0:
-                raise ScheduleError(f"with timesteps=, {sname} ends at sigma 0; the schedule ends at {sched.sigma_final:.4g}")
+                raise ScheduleError(f"with timesteps=, {sname} ends at sigma 0; the schedule ends at "
+                                    f"{sched.sigma_final:.4g}")
             ti = t.round().long()
             if (ti[1:] >= ti[:-1]).any():
-                raise ScheduleError(f"the schedule's sigmas round to repeated integer timesteps {ti.tolist()} for {sname}; {hint}")
+                raise ScheduleError(f"the schedule's sigmas round to repeated integer timesteps {ti.tolist()} "
+                                    f"for {sname}; {hint}")
             kwargs, tol = {"timesteps": ti.tolist()}, rtol
         else:
             raise ValueError(f"{sname} takes neither sigmas= nor timesteps=; {hint}")

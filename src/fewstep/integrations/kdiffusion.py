@@ -44,7 +44,8 @@ def from_kdiffusion(model: Callable, shape=None, sigma_min: float | None = None,
     return KDiffusionDenoiser(model, extra_args, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
 
 
-def to_kdiffusion(schedule: Any, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def to_kdiffusion(schedule: Any, device: str | torch.device | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The schedule as the ``sigmas`` tensor k-diffusion's samplers take (``sample_euler(model, x, sigmas)``)."""
     return as_schedule(schedule).sigmas.to(device=device, dtype=dtype)
 

@@ -44,6 +44,14 @@ def test_tolerance_bounds_local_error_and_sets_path_length(gmm2d):
     assert errors[0] > errors[1] > errors[2]
 
 
+def test_rms_secant_takes_smaller_steps_than_mean(gmm2d):
+    # the RMS over the batch is >= the mean, so the W2 (RMS) search takes more, smaller steps
+    x = fewstep.noise(32, gmm2d.shape, gmm2d.sigma_max, 0)
+    lengths = [len(sdm.search(CheckedDenoiser(gmm2d), x, gmm2d.sigma_min, gmm2d.sigma_max, batch=b)[0])
+               for b in ("mean", "rms")]
+    assert lengths[0] < lengths[1]
+
+
 def test_resample_exact_steps_and_endpoints():
     path = karras(50, 0.002, 80.0, final_zero=False).sigmas
     etas = torch.ones(50)
@@ -100,6 +108,7 @@ def test_given_tau_is_used(gmm2d):
     ({"eta_min": 0.3, "eta_max": 0.2}, "eta_min <= eta_max"),
     ({"tau": -1e-4}, "tau must be >= 0"),
     ({"norm": "l1"}, "norm must be"),
+    ({"batch": "max"}, "batch must be"),
 ])
 def test_bad_options(gmm2d, opts, match):
     with pytest.raises(ValueError, match=match):

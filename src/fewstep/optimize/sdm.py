@@ -5,7 +5,8 @@ and Wasserstein-Bounded Timesteps" (arXiv 2602.12624; reference code aiimagingla
 ``modules/sampler.py``, ``modules/utils.py``). See docs/methods/sdm.md.
 
 1. ``search``: walk the calibration batch from sigma_max to sigma_min with Euler steps whose local
-   error bound 1/2 h^2 S stays under eta(sigma); S is the secant size of the drift's change.
+   error bound 1/2 h^2 S stays under eta(sigma); S is the secant size of the drift's change, the RMS of
+   the per-sample secants over the batch (a W2 bound; the reference's batch mean bounds W1).
 2. ``resample``: put exactly ``steps`` nodes uniformly in the cumulative weight eta_i^power (sigma_max/sigma_i)^q,
    mapped back by a monotone PCHIP in u = sigma^(1/rho); a final step to 0 is appended.
 3. ``gate``: per step, order 1 until the curvature proxy kappa reaches tau, then the solver's full
@@ -45,6 +46,12 @@ def _norms(v: torch.Tensor, norm: str) -> torch.Tensor:
     return n / math.sqrt(v[0].numel()) if norm == "rms" else n
 
 
+def _batch(n: torch.Tensor, batch: str) -> float:
+    """One secant for the batch from per-sample norms: RMS ('rms', the W2 coupling bound
+    W2 <= sqrt(E_b |e_b|^2)) or the mean ('mean', the reference's, a W1 bound)."""
+    return float(n.square().mean().sqrt()) if batch == "rms" else float(n.mean())
+
+
 def eta_of(sigma: float, sigma_max: float, eta_min: float, eta_max: float, eta_p: float) -> float:
     """Tolerance eta(sigma) = eta_min + (eta_max - eta_min) (sigma / sigma_max)^p (SDM, Sec. 4)."""
     r = min(max(sigma / sigma_max, 0.0), 1.0)
@@ -53,8 +60,8 @@ def eta_of(sigma: float, sigma_max: float, eta_min: float, eta_max: float, eta_p
 
 def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float, *, eta_min: float = ETA_MIN,
            eta_max: float = ETA_MAX, eta_p: float = ETA_P, grid_points: int = 40, rho: float = RHO,
-           norm: str = "rms", gamma: float = GAMMA, c_shrink: float = C_SHRINK, max_expand: int = MAX_EXPAND,
-           max_shrink: int = MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
+           norm: str = "rms", batch: str = "rms", gamma: float = GAMMA, c_shrink: float = C_SHRINK,
+           max_expand: int = MAX_EXPAND, max_shrink: int = MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
     """Wasserstein-bounded step search on the batch ``x`` (states at sigma_max).
 
     Returns the path sigma_max > ... > sigma_min and eta_i = 1/2 h_i^2 S_i measured on each of its
@@ -68,7 +75,7 @@ def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float,
         d = (x - model(x, torch.tensor(sigma, dtype=torch.float64))) / sigma
         if d_prev is not None:  # eta actually spent on the step just taken
             h_prev = path[-2] - sigma
-            etas.append(0.5 * h_prev * float(_norms(d - d_prev, norm).mean()))
+            etas.append(0.5 * h_prev * _batch(_norms(d - d_prev, norm), batch))
         if sigma <= sigma_min * (1 + 1e-12):
             break
         eta = eta_of(sigma, sigma_max, eta_min, eta_max, eta_p)
@@ -81,7 +88,7 @@ def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float,
                 break
             prev, h = s_try, sigma - s_try
             d_try = (x - h * d - model(x - h * d, torch.tensor(s_try, dtype=torch.float64))) / s_try
-            s_hat = float(_norms(d_try - d, norm).mean()) / h  # secant estimate of |dd/dsigma|
+            s_hat = _batch(_norms(d_try - d, norm), batch) / h  # secant estimate of |dd/dsigma|
             last = (s_hat, h)
             if 0.5 * h * h * s_hat <= eta:
                 best = last
@@ -198,7 +205,8 @@ def _switch_candidates(kappas: list[float], tau: float | None) -> dict[int, floa
 @register("sdm")
 def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, eta_max: float = ETA_MAX,
         eta_p: float = ETA_P, power: float = POWER, q: float = Q, tau: float | None = None, gate: bool = True,
-        grid_points: int = 40, rho: float = RHO, norm: str = "rms", **search_options: Any) -> Schedule:
+        grid_points: int = 40, rho: float = RHO, norm: str = "rms", batch: str = "rms",
+        **search_options: Any) -> Schedule:
     """SDM schedule of exactly ``nfe`` calls for ``solver`` (see the module docstring and docs/methods/sdm.md).
 
     With ``gate`` (default), the per-step orders of the adaptive solver are measured on the calibration
@@ -211,6 +219,8 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
         raise ValueError(f"tau must be >= 0 (or None to choose it from the calibration batch), got {tau}")
     if norm not in ("rms", "l2"):
         raise ValueError(f"norm must be 'rms' (per dimension) or 'l2' (whole sample, the reference's), got {norm!r}")
+    if batch not in ("rms", "mean"):
+        raise ValueError(f"batch must be 'rms' (W2 bound over the batch) or 'mean' (the reference's), got {batch!r}")
     if int(grid_points) != grid_points or grid_points < 2:
         raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
     if power <= 0 or q < 0 or eta_p <= 0 or rho <= 0:
@@ -220,7 +230,8 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
     two_stage = solver in TWO_STAGE
     lo = (nfe + 2) // 2 if two_stage else nfe  # Heun: fewest steps (first and last steps first order)
     path, etas = search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, eta_min=eta_min, eta_max=eta_max,
-                        eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm, **search_options)
+                        eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm, batch=batch,
+                        **search_options)
     info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
     high = MAX_ORDER[solver]
     if not gate or high == 1:

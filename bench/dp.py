@@ -3,9 +3,11 @@
 Schedules are optimized on calibration noises (seed 0) and evaluated on other noises (seed 1) against
 the core teacher (512 Heun steps). Every optimize call builds its own teacher, so the seconds and calls
 include the teacher on the grid. Prints model x solver x NFE x method: mean RMSE, ratio to the better
-baseline, calibration seconds, denoiser calls (batched) and the method's own per-sample evaluations.
+baseline, calibration seconds, denoiser calls (batched), the method's own per-sample evaluations and, for
+GITS, the coeff and propagation exponent it chose.
 
-    OMP_NUM_THREADS=1 python bench/dp.py [--models gmm64,gmm2d,digits] [--n 64] [--eval-n 256] [--grid 80]
+    OMP_NUM_THREADS=1 python bench/dp.py [--models gmm64,gmm2d,digits] [--solvers ...] [--nfe 4,5,6,8,10]
+        [--methods gits,oss] [--n 64] [--eval-n 256] [--grid 80]
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import torch
 
 import fewstep
 from fewstep import schedules
+
+
+def _choice(prov: dict) -> str:
+    """GITS's automatic choice of coeff and propagation exponent (empty for other methods)."""
+    return f"coeff {prov['coeff']:g}, propagation {prov['propagation']:g}" if "coeff" in prov else ""
 
 
 def main() -> None:
@@ -34,7 +41,7 @@ def main() -> None:
     print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"1 thread; calib n={args.n} (seed 0), eval n={args.eval_n} (seed 1), grid {args.grid}")
     print(f"{'model':7s} {'solver':9s} {'nfe':>3s} {'method':6s} {'rmse':>8s} {'ratio':>6s} {'base':>8s} "
-          f"{'seconds':>7s} {'calls':>6s} {'evals':>8s}")
+          f"{'seconds':>7s} {'calls':>6s} {'evals':>8s}  choice")
     wins = total = 0
     for model in args.models.split(","):
         den = fewstep.load_model(model)
@@ -52,7 +59,8 @@ def main() -> None:
                     prov = s.metadata["provenance"]
                     wins, total = wins + (err < base), total + 1
                     print(f"{model:7s} {solver:9s} {nfe:3d} {method:6s} {err:8.4f} {err / base:6.3f} {base:8.4f} "
-                          f"{prov['seconds']:7.1f} {prov['denoiser_calls']:6d} {prov['evaluations']:8d}", flush=True)
+                          f"{prov['seconds']:7.1f} {prov['denoiser_calls']:6d} {prov['evaluations']:8d}  "
+                          f"{_choice(prov)}", flush=True)
     print(f"# {wins}/{total} below the better baseline")
 
 

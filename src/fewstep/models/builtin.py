@@ -88,7 +88,7 @@ def digits_flow() -> Callable:
 
 BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64,
                                        "digits-unet": digits_unet, "digits-flow": digits_flow}
-DEFAULT_MODEL = "digits"
+DEFAULT_MODEL = "digits-unet"
 
 
 def load_model(spec: str) -> Callable:

@@ -8,9 +8,11 @@ an object with ``sigmas_for(x)`` (a per-sample schedule policy).
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import pkgutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -23,11 +25,18 @@ from ..sample import CheckedDenoiser, get_solver, nfe as count_nfe
 from ..teacher import Teacher
 
 METHODS: dict[str, Callable] = {}
+# Options ``fewstep.tune`` passes to a method by default (cheaper settings where a method offers them;
+# the user's ``method_options`` override them).
+TUNE_OPTIONS: dict[str, dict] = {}
+# Results shared between calls on the same denoiser and calibration batch (e.g. SDM's step search,
+# which does not depend on the solver or the NFE), dropped with the denoiser.
+_MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def register(name: str) -> Callable:
+def register(name: str, tune_options: dict | None = None) -> Callable:
     def deco(fn: Callable) -> Callable:
         METHODS[name] = fn
+        TUNE_OPTIONS[name] = dict(tune_options or {})
         return fn
     return deco
 
@@ -48,6 +57,18 @@ class Calibration:
     @property
     def calls(self) -> int:
         return self.denoiser.calls + self.teacher.calls
+
+    def memo(self, name: str, settings: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per (denoiser, calibration batch, ``name``, ``settings``); later calls on
+        the same denoiser and batch reuse the result (denoisers that cannot be weakly referenced: no reuse)."""
+        key = (name, repr(settings), self.x.shape, hashlib.sha1(self.x.cpu().numpy().tobytes()).hexdigest())
+        try:
+            table = _MEMO.setdefault(self.denoiser.denoiser, {})
+        except TypeError:
+            return compute()
+        if key not in table:
+            table[key] = compute()
+        return table[key]
 
 
 def _load_methods() -> None:
@@ -87,7 +108,11 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
                       teacher, seed, progress, info)
     teacher_calls0 = teacher.calls
     start = time.perf_counter()
-    result = broadcast(METHODS[method](ctx, solver, int(nfe), **options))
+    # The same request on the same denoiser and batch (e.g. a method that starts from another's
+    # schedule, inside fewstep.tune) is answered from memory.
+    result = ctx.memo("optimize", (method, solver, int(nfe), info["sigma_min"], info["sigma_max"], teacher.steps,
+                                   sorted(options.items())),
+                      lambda: broadcast(METHODS[method](ctx, solver, int(nfe), **options)))
     seconds = time.perf_counter() - start
     record = {
         "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],
@@ -102,8 +127,8 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     if hasattr(result, "sigmas_for"):
         result.metadata = {**getattr(result, "metadata", {}), **record}
         return result
-    record["provenance"].update(result.metadata.pop("provenance", {}))
-    result = result.with_metadata(**{**record, **{k: v for k, v in result.metadata.items() if k not in record}})
+    record["provenance"] = {**result.metadata.get("provenance", {}), **record["provenance"]}
+    result = result.with_metadata(**{**{k: v for k, v in result.metadata.items() if k not in record}, **record})
     got = count_nfe(result, solver)
     if got != nfe:
         raise RuntimeError(f"internal error: method {method!r} made a schedule of {got} calls, asked {nfe}")

@@ -229,9 +229,11 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
         raise ValueError(f"sdm needs nfe >= 2 (a step to sigma_min and the final step to 0), got {nfe}")
     two_stage = solver in TWO_STAGE
     lo = (nfe + 2) // 2 if two_stage else nfe  # Heun: fewest steps (first and last steps first order)
-    path, etas = search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, eta_min=eta_min, eta_max=eta_max,
-                        eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm, batch=batch,
-                        **search_options)
+    settings = dict(eta_min=eta_min, eta_max=eta_max, eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm,
+                    batch=batch, **search_options)
+    # The search depends on neither the solver nor the NFE: shared by every sdm call on this batch.
+    path, etas = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings),
+                          lambda: search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, **settings))
     info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
     high = MAX_ORDER[solver]
     if not gate or high == 1:

@@ -41,13 +41,15 @@ def main() -> None:
     torch.set_num_threads(1)
     _load_methods()
     print(f"machine: {machine()}")
+    print("ld3 s and calls: the optimization after the OSS method's (its start, reused); calls = denoiser calls "
+          "on a batch (teacher excluded); instance phi: phi's training only (the global stage is ld3's, reused)")
     print(f"calibration: {args.n_calib} noises (seed {CALIB_SEED}, half train / half validation); "
           f"held-out: {args.n_test} noises (seed {TEST_SEED}); mean per-sample RMSE to the teacher\n")
     others = [m for m in ("gits", "oss") if m in METHODS]
     cols = ["karras", *others, "ld3", "instance"]
     print(f"| model | solver | NFE | {' | '.join(cols)} | instance < ld3 < karras | instance < best DP "
-          f"| ld3 s | instance s (phi stage) | instance calls, phi stage (teacher + student) |")
-    print("|" + "---|" * (len(cols) + 8))
+          f"| oss s | ld3 s (calls) | instance phi s (calls) |")
+    print("|" + "---|" * (len(cols) + 7))
     overhead = {}
     for name in args.models:
         den = fewstep.load_model(name)
@@ -62,19 +64,25 @@ def main() -> None:
             for nfe in args.nfe:
                 steps, _ = fewstep.plan(solver, nfe)
                 res = {"karras": err(fewstep.schedules.karras(steps, den.sigma_min, den.sigma_max), solver)}
+                seconds = {}
                 for m in others:
+                    start = time.perf_counter()
                     res[m] = err(fewstep.optimize(den, m, solver, nfe, calib=calib, teacher=teacher), solver)
+                    seconds[m] = time.perf_counter() - start
+                # as in tune: ld3 (its OSS start is the oss result above, from fewstep.optimize's memo),
+                # then instance, whose global stage is ld3's memoized result
                 ld3 = fewstep.optimize(den, "ld3", solver, nfe, calib=calib, teacher=teacher)
                 res["ld3"] = err(ld3, solver)
-                pol = fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher, init=ld3)
+                pol = fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher)
                 res["instance"] = err(pol, solver)
-                tr = pol.metadata["training"]
+                tl, tr = ld3.metadata["training"], pol.metadata["training"]
+                assert tr["ld3_reused"], "instance did not reuse the ld3 result"
                 order = res["instance"] < res["ld3"] < res["karras"]
                 dp = res["instance"] < min((res[m] for m in others), default=float("inf"))
                 print(f"| {name} | {solver} | {nfe} | " + " | ".join(f"{res[c]:.4f}" for c in cols)
                       + f" | {'yes' if order else 'NO'} | {'yes' if dp else 'NO' if others else 'n/a'}"
-                      f" | {ld3.metadata['training']['seconds']:.1f} | {tr['seconds']:.1f}"
-                      f" | {tr['teacher_calls']} + {tr['student_calls']} |", flush=True)
+                      f" | {seconds.get('oss', float('nan')):.1f} | {tl['seconds']:.1f} ({tl['student_calls']})"
+                      f" | {tr['seconds']:.1f} ({tr['student_calls']}) |", flush=True)
         t_phi = timed(lambda: pol.sigmas_for(test))
         t_den = timed(lambda: den(test, torch.full((test.shape[0],), 1.0, dtype=torch.float64)))
         overhead[name] = (t_phi, t_den)

@@ -10,7 +10,7 @@ from fewstep.schedules import ScheduleError
 
 def config(shape=(2,), steps=3, **kw):
     return {"shape": list(shape), "steps": steps, "n_logits": steps, "learn_last": True, "hidden": 16,
-            "max_inputs": 256, "sigma_min": 0.002, "sigma_max": 80.0, "solver": "ipndm", "solver_options": {}, **kw}
+            "max_inputs": 256, "components": 4, "sigma_min": 0.002, "sigma_max": 80.0, "solver": "ipndm", "solver_options": {}, **kw}
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,8 @@ def trained():
     den = fewstep.load_model("gmm2d")
     teacher = fewstep.Teacher(den, steps=256)
     calib = fewstep.noise(256, den.shape, den.sigma_max, seed=0)
-    ld3 = fewstep.optimize(den, "ld3", "ipndm", 3, calib=calib, teacher=teacher, iters=80, starts=2)
-    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, init=ld3, iters=300)
+    ld3 = fewstep.optimize(den, "ld3", "ipndm", 3, calib=calib, teacher=teacher)
+    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher)
     return den, teacher, ld3, pol
 
 
@@ -47,6 +47,8 @@ def test_instance_policy_beats_ld3_held_out(trained):
     tr = pol.metadata["training"]
     assert tr["valid_best"] < tr["valid_init"] and tr["student_calls"] > 0 and tr["seconds"] > 0
     assert pol.metadata["method"] == "instance" and pol.metadata["nfe"] == 3
+    assert tr["phi_kept"] and tr["gate_z"] >= 2.0
+    assert tr["ld3_reused"]  # the global stage is the ld3 result above, not trained again
     err = fewstep.evaluate(den, pol, x=test, teacher=teacher, distribution=False)["mean"]
     err_ld3 = fewstep.evaluate(den, ld3, "ipndm", x=test, teacher=teacher, distribution=False)["mean"]
     assert err < err_ld3
@@ -101,6 +103,32 @@ def test_features_stay_small_for_any_shape(shape):
     assert pol.net.features(x / 80.0).shape[1] <= 257
     sig = pol.sigmas_for(x)
     assert sig.shape == (4, 3) and (sig[1:] < sig[:-1]).all()
+
+
+def test_principal_directions():
+    from fewstep.optimize.instance import principal_directions
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([5.0, 0.1, 2.0, 0.1, 0.1], dtype=torch.float64)
+    y = torch.randn(200, 5, generator=g, dtype=torch.float64) * scale
+    basis = principal_directions(y, 2)
+    assert basis.shape == (5, 2) and torch.allclose(basis.T @ basis, torch.eye(2, dtype=torch.float64))
+    assert torch.allclose(basis.abs()[[0, 2]], torch.eye(2, dtype=torch.float64), atol=0.05)  # the two wide axes
+    assert principal_directions(y[:2], 3)[:, 2:].abs().max() == 0  # past the rank: zero columns
+
+
+def test_more_samples_for_phi(trained):
+    den, teacher, ld3, _ = trained
+    calib = fewstep.noise(16, den.shape, den.sigma_max, seed=0)
+    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, init=ld3, samples=48, iters=2,
+                           gate=float("inf"))
+    tr = pol.metadata["training"]
+    assert tr["n_train"] + tr["n_valid"] == 48 and tr["init"] == "ld3 (given schedule)"
+    assert not tr["phi_kept"]  # no gain passes an infinite gate: the policy is the global schedule
+    x = fewstep.noise(8, den.shape, den.sigma_max, seed=1)
+    assert torch.allclose(pol.sigmas_for(x), ld3.sigmas[:, None].expand(4, 8), rtol=1e-9)
+    with pytest.raises(ValueError, match="samples"):
+        fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, init=ld3, samples=-1)
 
 
 def test_init_must_match(trained):

@@ -21,25 +21,29 @@ from torch import nn
 from .schedules import ScheduleError, write_atomic
 
 FORMAT = "fewstep.policy"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class PhiNet(nn.Module):
     """phi: x_T in standard-normal units -> logits [batch, K] (the global logits plus a learned residual).
 
     Input features: x_T average-pooled to at most ``max_inputs`` values (spatially for [C, H, W] data),
-    standardized with calibration statistics, plus the normalized squared norm of x_T. Then an MLP whose
-    output layer starts at zero, so an untrained phi gives the global schedule.
+    projected on ``components`` directions (``basis``: the principal directions of the teacher's
+    samples, set by the trainer), standardized with calibration statistics, plus the normalized
+    squared norm of x_T. Then an MLP whose output layer starts at zero, so an untrained phi gives the
+    global schedule.
     """
 
-    def __init__(self, shape, n_logits: int, hidden: int = 64, max_inputs: int = 256):
+    def __init__(self, shape, n_logits: int, hidden: int = 64, max_inputs: int = 256, components: int = 16):
         super().__init__()
         self.shape, self.max_inputs = tuple(shape), int(max_inputs)
-        n_in = self.pooled(torch.zeros(1, *self.shape, dtype=torch.float64)).shape[1] + 1
+        n_pooled = self.pooled(torch.zeros(1, *self.shape, dtype=torch.float64)).shape[1]
+        k = min(int(components), n_pooled)
+        self.register_buffer("basis", torch.eye(n_pooled, k, dtype=torch.float64))
         self.register_buffer("global_logits", torch.zeros(n_logits, dtype=torch.float64))
-        self.register_buffer("feat_mean", torch.zeros(n_in, dtype=torch.float64))
-        self.register_buffer("feat_std", torch.ones(n_in, dtype=torch.float64))
-        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+        self.register_buffer("feat_mean", torch.zeros(k + 1, dtype=torch.float64))
+        self.register_buffer("feat_std", torch.ones(k + 1, dtype=torch.float64))
+        self.mlp = nn.Sequential(nn.Linear(k + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
                                  nn.Linear(hidden, n_logits)).double()
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
@@ -57,7 +61,7 @@ class PhiNet(nn.Module):
     def features(self, z: torch.Tensor) -> torch.Tensor:
         d = z[0].numel()
         sq_norm = (z.reshape(z.shape[0], -1).pow(2).mean(1, keepdim=True) - 1) * math.sqrt(d / 2)
-        return torch.cat([self.pooled(z), sq_norm], 1)
+        return torch.cat([self.pooled(z) @ self.basis, sq_norm], 1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         f = (self.features(z) - self.feat_mean) / self.feat_std
@@ -67,13 +71,14 @@ class PhiNet(nn.Module):
 class SchedulePolicy:
     """Sigmas per sample from its own x_T: ``sigmas_for(x) -> [steps + 1, batch]``.
 
-    ``config``: shape, steps, n_logits, learn_last, hidden, max_inputs, sigma_min, sigma_max, solver,
-    solver_options. ``metadata``: how it was made (method, nfe, training cost, ...).
+    ``config``: shape, steps, n_logits, learn_last, hidden, max_inputs, components, sigma_min, sigma_max,
+    solver, solver_options. ``metadata``: how it was made (method, nfe, training cost, ...).
     """
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
         self.config = dict(config)
-        self.net = PhiNet(config["shape"], config["n_logits"], config["hidden"], config["max_inputs"])
+        self.net = PhiNet(config["shape"], config["n_logits"], config["hidden"], config["max_inputs"],
+                          config["components"])
         if state is not None:
             self.net.load_state_dict(state)
         self.metadata = dict(metadata)

@@ -19,6 +19,9 @@ from tqdm.auto import tqdm
 from ..sample import get_solver, plan
 from ..schedules import Schedule, karras, logsnr_uniform
 from . import Calibration, register
+from .oss import oss as oss_schedule
+
+LOSS, STARTS, LR, ITERS, PATIENCE = "rmse", 1, 0.1, 100, 10  # defaults shared with instance's global stage
 
 
 def n_logits(steps: int, learn_last: bool) -> int:
@@ -75,12 +78,12 @@ def check_options(loss: str, valid: float, n: int) -> tuple[int, int]:
 def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable[[torch.Tensor], torch.Tensor],
         params: Sequence[torch.Tensor], *, loss: str = "l2", radius: float | None = None, lr: float = 0.05,
         iters: int = 400, patience: int = 40, decays: int = 3, valid: float = 0.5, seed: int = 0,
-        desc: str = "ld3") -> dict:
+        weight_decay: float = 0.0, desc: str = "ld3") -> dict:
     """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
 
     ``sigmas_fn(x)`` gives the sigmas for initial states x (``[steps + 1]`` or ``[steps + 1, batch]``).
-    Adam on the training part (full batch); after every step the validation part is solved from its
-    exact x_T. After ``patience`` steps without a better validation error the best parameters are
+    AdamW (decoupled ``weight_decay``) on the training part (full batch); after every step the
+    validation part is solved from its exact x_T. After ``patience`` steps without a better validation error the best parameters are
     restored and the learning rate halved; after ``decays`` such restarts training stops. The
     parameters are left at the best validation error seen (the initial ones included).
     ``radius``: the soft-teacher ball ||x'_T - x_T|| / sigma_max <= radius (LD3's default 0.001 D / steps^2).
@@ -103,7 +106,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable
     shift_lr = 12.0 / (len(sigmas_fn(x_train[:1])) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
     best_err, best = valid_error(), [p.detach().clone() for p in params]
     init_err, bad, done_decays, it = best_err, 0, 0, 0
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     bar = tqdm(range(iters), desc=desc, leave=False, disable=not ctx.progress)
     for it in bar:
         err = per_sample_loss(fn(ctx.denoiser, x_train + ctx.sigma_max * delta, sigmas_fn(x_train), **opts), y_train, loss)
@@ -148,11 +151,13 @@ def default_radius(shape, steps: int) -> float:
     return 0.001 * math.prod(shape) / steps ** 2
 
 
-def initial_logits(ctx: Calibration, solver: str, solver_options: dict, steps: int, learn_last: bool,
-                   loss: str, n_train: int) -> list[tuple[float, str, torch.Tensor]]:
-    """Baselines as logits, (train error, name, logits): karras rho=7 and logSNR-uniform, each ending at
-    sigma_min and (``learn_last``) with sigma_min dropped so the last positive sigma is one grid step up.
-    Best first."""
+def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict, steps: int, learn_last: bool,
+                   loss: str, n_train: int, oss: bool) -> list[tuple[float, str, torch.Tensor]]:
+    """Starting schedules as logits, (train error, name, logits), best first: karras rho=7 and
+    logSNR-uniform, each ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
+    positive sigma is one grid step up; with ``oss``, the OSS schedule (``optimize/oss.py``: the dynamic
+    programming optimum of the batch's error over a fine grid, for this solver), taken from
+    ``fewstep.optimize``'s memo when the ``oss`` method already ran on this model and batch."""
     fn, defaults = get_solver(solver)
     x, y = ctx.x[:n_train], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[:n_train]
     candidates = {}
@@ -161,6 +166,10 @@ def initial_logits(ctx: Calibration, solver: str, solver_options: dict, steps: i
         if learn_last:
             longer = make(steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
             candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
+    if oss:
+        # the key fewstep.optimize(den, "oss", solver, nfe, calib=...) files its result under
+        key = ("oss", solver, nfe, ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps, [])
+        candidates["oss"] = ctx.memo("optimize", key, lambda: oss_schedule(ctx, solver, nfe)).sigmas
     ranked = []
     with torch.no_grad():
         for name, sig in candidates.items():
@@ -171,14 +180,17 @@ def initial_logits(ctx: Calibration, solver: str, solver_options: dict, steps: i
     return sorted(ranked, key=lambda r: r[0])
 
 
-def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = "l2", radius: float | None = None,
-                 learn_last: bool = True, starts: int = 4, lr: float = 0.1, iters: int = 400, patience: int = 40,
-                 valid: float = 0.5, seed: int = 0) -> tuple[torch.Tensor, int, dict, dict]:
+def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
+                 learn_last: bool = True, starts: int = STARTS, oss: bool = True, lr: float = LR,
+                 iters: int = ITERS, patience: int = PATIENCE, valid: float = 0.5,
+                 seed: int = 0) -> tuple[torch.Tensor, int, dict, dict]:
     """LD3's global logits for ``solver`` at ``nfe`` calls: (logits, steps, solver_options, training record).
 
-    Training starts from each of the ``starts`` best baselines and keeps the best validation error: the
-    loss is not convex in the sigmas (a last sigma near sigma_min sits in a flat region, where a start
-    stays), and the best start by training error is often not the best after training.
+    Training starts from the OSS schedule (``oss``) and the best of the baselines by training error,
+    ``starts`` in all, and keeps the best validation error: the loss is not convex in the sigmas (a last
+    sigma near sigma_min sits in a flat region, where a start stays). Memoized (``ctx.memo``): the same
+    calibration batch, model, solver, nfe and options give the stored result (``reused`` in its record),
+    so ``ld3`` and ``instance`` (whose global stage this is) train once between them.
     """
     steps, opts = plan(solver, nfe)
     n_train, _ = check_options(loss, valid, ctx.x.shape[0])
@@ -188,36 +200,51 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = "l2", r
         raise ValueError(f"starts must be a positive integer, got {starts!r}")
     if radius is None:
         radius = default_radius(ctx.x.shape[1:], steps)
-    teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
-    best = None
-    for _, init, logits in initial_logits(ctx, solver, opts, steps, learn_last, loss, n_train)[:starts]:
-        logits.requires_grad_(True)
-        record = fit(ctx, solver, opts,
-                     lambda x, logits=logits: sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last),
-                     [logits], loss=loss, radius=radius, lr=lr, iters=iters, patience=patience, valid=valid,
-                     seed=seed, desc=f"ld3 {solver} nfe={nfe} from {init}")
-        if best is None or record["valid_best"] < best[1]["valid_best"]:
-            best = logits.detach(), {**record, "init": init}
-    logits, record = best
-    record.update(learn_last=learn_last, starts=starts, teacher_calls=ctx.teacher.calls - teacher_calls0,
-                  student_calls=ctx.denoiser.calls - student_calls0, seconds=round(time.perf_counter() - start, 3))
-    return logits, steps, opts, record
+    options = dict(loss=loss, radius=radius, learn_last=learn_last, starts=starts, oss=oss, lr=lr, iters=iters,
+                   patience=patience, valid=valid, seed=seed)
+    calls0 = ctx.denoiser.calls + ctx.teacher.calls
+
+    def train():
+        teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
+        ranked = initial_logits(ctx, solver, nfe, opts, steps, learn_last, loss, n_train, oss)
+        chosen = [r for r in ranked if r[1] == "oss"]
+        chosen += [r for r in ranked if r[1] != "oss"][:starts - len(chosen)]
+        best = None
+        for _, init, logits in chosen:
+            logits.requires_grad_(True)
+            record = fit(ctx, solver, opts,
+                         lambda x, logits=logits: sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last),
+                         [logits], loss=loss, radius=radius, lr=lr, iters=iters, patience=patience, valid=valid,
+                         seed=seed, desc=f"ld3 {solver} nfe={nfe} from {init}")
+            if best is None or record["valid_best"] < best[1]["valid_best"]:
+                best = logits.detach(), {**record, "init": init}
+        logits, record = best
+        record.update(learn_last=learn_last, starts=[name for _, name, _ in chosen],
+                      teacher_calls=ctx.teacher.calls - teacher_calls0,
+                      student_calls=ctx.denoiser.calls - student_calls0, seconds=round(time.perf_counter() - start, 3))
+        return logits, record
+
+    logits, record = ctx.memo("ld3.learn_global", (solver, nfe, ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps,
+                                                   sorted(options.items())), train)
+    reused = ctx.denoiser.calls + ctx.teacher.calls == calls0
+    return logits.clone(), steps, opts, {**record, "reused": reused}
 
 
 @register("ld3")
-def ld3(ctx: Calibration, solver: str, nfe: int, *, loss: str = "l2", radius: float | None = None,
-        learn_last: bool = True, starts: int = 4, lr: float = 0.1, iters: int = 400, patience: int = 40,
-        valid: float = 0.5, seed: int = 0) -> Schedule:
+def ld3(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
+        learn_last: bool = True, starts: int = STARTS, oss: bool = True, lr: float = LR, iters: int = ITERS,
+        patience: int = PATIENCE, valid: float = 0.5, seed: int = 0) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver.
 
     Options: ``loss`` 'l2' | 'l1' | 'rmse' (per-sample root of the L2, the evaluation metric);
     ``radius`` of the soft-teacher ball (default 0.001 D / steps^2, 0 for a hard teacher);
-    ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how many of the
-    best baseline schedules to start from (the best result is kept); Adam ``lr``, at most ``iters``
-    steps, ``patience`` for the halving / early stop; ``valid`` fraction of the calibration batch held
-    out for early stopping; ``seed``.
+    ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how many schedules
+    to start from (the OSS schedule when ``oss``, then the best baselines; the best result is kept);
+    Adam ``lr``, at most ``iters`` steps, ``patience`` for the halving / early stop; ``valid`` fraction
+    of the calibration batch held out for early stopping; ``seed``.
     """
     logits, steps, opts, record = learn_global(ctx, solver, nfe, loss=loss, radius=radius, learn_last=learn_last,
-                                               starts=starts, lr=lr, iters=iters, patience=patience, valid=valid, seed=seed)
+                                               starts=starts, oss=oss, lr=lr, iters=iters, patience=patience,
+                                               valid=valid, seed=seed)
     sigmas = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
     return Schedule(sigmas, solver=solver, solver_options=opts, training=record)

@@ -36,12 +36,12 @@ class Sizes:
     """Default sizes of a tuning run (``quick`` is the smaller set)."""
 
     nfe: tuple = (4, 5, 6, 8, 10)
-    n_calib: int = 64
-    n_test: int = 256
+    n_calib: int = 32
+    n_test: int = 128
 
     @staticmethod
     def quick() -> "Sizes":
-        return Sizes(nfe=(5, 10), n_calib=32, n_test=128)
+        return Sizes(nfe=(5, 10), n_calib=16, n_test=64)
 
 
 def all_methods() -> list[str]:

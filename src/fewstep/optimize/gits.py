@@ -110,7 +110,7 @@ def _dp(steps: int, end: int, coeff: float, weight: torch.Tensor, final: torch.T
     return paths[best].tolist() + [end]
 
 
-@register("gits")
+@register("gits", tune_options={"grid": 40})
 def gits(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, substeps: int | None = None,
          coeff: float | str = "auto", propagation: float | str = "auto", history: int = 0,
          warmup: int | None = None) -> Schedule:

@@ -47,7 +47,7 @@ def _land(ctx: Calibration, model: Counter, solver: str, orders, steps: int, k: 
     return x.view(c, *ctx.x.shape), [r.view(c, *ctx.x.shape) for r in rec]
 
 
-@register("oss")
+@register("oss", tune_options={"grid": 40})
 def oss(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, substeps: int | None = None) -> Schedule:
     """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from a ``grid``-point candidate grid;
     ``substeps``: teacher Heun steps per grid interval (default: the teacher's steps spread over it)."""

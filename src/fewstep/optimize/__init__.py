@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import pkgutil
 import time
 import weakref
@@ -71,6 +72,15 @@ class Calibration:
         return table[key]
 
 
+def memo_key(ctx: Calibration, method: str, solver: str, nfe: int, options: dict) -> tuple:
+    """What ``optimize`` files a result under: the request with the method's defaults filled in, so a
+    method that starts from another's schedule (LD3 from OSS) finds it whichever way it was asked for."""
+    params = inspect.signature(METHODS[method]).parameters.values()
+    effective = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    effective.update(options)
+    return (method, solver, int(nfe), ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps, sorted(effective.items()))
+
+
 def _load_methods() -> None:
     """Import every module of this package: each method module registers itself, so a new method
     appears in ``optimize`` and ``tune`` without editing either."""
@@ -110,8 +120,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     start = time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's
     # schedule, inside fewstep.tune) is answered from memory.
-    result = ctx.memo("optimize", (method, solver, int(nfe), info["sigma_min"], info["sigma_max"], teacher.steps,
-                                   sorted(options.items())),
+    result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, options),
                       lambda: broadcast(METHODS[method](ctx, solver, int(nfe), **options)))
     seconds = time.perf_counter() - start
     record = {

@@ -22,6 +22,7 @@ from ..policy import SchedulePolicy
 from ..sample import get_solver, plan
 from ..schedules import Schedule, as_schedule
 from . import Calibration, register
+from .grid import DEFAULT_SIZE
 from .ld3 import (LOSS, STARTS, check_options, default_radius, fit, learn_global, logits_from_sigmas, n_logits, per_sample_loss,
                   sigmas_from_logits)
 
@@ -66,9 +67,10 @@ def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePoli
     return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
-@register("instance")
+@register("instance", tune_options={"oss_grid": 40})  # as ld3's, so tune's ld3 result is reused
 def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
-             learn_last: bool = True, starts: int = STARTS, init: Schedule | None = None, hidden: int = HIDDEN,
+             learn_last: bool = True, starts: int = STARTS, oss_grid: int = DEFAULT_SIZE,
+             init: Schedule | None = None, hidden: int = HIDDEN,
              max_inputs: int = 256, components: int = COMPONENTS, samples: int = SAMPLES, lr: float = 3e-3,
              weight_decay: float = WEIGHT_DECAY, iters: int = 300, patience: int = 30, gate: float = GATE,
              valid: float = 0.5, seed: int = 0) -> SchedulePolicy:
@@ -76,7 +78,7 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radiu
 
     Options: ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and
     nfe, ending at 0) instead of learning one here (on the calibration batch, with the ld3 defaults
-    and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``valid``, ``seed``); ``samples``: phi
+    and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``); ``samples``: phi
     trains on the calibration batch extended with fresh seeded noises to at least this many (the
     teacher solves them); ``hidden`` width of phi's MLP, ``max_inputs`` (x_T is average-pooled to at
     most this many features); AdamW ``lr``, ``weight_decay``, ``iters``, ``patience`` for phi;
@@ -88,7 +90,8 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radiu
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     if init is None:
         logits, steps, opts, global_record = learn_global(ctx, solver, nfe, loss=loss, radius=radius,
-                                                          learn_last=learn_last, starts=starts, valid=valid, seed=seed)
+                                                          learn_last=learn_last, starts=starts, oss_grid=oss_grid,
+                                                          valid=valid, seed=seed)
     else:
         logits, steps, opts = global_logits(init, ctx, solver, nfe, learn_last)
         global_record = {"init": "given schedule", "valid_best": None}

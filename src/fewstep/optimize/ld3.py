@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 
 from ..sample import get_solver, plan
 from ..schedules import Schedule, karras, logsnr_uniform
-from . import Calibration, register
+from . import Calibration, memo_key, register
+from .grid import DEFAULT_SIZE
 from .oss import oss as oss_schedule
 
 LOSS, STARTS, LR, ITERS, PATIENCE = "rmse", 1, 0.1, 100, 10  # defaults shared with instance's global stage
@@ -152,7 +153,7 @@ def default_radius(shape, steps: int) -> float:
 
 
 def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict, steps: int, learn_last: bool,
-                   loss: str, n_train: int, oss: bool) -> list[tuple[float, str, torch.Tensor]]:
+                   loss: str, n_train: int, oss: bool, oss_grid: int = DEFAULT_SIZE) -> list[tuple[float, str, torch.Tensor]]:
     """Starting schedules as logits, (train error, name, logits), best first: karras rho=7 and
     logSNR-uniform, each ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
     positive sigma is one grid step up; with ``oss``, the OSS schedule (``optimize/oss.py``: the dynamic
@@ -168,8 +169,8 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
             candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
     if oss:
         # the key fewstep.optimize(den, "oss", solver, nfe, calib=...) files its result under
-        key = ("oss", solver, nfe, ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps, [])
-        candidates["oss"] = ctx.memo("optimize", key, lambda: oss_schedule(ctx, solver, nfe)).sigmas
+        key = memo_key(ctx, "oss", solver, nfe, {"grid": oss_grid})
+        candidates["oss"] = ctx.memo("optimize", key, lambda: oss_schedule(ctx, solver, nfe, grid=oss_grid)).sigmas
     ranked = []
     with torch.no_grad():
         for name, sig in candidates.items():
@@ -181,8 +182,8 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
 
 
 def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
-                 learn_last: bool = True, starts: int = STARTS, oss: bool = True, lr: float = LR,
-                 iters: int = ITERS, patience: int = PATIENCE, valid: float = 0.5,
+                 learn_last: bool = True, starts: int = STARTS, oss: bool = True, oss_grid: int = DEFAULT_SIZE,
+                 lr: float = LR, iters: int = ITERS, patience: int = PATIENCE, valid: float = 0.5,
                  seed: int = 0) -> tuple[torch.Tensor, int, dict, dict]:
     """LD3's global logits for ``solver`` at ``nfe`` calls: (logits, steps, solver_options, training record).
 
@@ -200,13 +201,13 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, r
         raise ValueError(f"starts must be a positive integer, got {starts!r}")
     if radius is None:
         radius = default_radius(ctx.x.shape[1:], steps)
-    options = dict(loss=loss, radius=radius, learn_last=learn_last, starts=starts, oss=oss, lr=lr, iters=iters,
+    options = dict(loss=loss, radius=radius, learn_last=learn_last, starts=starts, oss=oss, oss_grid=oss_grid, lr=lr, iters=iters,
                    patience=patience, valid=valid, seed=seed)
     calls0 = ctx.denoiser.calls + ctx.teacher.calls
 
     def train():
         teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
-        ranked = initial_logits(ctx, solver, nfe, opts, steps, learn_last, loss, n_train, oss)
+        ranked = initial_logits(ctx, solver, nfe, opts, steps, learn_last, loss, n_train, oss, oss_grid)
         chosen = [r for r in ranked if r[1] == "oss"]
         chosen += [r for r in ranked if r[1] != "oss"][:starts - len(chosen)]
         best = None
@@ -230,21 +231,24 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, r
     return logits.clone(), steps, opts, {**record, "reused": reused}
 
 
-@register("ld3")
+@register("ld3", tune_options={"oss_grid": 40})  # the grid fewstep.tune's own OSS cells use: their result is reused
 def ld3(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
-        learn_last: bool = True, starts: int = STARTS, oss: bool = True, lr: float = LR, iters: int = ITERS,
+        learn_last: bool = True, starts: int = STARTS, oss: bool = True, oss_grid: int = DEFAULT_SIZE,
+        lr: float = LR, iters: int = ITERS,
         patience: int = PATIENCE, valid: float = 0.5, seed: int = 0) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver.
 
     Options: ``loss`` 'l2' | 'l1' | 'rmse' (per-sample root of the L2, the evaluation metric);
     ``radius`` of the soft-teacher ball (default 0.001 D / steps^2, 0 for a hard teacher);
     ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how many schedules
-    to start from (the OSS schedule when ``oss``, then the best baselines; the best result is kept);
+    to start from (the OSS schedule when ``oss``, on an ``oss_grid``-point grid, then the best baselines;
+    the best result is kept);
     Adam ``lr``, at most ``iters`` steps, ``patience`` for the halving / early stop; ``valid`` fraction
     of the calibration batch held out for early stopping; ``seed``.
     """
     logits, steps, opts, record = learn_global(ctx, solver, nfe, loss=loss, radius=radius, learn_last=learn_last,
-                                               starts=starts, oss=oss, lr=lr, iters=iters, patience=patience,
+                                               starts=starts, oss=oss, oss_grid=oss_grid, lr=lr, iters=iters,
+                                               patience=patience,
                                                valid=valid, seed=seed)
     sigmas = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
     return Schedule(sigmas, solver=solver, solver_options=opts, training=record)

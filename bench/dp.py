@@ -13,13 +13,17 @@ GITS, the coeff and propagation exponent it chose.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
+
+from pathlib import Path
 
 import torch
 
 import fewstep
 from fewstep import schedules
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 
 def _choice(prov: dict) -> str:
@@ -38,8 +42,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=80)
     args = p.parse_args()
     torch.set_num_threads(1)
-    print(f"# machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"1 thread; calib n={args.n} (seed 0), eval n={args.eval_n} (seed 1), grid {args.grid}")
+    print(f"# {describe()}; calib n={args.n} (seed 0), eval n={args.eval_n} (seed 1), grid {args.grid}")
     print(f"{'model':7s} {'solver':9s} {'nfe':>3s} {'method':6s} {'rmse':>8s} {'ratio':>6s} {'base':>8s} "
           f"{'seconds':>7s} {'calls':>6s} {'evals':>8s}  choice")
     wins = total = 0

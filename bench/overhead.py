@@ -24,6 +24,9 @@ import fewstep
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_crosscheck import load_k_sampling  # noqa: E402  (k-diffusion's sampling.py without its __init__)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_name  # noqa: E402
+
 K_NAMES = {"euler": "sample_euler", "heun": "sample_heun", "dpmpp_2m": "sample_dpmpp_2m",
            "dpmpp_3m": "sample_dpmpp_3m_sde"}
 K_OPTIONS = {"dpmpp_3m": {"eta": 0.0, "noise_sampler": lambda s, t: None}}  # eta = 0: the ODE solver
@@ -31,14 +34,6 @@ K_OPTIONS = {"dpmpp_3m": {"eta": 0.0, "noise_sampler": lambda s, t: None}}  # et
 
 def denoiser(x, sigma):
     return x * 0.5
-
-
-def cpu_name() -> str:
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def per_step(run, steps: int, repeats: int, sync) -> float:

@@ -8,14 +8,18 @@ the calibration's denoiser calls (search + gate + teacher on the calibration bat
 """
 
 import argparse
-import os
-import platform
+import sys
 import time
+
+from pathlib import Path
 
 import torch
 
 import fewstep
 from fewstep.schedules import karras
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe  # noqa: E402
 
 
 def main() -> None:
@@ -26,8 +30,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"1 thread; held-out n={args.n} (seed 1), calibration n={args.calib} (seed 0)")
+    print(f"{describe()}; held-out n={args.n} (seed 1), calibration n={args.calib} (seed 0)")
     print(f"{'model':7} {'nfe':>3} | {'sdm-adapt':>9} {'median':>7} {'steps':>5} {'switch':>6} | {'sdm-euler':>9} | "
           f"{'K-heun':>7} {'K-euler':>7} | {'/K-heun':>7} {'/K-euler':>8} | {'calls':>5} {'sec':>5}")
     for name in args.models.split(","):

@@ -113,7 +113,7 @@ def test_ld3_starts_from_oss_and_is_memoized(gmm2d_setup):
     assert pol.metadata["training"]["ld3_reused"]  # ld3's global stage, not trained again
     assert torch.allclose(pol.sigmas_for(valid)[:, 0], first.sigmas)
     other = fewstep.optimize(den, "instance", "euler", 3, calib=calib, teacher=teacher, iters=1, lr=0.5)
-    assert pol.metadata["training"]["ld3_reused"]  # phi's options do not change the global stage
+    assert other.metadata["training"]["ld3_reused"]  # phi's options do not change the global stage
 
 
 def test_ld3_fixed_last_sigma_and_l1(gmm2d_setup):

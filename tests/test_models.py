@@ -5,7 +5,6 @@ import torch
 
 import fewstep
 from fewstep.models import EmpiricalDenoiser, FlowDenoiser, GaussianMixture, VPContinuousDenoiser, VPDiscreteDenoiser
-from fewstep.models.wrappers import vp_output_to_x0  # noqa: F401  (public helper)
 from fewstep.schedules import vp_sigma
 
 

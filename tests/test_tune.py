@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 import fewstep
 from fewstep.tune import tune

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from .schedules import Schedule, ScheduleError, as_schedule
+from .schedules import ScheduleError, as_schedule
 from .solvers import SOLVERS
 
 

@@ -1,7 +1,7 @@
 """Held-out RMSE of karras rho=7, GITS, OSS, LD3 and the instance-aware policy; phi's overhead.
 
 Optimizers see seed-0 noises (the calibration batch); errors are on seed-1 noises, against the teacher.
-    OMP_NUM_THREADS=1 python bench/instance.py [--models gmm2d gmm64] [--solvers euler ipndm] [--nfe 3 4 5]
+    OMP_NUM_THREADS=1 python bench/instance.py [--models gmm2d gmm64 gmm-scales] [--solvers euler ipndm] [--nfe 3 4 5]
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 
 import fewstep
 from fewstep.evaluate import CALIB_SEED, TEST_SEED
+from fewstep.models.builtin import BUILTIN_MODELS
 from fewstep.optimize import METHODS, _load_methods
 from overhead import cpu_name  # bench/overhead.py, next to this script
 
@@ -32,7 +33,7 @@ def timed(fn, repeat: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["gmm2d", "gmm64"])
+    ap.add_argument("--models", nargs="+", default=["gmm2d", "gmm64"], choices=list(BUILTIN_MODELS))
     ap.add_argument("--solvers", nargs="+", default=["euler", "ipndm"])
     ap.add_argument("--nfe", nargs="+", type=int, default=[3, 4, 5])
     ap.add_argument("--n-calib", type=int, default=512)

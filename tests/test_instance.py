@@ -136,3 +136,23 @@ def test_init_must_match(trained):
     with pytest.raises(ValueError, match="init must be a schedule of 3 steps"):
         fewstep.optimize(den, "instance", "ipndm", 3, n=16, teacher=teacher,
                          init=fewstep.schedules.karras(5, den.sigma_min, den.sigma_max), iters=1)
+
+
+def test_gmm_scales_mode_predictable_from_noise():
+    """gmm-scales (docs/models.md): modes 30x apart in scale, means far apart, so the mode a trajectory
+    ends in can be read off x_T (what a per-sample schedule needs); gmm64's could not (57%)."""
+    from sklearn.linear_model import LogisticRegression
+
+    from fewstep.optimize.instance import principal_directions
+
+    den = fewstep.load_model("gmm-scales")
+    stds = den.evals.sqrt()
+    assert den.shape == (32,) and stds.max() / stds.min() > 25
+    assert torch.cdist(den.means, den.means).add(torch.eye(4) * 1e9).min() > 10 * stds.max()
+    x = fewstep.noise(512, den.shape, den.sigma_max, seed=0)
+    y = fewstep.Teacher(den, steps=64).solve(x)
+    mode = torch.cdist(y, den.means).argmin(1)
+    assert torch.bincount(mode, minlength=4).min() > 64
+    f = (x @ principal_directions(y[:256], 4)).numpy()  # x_T on the data's top directions, as phi sees it
+    clf = LogisticRegression(max_iter=2000).fit(f[:256], mode[:256].numpy())
+    assert clf.score(f[256:], mode[256:].numpy()) > 0.85

@@ -57,6 +57,21 @@ def gmm64() -> GaussianMixture:
     return GaussianMixture(means, torch.stack(covs), weights, shape=(1, 8, 8), name="gmm64")
 
 
+def gmm_scales() -> GaussianMixture:
+    """4 isotropic modes in 32-d at the vertices of a regular simplex (3 sqrt 2 apart), scales 0.01..0.3.
+
+    Made to show instance dynamics (docs/models.md): each mode's trajectories bend near its own scale,
+    30x apart, and the means are far apart relative to every scale, so the mode a trajectory ends in is
+    decided at a high sigma, where the flow is nearly linear: it is predictable from x_T."""
+    g = torch.Generator().manual_seed(32)
+    k, d = 4, 32
+    frame = _rotation(d, g)[:, :k].T
+    means = 3 * (frame - frame.mean(0))
+    scales = torch.logspace(math.log10(0.01), math.log10(0.3), k, dtype=torch.float64)
+    covs = scales[:, None, None] ** 2 * torch.eye(d, dtype=torch.float64)
+    return GaussianMixture(means, covs, name="gmm-scales")
+
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
@@ -86,7 +101,7 @@ def digits_flow() -> Callable:
     return _shipped("digits-flow")
 
 
-BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64,
+BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64, "gmm-scales": gmm_scales,
                                        "digits-unet": digits_unet, "digits-flow": digits_flow}
 DEFAULT_MODEL = "digits-unet"
 

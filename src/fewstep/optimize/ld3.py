@@ -22,7 +22,7 @@ from . import Calibration, memo_key, register
 from .grid import DEFAULT_SIZE
 from .oss import oss as oss_schedule
 
-LOSS, STARTS, LR, ITERS, PATIENCE = "rmse", 1, 0.1, 100, 10  # defaults shared with instance's global stage
+LOSS, STARTS, LR, ITERS, PATIENCE = "rmse", 1, 0.1, 50, 10  # defaults shared with instance's global stage
 
 
 def n_logits(steps: int, learn_last: bool) -> int:

@@ -62,7 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", type=_ints, help="sample shape for a user model without .shape, e.g. 3,32,32")
     p.add_argument("--sigma-min", type=float, help="smallest positive sigma (default: the model's, else 0.002)")
     p.add_argument("--sigma-max", type=float, help="largest sigma (default: the model's, else 80)")
-    p.add_argument("--teacher-steps", type=int, default=512, help="Heun steps of the reference solve (default 512)")
+    p.add_argument("--teacher-steps", type=int,
+                   help="Heun steps of the reference solve (default: the model's teacher_steps, else 512)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
 
@@ -104,7 +105,7 @@ def cmd_demo(args) -> int:
         print(json.dumps({"model": info["name"], "n": args.n, "seed": TEST_SEED, "rows": rows}, indent=2))
         return 0
     print(f"fewstep {__version__} demo: model {info['name']} {info['shape']}, {args.n} held-out noises "
-          f"(seed {TEST_SEED}), RMSE to a {args.teacher_steps}-step Heun teacher; {platform.processor() or platform.machine()}")
+          f"(seed {TEST_SEED}), RMSE to a {teacher.steps}-step Heun teacher; {platform.processor() or platform.machine()}")
     for k in args.nfe:
         sub = [r for r in rows if r["nfe"] == k]
         best = min(sub, key=lambda r: r["mean"])

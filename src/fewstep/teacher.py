@@ -47,12 +47,15 @@ def _key(*parts) -> str:
 class Teacher:
     """Reference ODE solutions for a denoiser, cached in memory and (optionally) on disk.
 
+    ``steps``: Heun steps from sigma_max to sigma_min (default: the denoiser's ``teacher_steps``
+    attribute if it has one, else 512).
     ``model_id`` names the model in the disk cache key (with the initial states and the settings).
     """
 
-    def __init__(self, denoiser: Callable, steps: int = DEFAULT_STEPS, sigma_min: float = 0.002,
+    def __init__(self, denoiser: Callable, steps: int | None = None, sigma_min: float = 0.002,
                  cache_dir: str | Path | None = None, model_id: str | None = None, batch_size: int = 512,
                  progress: bool = False):
+        steps = steps if steps is not None else getattr(denoiser, "teacher_steps", DEFAULT_STEPS)
         if steps < 1:
             raise ValueError(f"teacher steps must be >= 1, got {steps}")
         self.denoiser = denoiser

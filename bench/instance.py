@@ -1,7 +1,8 @@
-"""Held-out RMSE of karras rho=7, GITS, OSS, LD3 and the instance-aware policy; phi's overhead.
+"""Held-out RMSE of karras rho=7, GITS, OSS, LD3 and the instance-aware policies (route, residual); phi's overhead.
 
 Optimizers see seed-0 noises (the calibration batch); errors are on seed-1 noises, against the teacher.
     OMP_NUM_THREADS=1 python bench/instance.py [--models gmm2d gmm64 gmm-scales] [--solvers euler ipndm] [--nfe 3 4 5]
+The checks (instance < ld3 < karras, instance < best DP) are for the default policy (``instance.POLICY``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import fewstep
 from fewstep.evaluate import CALIB_SEED, TEST_SEED
 from fewstep.models.builtin import BUILTIN_MODELS
 from fewstep.optimize import METHODS, _load_methods
+from fewstep.optimize.instance import POLICY
 from overhead import cpu_name  # bench/overhead.py, next to this script
 
 
@@ -43,14 +45,16 @@ def main() -> None:
     _load_methods()
     print(f"machine: {machine()}")
     print("ld3 s and calls: the optimization after the OSS method's (its start, reused); calls = denoiser calls "
-          "on a batch (teacher excluded); instance phi: phi's training only (the global stage is ld3's, reused)")
+          "on a batch (teacher excluded); instance phi: phi's training only (the global stage is ld3's, reused), "
+          f"for the default policy ({POLICY}); k: the route policy's clusters (- : gated back to ld3)")
     print(f"calibration: {args.n_calib} noises (seed {CALIB_SEED}, half train / half validation); "
           f"held-out: {args.n_test} noises (seed {TEST_SEED}); mean per-sample RMSE to the teacher\n")
     others = [m for m in ("gits", "oss") if m in METHODS]
-    cols = ["karras", *others, "ld3", "instance"]
+    policies = ["route", "residual"]
+    cols = ["karras", *others, "ld3", *policies]
     print(f"| model | solver | NFE | {' | '.join(cols)} | instance < ld3 < karras | instance < best DP "
-          f"| oss s | ld3 s (calls) | instance phi s (calls) |")
-    print("|" + "---|" * (len(cols) + 7))
+          f"| k | oss s | ld3 s (calls) | instance phi s (calls) |")
+    print("|" + "---|" * (len(cols) + 8))
     overhead = {}
     for name in args.models:
         den = fewstep.load_model(name)
@@ -74,15 +78,18 @@ def main() -> None:
                 # then instance, whose global stage is ld3's memoized result
                 ld3 = fewstep.optimize(den, "ld3", solver, nfe, calib=calib, teacher=teacher)
                 res["ld3"] = err(ld3, solver)
-                pol = fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher)
-                res["instance"] = err(pol, solver)
+                pols = {p: fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher, policy=p)
+                        for p in policies}
+                res.update({p: err(pol, solver) for p, pol in pols.items()})
+                pol = pols[POLICY]
                 tl, tr = ld3.metadata["training"], pol.metadata["training"]
                 assert tr["ld3_reused"], "instance did not reuse the ld3 result"
-                order = res["instance"] < res["ld3"] < res["karras"]
-                dp = res["instance"] < min((res[m] for m in others), default=float("inf"))
+                order = res[POLICY] < res["ld3"] < res["karras"]
+                dp = res[POLICY] < min((res[m] for m in others), default=float("inf"))
+                route = pols["route"].metadata["training"]
                 print(f"| {name} | {solver} | {nfe} | " + " | ".join(f"{res[c]:.4f}" for c in cols)
                       + f" | {'yes' if order else 'NO'} | {'yes' if dp else 'NO' if others else 'n/a'}"
-                      f" | {seconds.get('oss', float('nan')):.1f} | {tl['seconds']:.1f} ({tl['student_calls']})"
+                      f" | {route['clusters'] if route['phi_kept'] else '-'} | {seconds.get('oss', float('nan')):.1f} | {tl['seconds']:.1f} ({tl['student_calls']})"
                       f" | {tr['seconds']:.1f} ({tr['student_calls']}) |", flush=True)
         t_phi = timed(lambda: pol.sigmas_for(test))
         t_den = timed(lambda: den(test, torch.full((test.shape[0],), 1.0, dtype=torch.float64)))

@@ -1,7 +1,8 @@
 """Per-sample schedules: a small network phi(x_T) -> the sigmas of each sample's own schedule.
 
 Yuan et al., "Few-Step Diffusion Sampling Through Instance-Aware Discretizations", arXiv 2603.17671.
-phi gives residual logits on top of a global (LD3) schedule's logits; the sigmas are LD3's cumulative
+Two kinds of phi: ``residual`` (an MLP's residual logits on top of a global LD3 schedule's logits) and
+``route`` (a linear classifier sends x_T to one of k clusters, each with its own LD3 logits); the sigmas are LD3's cumulative
 softmax in lambda = -log sigma (``optimize.ld3.sigmas_from_logits``), so every sample's schedule is
 strictly decreasing from sigma_max to 0. ``fewstep.sample`` accepts a SchedulePolicy in place of a Schedule.
 """
@@ -21,32 +22,23 @@ from torch import nn
 from .schedules import ScheduleError, write_atomic
 
 FORMAT = "fewstep.policy"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the policy kind (residual | route); 2: phi's input basis
 
 
-class PhiNet(nn.Module):
-    """phi: x_T in standard-normal units -> logits [batch, K] (the global logits plus a learned residual).
+class Inputs(nn.Module):
+    """phi's input features from x_T in standard-normal units: x_T average-pooled to at most
+    ``max_inputs`` values (spatially for [C, H, W] data), projected on ``components`` directions
+    (``basis``: the principal directions of the teacher's samples, set by the trainer), plus the
+    normalized squared norm of x_T, standardized with calibration statistics (``feat_mean``, ``feat_std``)."""
 
-    Input features: x_T average-pooled to at most ``max_inputs`` values (spatially for [C, H, W] data),
-    projected on ``components`` directions (``basis``: the principal directions of the teacher's
-    samples, set by the trainer), standardized with calibration statistics, plus the normalized
-    squared norm of x_T. Then an MLP whose output layer starts at zero, so an untrained phi gives the
-    global schedule.
-    """
-
-    def __init__(self, shape, n_logits: int, hidden: int = 64, max_inputs: int = 256, components: int = 16):
+    def __init__(self, shape, max_inputs: int = 256, components: int = 16):
         super().__init__()
         self.shape, self.max_inputs = tuple(shape), int(max_inputs)
         n_pooled = self.pooled(torch.zeros(1, *self.shape, dtype=torch.float64)).shape[1]
         k = min(int(components), n_pooled)
         self.register_buffer("basis", torch.eye(n_pooled, k, dtype=torch.float64))
-        self.register_buffer("global_logits", torch.zeros(n_logits, dtype=torch.float64))
         self.register_buffer("feat_mean", torch.zeros(k + 1, dtype=torch.float64))
         self.register_buffer("feat_std", torch.ones(k + 1, dtype=torch.float64))
-        self.mlp = nn.Sequential(nn.Linear(k + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, n_logits)).double()
-        nn.init.zeros_(self.mlp[-1].weight)
-        nn.init.zeros_(self.mlp[-1].bias)
 
     def pooled(self, z: torch.Tensor) -> torch.Tensor:
         b, d = z.shape[0], z[0].numel()
@@ -63,22 +55,65 @@ class PhiNet(nn.Module):
         sq_norm = (z.reshape(z.shape[0], -1).pow(2).mean(1, keepdim=True) - 1) * math.sqrt(d / 2)
         return torch.cat([self.pooled(z) @ self.basis, sq_norm], 1)
 
+    def standardized(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.features(z) - self.feat_mean) / self.feat_std
+
+
+class PhiNet(Inputs):
+    """phi (``residual``): x_T -> logits [batch, K], the global logits plus an MLP's residual on the
+    standardized features. The output layer starts at zero, so an untrained phi gives the global schedule."""
+
+    def __init__(self, shape, n_logits: int, hidden: int = 64, max_inputs: int = 256, components: int = 16):
+        super().__init__(shape, max_inputs, components)
+        k = self.feat_mean.numel()
+        self.register_buffer("global_logits", torch.zeros(n_logits, dtype=torch.float64))
+        self.mlp = nn.Sequential(nn.Linear(k, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, n_logits)).double()
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        f = (self.features(z) - self.feat_mean) / self.feat_std
-        return self.global_logits + self.mlp(f)
+        return self.global_logits + self.mlp(self.standardized(z))
+
+
+class RouteNet(Inputs):
+    """phi (``route``): x_T -> the logits of its predicted cluster, ``cluster_logits[argmax(W f + b)]``
+    (multinomial logistic regression on the standardized features f). Untrained: every cluster has
+    the same (zero) logits, so it gives one schedule."""
+
+    def __init__(self, shape, n_logits: int, clusters: int, max_inputs: int = 256, components: int = 16):
+        super().__init__(shape, max_inputs, components)
+        self.classifier = nn.Linear(self.feat_mean.numel(), int(clusters)).double()
+        nn.init.zeros_(self.classifier.weight)
+        nn.init.zeros_(self.classifier.bias)
+        self.register_buffer("cluster_logits", torch.zeros(int(clusters), n_logits, dtype=torch.float64))
+
+    def cluster(self, z: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.standardized(z)).argmax(1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.cluster_logits[self.cluster(z)]
 
 
 class SchedulePolicy:
     """Sigmas per sample from its own x_T: ``sigmas_for(x) -> [steps + 1, batch]``.
 
-    ``config``: shape, steps, n_logits, learn_last, hidden, max_inputs, components, sigma_min, sigma_max,
-    solver, solver_options. ``metadata``: how it was made (method, nfe, training cost, ...).
+    ``config``: shape, steps, n_logits, learn_last, max_inputs, components, sigma_min, sigma_max,
+    solver, solver_options, ``policy`` ('residual', with ``hidden``: PhiNet; 'route', with ``clusters``:
+    RouteNet). ``metadata``: how it was made (method, nfe, training cost, ...).
     """
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
-        self.config = dict(config)
-        self.net = PhiNet(config["shape"], config["n_logits"], config["hidden"], config["max_inputs"],
-                          config["components"])
+        self.config = {"policy": "residual", **config}
+        kind = self.config["policy"]
+        if kind == "residual":
+            self.net = PhiNet(config["shape"], config["n_logits"], config["hidden"], config["max_inputs"],
+                              config["components"])
+        elif kind == "route":
+            self.net = RouteNet(config["shape"], config["n_logits"], config["clusters"], config["max_inputs"],
+                                config["components"])
+        else:
+            raise ValueError(f"policy must be 'residual' or 'route', got {kind!r}")
         if state is not None:
             self.net.load_state_dict(state)
         self.metadata = dict(metadata)

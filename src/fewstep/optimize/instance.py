@@ -6,7 +6,9 @@ that sample's timesteps and is trained through the solver against the teacher, a
 Here phi outputs residual logits on top of the LD3 schedule's (``optimize/ld3.py``), starting at zero,
 and the same training loop (``ld3.fit``: soft teacher, validation, early stopping) keeps the best;
 phi sees x_T projected on the teacher samples' principal directions, and is kept only if its
-validation gain over the global schedule is significant (``gate``). See docs/methods/instance.md.
+validation gain over the global schedule is significant (``gate``). ``policy="route"`` is the
+lower-capacity phi: the calibration samples are clustered by their teacher endpoints, each cluster
+gets its own LD3 schedule, and a linear classifier sends x_T to a cluster. See docs/methods/instance.md.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import replace
+from typing import Sequence
 
 import torch
 
@@ -23,10 +26,11 @@ from ..sample import get_solver, plan
 from ..schedules import Schedule, as_schedule
 from . import Calibration, register
 from .grid import DEFAULT_SIZE
-from .ld3 import (LOSS, STARTS, check_options, default_radius, fit, learn_global, logits_from_sigmas, n_logits, per_sample_loss,
+from .ld3 import (ITERS, LOSS, LR, PATIENCE, STARTS, check_options, default_radius, fit, learn_global, logits_from_sigmas, n_logits, per_sample_loss,
                   sigmas_from_logits)
 
 HIDDEN, COMPONENTS, SAMPLES, WEIGHT_DECAY, GATE = 64, 16, 0, 0.0, 2.0
+POLICY, CLUSTERS = "route", (2, 3, 4)
 
 
 def global_logits(init: Schedule, ctx: Calibration, solver: str, nfe: int, learn_last: bool):
@@ -52,23 +56,115 @@ def principal_directions(y: torch.Tensor, k: int) -> torch.Tensor:
     return torch.cat([vh, vh.new_zeros(k - vh.shape[0], vh.shape[1])]).T
 
 
+def kmeans(f: torch.Tensor, k: int, restarts: int = 8, iters: int = 100, seed: int = 0) -> torch.Tensor:
+    """Cluster labels [n] of the rows of ``f`` [n, d]: Lloyd's k-means from k-means++ seeds (Arthur &
+    Vassilvitskii 2007), the lowest within-cluster sum of squares of ``restarts`` runs."""
+    g = torch.Generator().manual_seed(seed)
+    best, best_cost = None, float("inf")
+    for _ in range(restarts):
+        centers = f[torch.randint(f.shape[0], (1,), generator=g)]
+        while centers.shape[0] < k:  # k-means++: the next seed with probability ~ squared distance
+            d2 = torch.cdist(f, centers).min(1).values.pow(2)
+            centers = torch.cat([centers, f[torch.multinomial(d2 / d2.sum(), 1, generator=g)]])
+        for _ in range(iters):
+            labels = torch.cdist(f, centers).argmin(1)
+            new = torch.stack([f[labels == j].mean(0) if (labels == j).any() else centers[j] for j in range(k)])
+            if torch.equal(new, centers):
+                break
+            centers = new
+        cost = float(torch.cdist(f, centers).min(1).values.pow(2).sum())
+        if cost < best_cost:
+            best, best_cost = torch.cdist(f, centers).argmin(1), cost
+    return best
+
+
+def fit_classifier(layer: torch.nn.Linear, f: torch.Tensor, labels: torch.Tensor, l2: float = 1e-3) -> None:
+    """Multinomial logistic regression of ``labels`` on features ``f``, in place on ``layer``
+    (L-BFGS on the mean cross-entropy plus ``l2`` ||W||^2)."""
+    opt = torch.optim.LBFGS(layer.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        obj = torch.nn.functional.cross_entropy(layer(f), labels) + l2 * layer.weight.pow(2).sum()
+        obj.backward()
+        return obj
+
+    opt.step(closure)
+
+
+class Targets:
+    """A stand-in teacher for a subset of the calibration batch: its cached x0 (no new teacher calls)."""
+
+    calls = 0
+
+    def __init__(self, y: torch.Tensor):
+        self.y = y
+
+    def solve(self, x: torch.Tensor, sigma_max: float | None = None) -> torch.Tensor:
+        return self.y
+
+
+def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, logits: torch.Tensor, n_train: int,
+          *, loss: str, radius: float, learn_last: bool, seed: int) -> dict:
+    """Train a route policy in place: cluster the training samples by their teacher endpoints on the
+    top principal directions (``kmeans``), fit the classifier x_T -> cluster on phi's features, then
+    one LD3 schedule per cluster (``ld3.fit`` from the global ``logits``, on the cluster's training
+    samples, validated on the validation samples the classifier sends to it). Returns the record."""
+    net = policy.net
+    k = net.cluster_logits.shape[0]
+    y = ctx.teacher.solve(ctx.x, ctx.sigma_max)
+    y_pooled = net.pooled(y)
+    f_end = y_pooled[:n_train] @ principal_directions(y_pooled[:n_train], min(k, y_pooled.shape[1]))
+    labels = kmeans(f_end, k, seed=seed)
+    with torch.no_grad():
+        net.cluster_logits.copy_(logits.expand(k, -1))
+    fit_classifier(net.classifier, net.standardized(ctx.x[:n_train] / ctx.sigma_max), labels)
+    with torch.no_grad():
+        predicted = net.cluster(ctx.x[n_train:] / ctx.sigma_max)
+    records = []
+    for j in range(k):
+        train, valid = torch.nonzero(labels == j)[:, 0], n_train + torch.nonzero(predicted == j)[:, 0]
+        if len(train) < 2 or len(valid) < 2:  # too few to train and validate: the global schedule
+            records.append({"n_train": len(train), "n_valid": len(valid), "kept": "global"})
+            continue
+        idx = torch.cat([train, valid])
+        sub = replace(ctx, x=ctx.x[idx], teacher=Targets(y[idx]))
+        lj = logits.clone().requires_grad_(True)
+        rec = fit(sub, solver, opts, lambda x, lj=lj: sigmas_from_logits(lj, ctx.sigma_max, ctx.sigma_min, learn_last),
+                  [lj], loss=loss, radius=radius, lr=LR, iters=ITERS, patience=PATIENCE,
+                  valid=len(valid) / len(idx), seed=seed, desc=f"route cluster {j + 1}/{k}")
+        with torch.no_grad():
+            net.cluster_logits[j].copy_(lj)
+        records.append({key: rec[key] for key in ("n_train", "n_valid", "iters", "valid_init", "valid_best",
+                                                  "student_calls")})
+    accuracy = float((net.cluster(ctx.x[:n_train] / ctx.sigma_max) == labels).double().mean())
+    return {"clusters": k, "train_accuracy": round(accuracy, 3), "cluster_fits": records}
+
+
+def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor | SchedulePolicy, loss: str,
+                 n_train: int) -> torch.Tensor:
+    """Per-sample losses on the validation part of the calibration batch, for a schedule or a policy."""
+    fn, defaults = get_solver(solver)
+    x, y = ctx.x[n_train:], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
+    with torch.no_grad():
+        sig = sigmas.sigmas(x) if isinstance(sigmas, SchedulePolicy) else sigmas
+        return per_sample_loss(fn(ctx.denoiser, x, sig, **{**defaults, **opts}), y, loss)
+
+
 def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, glob: torch.Tensor,
                  loss: str, n_train: int) -> float:
     """How many standard errors the policy's mean validation loss lies below the global schedule's
     (paired per-sample differences). The per-sample loss is heavy-tailed (a schedule change can move a
     sample to another mode), so the best validation step alone can be a selection artifact."""
-    fn, defaults = get_solver(solver)
-    x, y = ctx.x[n_train:], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
-    with torch.no_grad():
-        d = (per_sample_loss(fn(ctx.denoiser, x, glob, **{**defaults, **opts}), y, loss)
-             - per_sample_loss(fn(ctx.denoiser, x, policy.sigmas(x), **{**defaults, **opts}), y, loss))
+    d = (valid_losses(ctx, solver, opts, glob, loss, n_train) - valid_losses(ctx, solver, opts, policy, loss, n_train))
     if d.numel() < 2:
         return 0.0
     return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
-@register("instance", tune_options={"oss_grid": 40, "iters": 100, "patience": 15})  # oss_grid as ld3's: tune's ld3 result is reused
-def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
+@register("instance", tune_options={"oss_grid": 40})  # as ld3's, so tune's ld3 result is reused
+def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, clusters: Sequence[int] = CLUSTERS,
+             loss: str = LOSS, radius: float | None = None,
              learn_last: bool = True, starts: int = STARTS, oss_grid: int = DEFAULT_SIZE,
              init: Schedule | None = None, hidden: int = HIDDEN,
              max_inputs: int = 256, components: int = COMPONENTS, samples: int = SAMPLES, lr: float = 3e-3,
@@ -76,17 +172,26 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radiu
              valid: float = 0.5, seed: int = 0) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top.
 
+    ``policy``: 'route' (cluster the training samples by their teacher endpoints, one LD3 schedule per
+    cluster, a linear classifier x_T -> cluster; the number of clusters is the one of ``clusters`` with
+    the lowest validation error) or 'residual' (an MLP's residual logits, ``hidden`` wide, trained with
+    AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``).
     Options: ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and
     nfe, ending at 0) instead of learning one here (on the calibration batch, with the ld3 defaults
     and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``); ``samples``: phi
     trains on the calibration batch extended with fresh seeded noises to at least this many (the
-    teacher solves them); ``hidden`` width of phi's MLP, ``max_inputs`` (x_T is average-pooled to at
-    most this many features); AdamW ``lr``, ``weight_decay``, ``iters``, ``patience`` for phi;
+    teacher solves them); ``max_inputs`` (x_T is average-pooled to at most this many features),
+    ``components`` (principal directions phi's features are projected on);
     ``gate``: phi is kept only if its validation gain over the global schedule is at least ``gate``
     standard errors of the paired per-sample differences (else the policy gives the global schedule).
     """
     if int(samples) != samples or samples < 0:
         raise ValueError(f"samples must be a non-negative integer, got {samples!r}")
+    if policy not in ("route", "residual"):
+        raise ValueError(f"policy must be 'route' or 'residual', got {policy!r}")
+    clusters = [int(k) for k in ([clusters] if isinstance(clusters, int) else clusters)]
+    if policy == "route" and (not clusters or min(clusters) < 2):
+        raise ValueError(f"clusters must be numbers of clusters >= 2, got {clusters!r}")
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     if init is None:
         logits, steps, opts, global_record = learn_global(ctx, solver, nfe, loss=loss, radius=radius,
@@ -98,34 +203,56 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radiu
     if ctx.x.shape[0] < samples:  # fresh noises from the calibration seed's stream, after the batch's own
         extra = noise(int(samples), ctx.x.shape[1:], ctx.sigma_max, ctx.seed)[ctx.x.shape[0]:]
         ctx = replace(ctx, x=torch.cat([ctx.x, extra]))
-    torch.manual_seed(seed)
-    config = {"shape": list(ctx.x.shape[1:]), "steps": steps, "n_logits": logits.numel(), "learn_last": learn_last,
-              "hidden": int(hidden), "max_inputs": int(max_inputs), "components": int(components),
-              "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": opts}
-    policy = SchedulePolicy(config)
-    net = policy.net
-    n_train, _ = check_options(loss, valid, ctx.x.shape[0])
-    with torch.no_grad():
-        net.basis.copy_(principal_directions(net.pooled(ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train]),
-                                             net.basis.shape[1]))
-        feats = net.features(ctx.x / ctx.sigma_max)
-        net.global_logits.copy_(logits)
-        net.feat_mean.copy_(feats.mean(0))
-        net.feat_std.copy_(feats.std(0).clamp_min(1e-8))
     if radius is None:
         radius = default_radius(ctx.x.shape[1:], steps)
-    record = fit(ctx, solver, opts, policy.sigmas, list(net.parameters()), loss=loss, radius=radius, lr=lr,
-                 iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
-                 desc=f"instance {solver} nfe={nfe}")
-    z = significance(ctx, solver, opts, policy, sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last),
-                     loss, record["n_train"])
-    if z < gate:  # not a clear gain on validation: the global schedule (phi's residual set to zero)
+    n_train, _ = check_options(loss, valid, ctx.x.shape[0])
+    torch.manual_seed(seed)
+    config = {"shape": list(ctx.x.shape[1:]), "steps": steps, "n_logits": logits.numel(), "learn_last": learn_last,
+              "policy": policy, "max_inputs": int(max_inputs), "components": int(components),
+              "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": opts}
+    y_train = ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train]
+
+    def new_policy(**kind) -> SchedulePolicy:  # phi's input statistics from the calibration batch
+        pol = SchedulePolicy({**config, **kind})
+        net = pol.net
         with torch.no_grad():
-            net.mlp[-1].weight.zero_()
-            net.mlp[-1].bias.zero_()
-    record.update(gate_z=round(z, 3), phi_kept=z >= gate, init=f"ld3 ({global_record['init']})", ld3_valid_best=global_record["valid_best"],
-                  ld3_reused=global_record.get("reused", False),
+            net.basis.copy_(principal_directions(net.pooled(y_train), net.basis.shape[1]))
+            feats = net.features(ctx.x / ctx.sigma_max)
+            net.feat_mean.copy_(feats.mean(0))
+            net.feat_std.copy_(feats.std(0).clamp_min(1e-8))
+        return pol
+
+    glob = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
+    if policy == "route":
+        tried = []
+        for k in clusters:
+            pol = new_policy(clusters=k)
+            rec = route(ctx, solver, opts, pol, logits, n_train, loss=loss, radius=radius, learn_last=learn_last,
+                        seed=seed)
+            rec["valid_best"] = float(valid_losses(ctx, solver, opts, pol, loss, n_train).mean())
+            tried.append((rec["valid_best"], k, pol, rec))
+        _, _, pol, record = min(tried, key=lambda t: t[:2])
+        record.update(n_train=n_train, n_valid=ctx.x.shape[0] - n_train,
+                      valid_init=float(valid_losses(ctx, solver, opts, glob, loss, n_train).mean()),
+                      valid_by_clusters={k: round(v, 6) for v, k, _, _ in tried})
+    else:
+        pol = new_policy(hidden=int(hidden))
+        with torch.no_grad():
+            pol.net.global_logits.copy_(logits)
+        record = fit(ctx, solver, opts, pol.sigmas, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
+                     iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
+                     desc=f"instance {solver} nfe={nfe}")
+    z = significance(ctx, solver, opts, pol, glob, loss, n_train)
+    if z < gate:  # not a clear gain on validation: the global schedule
+        with torch.no_grad():
+            if policy == "route":
+                pol.net.cluster_logits.copy_(logits.expand_as(pol.net.cluster_logits))
+            else:  # phi's residual set to zero
+                pol.net.mlp[-1].weight.zero_()
+                pol.net.mlp[-1].bias.zero_()
+    record.update(policy=policy, gate_z=round(z, 3), phi_kept=z >= gate, init=f"ld3 ({global_record['init']})",
+                  ld3_valid_best=global_record["valid_best"], ld3_reused=global_record.get("reused", False),
                   teacher_calls=ctx.teacher.calls - teacher_calls0, student_calls=ctx.denoiser.calls - student_calls0,
                   seconds=round(time.perf_counter() - start, 3))
-    policy.metadata.update(solver=solver, solver_options=opts, training=record)
-    return policy
+    pol.metadata.update(solver=solver, solver_options=opts, training=record)
+    return pol

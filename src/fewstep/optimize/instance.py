@@ -162,7 +162,7 @@ def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePoli
     return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
-@register("instance", tune_options={"oss_grid": 40})  # as ld3's, so tune's ld3 result is reused
+@register("instance", tune_options={"oss_grid": 40, "iters": 100, "patience": 15})  # oss_grid as ld3's: tune's ld3 result is reused
 def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, clusters: Sequence[int] = CLUSTERS,
              loss: str = LOSS, radius: float | None = None,
              learn_last: bool = True, starts: int = STARTS, oss_grid: int = DEFAULT_SIZE,

@@ -50,7 +50,7 @@ def main() -> None:
     print(f"calibration: {args.n_calib} noises (seed {CALIB_SEED}, half train / half validation); "
           f"held-out: {args.n_test} noises (seed {TEST_SEED}); mean per-sample RMSE to the teacher\n")
     others = [m for m in ("gits", "oss") if m in METHODS]
-    policies = ["route", "residual"]
+    policies = ["route", "residual", "auto"]
     cols = ["karras", *others, "ld3", *policies]
     print(f"| model | solver | NFE | {' | '.join(cols)} | instance < ld3 < karras | instance < best DP "
           f"| k | oss s | ld3 s (calls) | instance phi s (calls) |")

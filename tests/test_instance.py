@@ -208,7 +208,10 @@ def test_route_save_load_and_fallback(routed, tmp_path):
     calib = fewstep.noise(64, den.shape, den.sigma_max, seed=0)
     gated = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, clusters=[2], gate=float("inf"),
                              teacher=fewstep.Teacher(den, steps=32))
-    assert not gated.metadata["training"]["phi_kept"]  # no gain passes an infinite gate: the global schedule
+    tr = gated.metadata["training"]  # the default policy, auto: both kinds trained, the lower validation kept
+    assert set(tr["valid_by_policy"]) == {"route", "residual"}
+    assert tr["policy"] == min(tr["valid_by_policy"], key=tr["valid_by_policy"].get)
+    assert not tr["phi_kept"]  # no gain passes an infinite gate: the global schedule
     assert torch.allclose(gated.sigmas_for(x), ld3.sigmas[:, None].expand(4, 64), rtol=1e-9)
     with pytest.raises(ValueError, match="clusters"):
         fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, clusters=[1])

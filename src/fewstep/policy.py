@@ -104,7 +104,7 @@ class SchedulePolicy:
     """
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
-        self.config = {"policy": "residual", **config}
+        self.config, self.metadata = {"policy": "residual", **config}, dict(metadata)
         kind = self.config["policy"]
         if kind == "residual":
             self.net = PhiNet(config["shape"], config["n_logits"], config["hidden"], config["max_inputs"],
@@ -116,7 +116,6 @@ class SchedulePolicy:
             raise ValueError(f"policy must be 'residual' or 'route', got {kind!r}")
         if state is not None:
             self.net.load_state_dict(state)
-        self.metadata = dict(metadata)
 
     @property
     def solver(self) -> str | None:

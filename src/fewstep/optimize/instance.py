@@ -30,7 +30,7 @@ from .ld3 import (ITERS, LOSS, LR, PATIENCE, STARTS, check_options, default_radi
                   sigmas_from_logits)
 
 HIDDEN, COMPONENTS, SAMPLES, WEIGHT_DECAY, GATE = 64, 16, 0, 0.0, 2.0
-POLICY, CLUSTERS = "route", (2, 3, 4)
+POLICY, CLUSTERS = "auto", (2, 3, 4)
 
 
 def global_logits(init: Schedule, ctx: Calibration, solver: str, nfe: int, learn_last: bool):
@@ -174,8 +174,8 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
 
     ``policy``: 'route' (cluster the training samples by their teacher endpoints, one LD3 schedule per
     cluster, a linear classifier x_T -> cluster; the number of clusters is the one of ``clusters`` with
-    the lowest validation error) or 'residual' (an MLP's residual logits, ``hidden`` wide, trained with
-    AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``).
+    the lowest validation error), 'residual' (an MLP's residual logits, ``hidden`` wide, trained with
+    AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``) or 'auto' (both; the lower validation error).
     Options: ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and
     nfe, ending at 0) instead of learning one here (on the calibration batch, with the ld3 defaults
     and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``); ``samples``: phi
@@ -187,10 +187,10 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     """
     if int(samples) != samples or samples < 0:
         raise ValueError(f"samples must be a non-negative integer, got {samples!r}")
-    if policy not in ("route", "residual"):
-        raise ValueError(f"policy must be 'route' or 'residual', got {policy!r}")
+    if policy not in ("route", "residual", "auto"):
+        raise ValueError(f"policy must be 'route', 'residual' or 'auto', got {policy!r}")
     clusters = [int(k) for k in ([clusters] if isinstance(clusters, int) else clusters)]
-    if policy == "route" and (not clusters or min(clusters) < 2):
+    if policy != "residual" and (not clusters or min(clusters) < 2):
         raise ValueError(f"clusters must be numbers of clusters >= 2, got {clusters!r}")
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     if init is None:
@@ -208,7 +208,7 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     n_train, _ = check_options(loss, valid, ctx.x.shape[0])
     torch.manual_seed(seed)
     config = {"shape": list(ctx.x.shape[1:]), "steps": steps, "n_logits": logits.numel(), "learn_last": learn_last,
-              "policy": policy, "max_inputs": int(max_inputs), "components": int(components),
+              "max_inputs": int(max_inputs), "components": int(components),
               "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": opts}
     y_train = ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train]
 
@@ -223,10 +223,11 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
         return pol
 
     glob = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
-    if policy == "route":
+
+    def train_route() -> tuple[SchedulePolicy, dict]:
         tried = []
         for k in clusters:
-            pol = new_policy(clusters=k)
+            pol = new_policy(policy="route", clusters=k)
             rec = route(ctx, solver, opts, pol, logits, n_train, loss=loss, radius=radius, learn_last=learn_last,
                         seed=seed)
             rec["valid_best"] = float(valid_losses(ctx, solver, opts, pol, loss, n_train).mean())
@@ -235,22 +236,30 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
         record.update(n_train=n_train, n_valid=ctx.x.shape[0] - n_train,
                       valid_init=float(valid_losses(ctx, solver, opts, glob, loss, n_train).mean()),
                       valid_by_clusters={k: round(v, 6) for v, k, _, _ in tried})
-    else:
-        pol = new_policy(hidden=int(hidden))
+        return pol, record
+
+    def train_residual() -> tuple[SchedulePolicy, dict]:
+        pol = new_policy(policy="residual", hidden=int(hidden))
         with torch.no_grad():
             pol.net.global_logits.copy_(logits)
-        record = fit(ctx, solver, opts, pol.sigmas, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
-                     iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
-                     desc=f"instance {solver} nfe={nfe}")
+        return pol, fit(ctx, solver, opts, pol.sigmas, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
+                        iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
+                        desc=f"instance {solver} nfe={nfe}")
+
+    trained = [train() for kind, train in (("route", train_route), ("residual", train_residual))
+               if policy in (kind, "auto")]
+    pol, record = min(trained, key=lambda t: t[1]["valid_best"])  # auto: the lower validation error
+    if policy == "auto":
+        record["valid_by_policy"] = {p.config["policy"]: r["valid_best"] for p, r in trained}
     z = significance(ctx, solver, opts, pol, glob, loss, n_train)
     if z < gate:  # not a clear gain on validation: the global schedule
         with torch.no_grad():
-            if policy == "route":
+            if pol.config["policy"] == "route":
                 pol.net.cluster_logits.copy_(logits.expand_as(pol.net.cluster_logits))
             else:  # phi's residual set to zero
                 pol.net.mlp[-1].weight.zero_()
                 pol.net.mlp[-1].bias.zero_()
-    record.update(policy=policy, gate_z=round(z, 3), phi_kept=z >= gate, init=f"ld3 ({global_record['init']})",
+    record.update(policy=pol.config["policy"], gate_z=round(z, 3), phi_kept=z >= gate, init=f"ld3 ({global_record['init']})",
                   ld3_valid_best=global_record["valid_best"], ld3_reused=global_record.get("reused", False),
                   teacher_calls=ctx.teacher.calls - teacher_calls0, student_calls=ctx.denoiser.calls - student_calls0,
                   seconds=round(time.perf_counter() - start, 3))

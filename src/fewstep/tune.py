@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .evaluate import CALIB_SEED, TEST_SEED, noise
 from .metrics import rmse, summarize
 from .models.builtin import model_info
-from .optimize import METHODS, TUNE_OPTIONS, _load_methods, optimize
+from .optimize import METHODS, QUICK_OPTIONS, TUNE_OPTIONS, _load_methods, optimize
 from .sample import nfe as count_nfe, plan, sample
 from .schedules import BUILTIN_SCHEDULES, Schedule, builtin, write_atomic
 from .solvers import SOLVERS
@@ -125,7 +125,8 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id or info["name"],
                                  cache_dir=Path(outdir) / "teacher" if outdir else None, progress=progress)
     ref = teacher.solve(x_test, info["sigma_max"])
-    method_options = {m: {**TUNE_OPTIONS.get(m, {}), **(method_options or {}).get(m, {})} for m in METHODS}
+    method_options = {m: {**TUNE_OPTIONS[m], **(QUICK_OPTIONS[m] if quick else {}), **(method_options or {}).get(m, {})}
+                      for m in METHODS}
     key = {"model": model_id or info["name"], "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED,
            "test_seed": TEST_SEED, "teacher_steps": teacher.steps, "method_options": method_options}
     out = Path(outdir) if outdir else None

@@ -29,15 +29,17 @@ METHODS: dict[str, Callable] = {}
 # Options ``fewstep.tune`` passes to a method by default (cheaper settings where a method offers them;
 # the user's ``method_options`` override them).
 TUNE_OPTIONS: dict[str, dict] = {}
+QUICK_OPTIONS: dict[str, dict] = {}  # and on top of those for ``tune --quick``
 # Results shared between calls on the same denoiser and calibration batch (e.g. SDM's step search,
 # which does not depend on the solver or the NFE), dropped with the denoiser.
 _MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 
-def register(name: str, tune_options: dict | None = None) -> Callable:
+def register(name: str, tune_options: dict | None = None, quick_options: dict | None = None) -> Callable:
     def deco(fn: Callable) -> Callable:
         METHODS[name] = fn
         TUNE_OPTIONS[name] = dict(tune_options or {})
+        QUICK_OPTIONS[name] = dict(quick_options or {})
         return fn
     return deco
 

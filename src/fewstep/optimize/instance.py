@@ -162,10 +162,11 @@ def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePoli
     return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
-@register("instance", tune_options={"oss_grid": 40, "iters": 100, "patience": 15})  # oss_grid as ld3's: tune's ld3 result is reused
+@register("instance", tune_options={"oss_grid": 40, "policy": "residual", "iters": 40, "patience": 8},
+          quick_options={"ld3_iters": 10, "iters": 10, "patience": 5})
 def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, clusters: Sequence[int] = CLUSTERS,
              loss: str = LOSS, radius: float | None = None,
-             learn_last: bool = True, starts: int = STARTS, oss_grid: int = DEFAULT_SIZE,
+             learn_last: bool = True, starts: int = STARTS, oss_grid: int = DEFAULT_SIZE, ld3_iters: int = ITERS,
              init: Schedule | None = None, hidden: int = HIDDEN,
              max_inputs: int = 256, components: int = COMPONENTS, samples: int = SAMPLES, lr: float = 3e-3,
              weight_decay: float = WEIGHT_DECAY, iters: int = 300, patience: int = 30, gate: float = GATE,
@@ -178,7 +179,8 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``) or 'auto' (both; the lower validation error).
     Options: ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and
     nfe, ending at 0) instead of learning one here (on the calibration batch, with the ld3 defaults
-    and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``); ``samples``: phi
+    and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``, and
+    ``ld3_iters`` as its ``iters``); ``samples``: phi
     trains on the calibration batch extended with fresh seeded noises to at least this many (the
     teacher solves them); ``max_inputs`` (x_T is average-pooled to at most this many features),
     ``components`` (principal directions phi's features are projected on);
@@ -196,7 +198,7 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     if init is None:
         logits, steps, opts, global_record = learn_global(ctx, solver, nfe, loss=loss, radius=radius,
                                                           learn_last=learn_last, starts=starts, oss_grid=oss_grid,
-                                                          valid=valid, seed=seed)
+                                                          iters=ld3_iters, valid=valid, seed=seed)
     else:
         logits, steps, opts = global_logits(init, ctx, solver, nfe, learn_last)
         global_record = {"init": "given schedule", "valid_best": None}

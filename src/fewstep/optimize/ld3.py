@@ -231,7 +231,8 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, r
     return logits.clone(), steps, opts, {**record, "reused": reused}
 
 
-@register("ld3", tune_options={"oss_grid": 40})  # the grid fewstep.tune's own OSS cells use: their result is reused
+# tune: the OSS grid of tune's own oss cells, and (quick) the iters instance's global stage uses: both reused
+@register("ld3", tune_options={"oss_grid": 40}, quick_options={"iters": 10})
 def ld3(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, radius: float | None = None,
         learn_last: bool = True, starts: int = STARTS, oss: bool = True, oss_grid: int = DEFAULT_SIZE,
         lr: float = LR, iters: int = ITERS,

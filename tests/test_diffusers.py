@@ -361,3 +361,22 @@ def test_docs_models_examples_run():
     for i, block in enumerate(blocks):
         exec(compile(block, f"models.md[block {i}]", "exec"), namespace)
     assert namespace["digits"].shape == (16, 1, 8, 8) and namespace["images"].shape == (4, 8, 8, 1)
+
+
+def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
+    """fewstep.tune's best/nfe-<N>.json runs in DDPMPipeline through FewstepScheduler, at exactly N calls."""
+    unet, config = digits_unet
+    den = fewstep.load_model("digits-unet")
+    fewstep.tune(den, nfe=[4], methods=["karras", "oss"], solvers=["dpmpp_2m", "heun"], outdir=tmp_path,
+                 n_calib=8, n_test=8, teacher=fewstep.Teacher(den, steps=64, sigma_min=den.sigma_min),
+                 progress=False, report=False)
+    best = fewstep.Schedule.load(tmp_path / "best" / "nfe-4.json")
+    scheduler = fewstep.FewstepScheduler.from_schedule(best, config)
+    assert len(scheduler.timesteps) == fewstep.nfe(best) == 4
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=best.steps,
+               output_type="pt").images
+    n = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + best.sigma_max ** 2), best)
+    assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 2e-5

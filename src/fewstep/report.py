@@ -61,11 +61,13 @@ def plot_heatmap(cells: list[dict], k: int, path: Path) -> str:
     im = ax.imshow(grid.numpy(), cmap="viridis_r", aspect="auto")
     ax.set_xticks(range(len(solvers)), solvers, rotation=40, ha="right", fontsize=8)
     ax.set_yticks(range(len(methods)), methods, fontsize=8)
+    lo, hi = im.get_clim()
     for i in range(len(methods)):
         for j in range(len(solvers)):
             v = grid[i, j].item()
+            dark = not math.isnan(v) and (v - lo) > 0.5 * (hi - lo)  # viridis_r: high values are dark
             ax.text(j, i, "skip" if math.isnan(v) else f"{10 ** v:.3g}", ha="center", va="center", fontsize=6,
-                    color="grey" if math.isnan(v) else "white")
+                    color="grey" if math.isnan(v) else ("white" if dark else "black"))
     fig.colorbar(im, ax=ax, label="log10 held-out RMSE")
     ax.set_xlabel("solver")
     ax.set_ylabel("method")

@@ -43,8 +43,8 @@ def main() -> None:
     methods = args.methods.split(",") if args.methods else BASELINES + sorted(METHODS)
     solvers, nfes = args.solvers.split(","), [int(v) for v in args.nfe.split(",")]
     print(describe())
-    print(f"calibration n={args.n_calib} (seed 0), held-out n={args.n_test} (seed 1), teacher "
-          f"{DEFAULT_STEPS} Heun steps; mean held-out RMSE to the teacher")
+    print(f"calibration n={args.n_calib} (seed 0), held-out n={args.n_test} (seed 1), teacher: each model's "
+          f"teacher_steps Heun steps, else {DEFAULT_STEPS}; mean held-out RMSE to the teacher")
     head = f"{'model':12} {'solver':9} {'nfe':>3} | " + " ".join(f"{m[:10]:>10}" for m in methods)
     print(head + f" | {'best':>14} {'/base':>6}")
     for model in args.models.split(","):

@@ -13,14 +13,19 @@ def config(shape=(2,), steps=3, **kw):
             "max_inputs": 256, "components": 4, "sigma_min": 0.002, "sigma_max": 80.0, "solver": "ipndm", "solver_options": {}, **kw}
 
 
+def _ld3_and_policy(model: str, teacher_steps: int, n: int, policy: str):
+    """A model, its teacher, and the ld3 schedule and instance policy for ipndm at NFE 3 (seed-0 noises)."""
+    den = fewstep.load_model(model)
+    teacher = fewstep.Teacher(den, steps=teacher_steps)
+    calib = fewstep.noise(n, den.shape, den.sigma_max, seed=0)
+    ld3 = fewstep.optimize(den, "ld3", "ipndm", 3, calib=calib, teacher=teacher)
+    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, policy=policy)
+    return den, teacher, ld3, pol
+
+
 @pytest.fixture(scope="module")
 def trained():
-    den = fewstep.load_model("gmm2d")
-    teacher = fewstep.Teacher(den, steps=256)
-    calib = fewstep.noise(256, den.shape, den.sigma_max, seed=0)
-    ld3 = fewstep.optimize(den, "ld3", "ipndm", 3, calib=calib, teacher=teacher)
-    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, policy="residual")
-    return den, teacher, ld3, pol
+    return _ld3_and_policy("gmm2d", 256, 256, "residual")
 
 
 def test_untrained_policy_is_the_global_schedule():
@@ -175,12 +180,7 @@ def test_kmeans_finds_separated_clusters():
 
 @pytest.fixture(scope="module")
 def routed():
-    den = fewstep.load_model("gmm-scales")
-    teacher = fewstep.Teacher(den, steps=128)
-    calib = fewstep.noise(512, den.shape, den.sigma_max, seed=0)
-    ld3 = fewstep.optimize(den, "ld3", "ipndm", 3, calib=calib, teacher=teacher)
-    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, teacher=teacher, policy="route")
-    return den, teacher, ld3, pol
+    return _ld3_and_policy("gmm-scales", 128, 512, "route")
 
 
 def test_route_policy_beats_ld3_on_gmm_scales(routed):

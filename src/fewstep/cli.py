@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .evaluate import CALIB_SEED, TEST_SEED, evaluate, noise
 from .models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, load_model, model_info
-from .sample import DenoiserError, plan, sample
-from .schedules import BUILTIN_SCHEDULES, Schedule, builtin, write_atomic
+from .sample import DenoiserError, sample
+from .schedules import BUILTIN_SCHEDULES, Schedule, write_atomic
 from .solvers import SOLVERS
 from .teacher import Teacher
+from .tune import all_methods, baseline, tune
 
 DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
@@ -75,12 +76,6 @@ def _load(args):
     return den, info, teacher
 
 
-def _schedule_for(name: str, solver: str, nfe: int, info: dict) -> Schedule:
-    steps, options = plan(solver, nfe)
-    sched = builtin(name, steps, sigma_min=info["sigma_min"], sigma_max=info["sigma_max"])
-    return sched.with_metadata(solver=solver, solver_options=options, nfe=nfe)
-
-
 def _print_table(rows: list[dict], cols: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in cols}
     print("  ".join(c.ljust(widths[c]) for c in cols))
@@ -99,7 +94,7 @@ def cmd_demo(args) -> int:
     rows = []
     cells = [(s, sol, k) for k in args.nfe for s in args.schedules for sol in args.solvers]
     for sched_name, solver, k in tqdm(cells, desc="demo", disable=args.json):
-        res = evaluate(den, _schedule_for(sched_name, solver, k, info), x=x, teacher=teacher)
+        res = evaluate(den, baseline(sched_name, solver, k, info), x=x, teacher=teacher)
         rows.append({"nfe": k, "schedule": sched_name, "solver": solver, **res})
     if args.json:
         print(json.dumps({"model": info["name"], "n": args.n, "seed": TEST_SEED, "rows": rows}, indent=2))
@@ -121,7 +116,7 @@ def _load_schedule(args, info) -> Schedule:
         raise SystemExit("error: give --schedule FILE, or --builtin NAME with --nfe N and --solver S")
     if not args.solver:
         raise SystemExit("error: --builtin needs --solver")
-    return _schedule_for(args.builtin, args.solver, args.nfe, info)
+    return baseline(args.builtin, args.solver, args.nfe, info)
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
@@ -180,15 +175,14 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .report import _improvement_rows
-    from .tune import tune
+    from .report import improvement_rows  # matplotlib: imported only when a report is made
 
     den, info, teacher = _load(args)
     summary = tune(den, nfe=args.nfe, methods=args.methods or "all", solvers=args.solvers or "all",
                    outdir=args.output, quick=args.quick, n_calib=args.n_calib, n_test=args.n_test,
                    shape=info["shape"], sigma_min=info["sigma_min"], sigma_max=info["sigma_max"],
                    teacher=teacher, progress=not args.json, model_id=_model_id(args.model))
-    rows = _improvement_rows(summary)
+    rows = improvement_rows(summary)
     if args.json:
         print(json.dumps({"output": str(args.output), "best": rows}, indent=2))
         return 0
@@ -244,8 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--options", help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
     o.add_argument("-o", "--output", default="schedule.json")
     o.set_defaults(func=cmd_optimize)
-
-    from .tune import all_methods
 
     t = sub.add_parser("tune", help="every method x solver x NFE on held-out noises: best schedule per NFE + report")
     _add_model_args(t)

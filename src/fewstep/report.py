@@ -147,7 +147,7 @@ def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Te
     return _save(fig, path)
 
 
-def _improvement_rows(summary: dict) -> list[dict]:
+def improvement_rows(summary: dict) -> list[dict]:
     rows = []
     for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
         win, base = entry["winner"], entry["best_baseline"]
@@ -173,7 +173,7 @@ def _markdown(summary: dict, images: dict[str, str]) -> str:
              "## Best schedule per NFE", "",
              "| NFE | best | mean RMSE [95% CI] | best baseline | its mean [95% CI] | ratio |",
              "|---|---|---|---|---|---|"]
-    for r in _improvement_rows(summary):
+    for r in improvement_rows(summary):
         lines.append(f"| {r['nfe']} | {r['winner']} | {r['mean']:.4g} [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}] | "
                      f"{r.get('baseline', '-')} | " + (f"{r['base_mean']:.4g} [{r['base_ci'][0]:.4g}, {r['base_ci'][1]:.4g}] | "
                                                         f"{r['ratio']:.3f} |" if "ratio" in r else "- | - |"))

@@ -37,7 +37,8 @@ def refine(grid: torch.Tensor, substeps: int, rho: float = RHO) -> list[torch.Te
     return out
 
 
-def _key(*parts) -> str:
+def content_key(*parts) -> str:
+    """A short hash of tensors (their bytes) and other values (their repr)."""
     h = hashlib.sha1()
     for p in parts:
         h.update(p.detach().cpu().contiguous().numpy().tobytes() if isinstance(p, torch.Tensor) else repr(p).encode())
@@ -71,7 +72,7 @@ class Teacher:
         ``[len(grid), batch, ...]`` float64, solved with ``substeps`` Heun steps per interval."""
         grid = check_sigmas(grid)
         substeps = substeps or max(1, self.steps // max(1, len(grid) - 1))
-        key = _key(self.model_id, x.to(torch.float64), grid, substeps)
+        key = content_key(self.model_id, x.to(torch.float64), grid, substeps)
         if key in self._memory:
             return self._memory[key]
         file = self.cache_dir / f"teacher-{key}.pt" if self.cache_dir else None

@@ -52,7 +52,8 @@ def _cell_name(k: int, method: str, solver: str) -> str:
     return f"nfe{k}-{method}-{solver}"
 
 
-def _baseline(method: str, solver: str, k: int, info: dict) -> Schedule:
+def baseline(method: str, solver: str, k: int, info: dict) -> Schedule:
+    """The built-in schedule ``method`` for ``solver`` at exactly ``k`` calls, on the model's sigma range."""
     steps, options = plan(solver, k)
     sched = builtin(method, steps, sigma_min=info["sigma_min"], sigma_max=info["sigma_max"])
     return sched.with_metadata(solver=solver, solver_options=options, nfe=k)
@@ -61,7 +62,7 @@ def _baseline(method: str, solver: str, k: int, info: dict) -> Schedule:
 def _run_cell(den, method, solver, k, info, calib, x_test, ref, teacher, method_options) -> tuple[dict, Any]:
     start = time.perf_counter()
     if method in BUILTIN_SCHEDULES:
-        sched = _baseline(method, solver, k, info)
+        sched = baseline(method, solver, k, info)
         calib_calls, calib_seconds = 0, 0.0
     else:
         sched = optimize(den, method, solver, k, calib=calib, teacher=teacher, sigma_min=info["sigma_min"],
@@ -197,7 +198,7 @@ def _write_best(out: Path, summary: dict, info: dict) -> None:
         if "schedule_file" in win:
             sched = Schedule.load(out / "schedules" / win["schedule_file"])
         else:
-            sched = _baseline(win["method"], win["solver"], win["nfe"], info)
+            sched = baseline(win["method"], win["solver"], win["nfe"], info)
         if policy is not None:
             meta["better_policy"] = {"file": f"nfe-{k}-policy.pt", "method": policy["method"],
                                      "solver": policy["solver"], "mean": policy["mean"]}

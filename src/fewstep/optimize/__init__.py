@@ -8,13 +8,12 @@ an object with ``sigmas_for(x)`` (a per-sample schedule policy).
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import pkgutil
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -23,7 +22,7 @@ from ..distributed import broadcast
 from ..evaluate import CALIB_SEED, noise
 from ..models.builtin import model_info
 from ..sample import CheckedDenoiser, get_solver, nfe as count_nfe
-from ..teacher import Teacher
+from ..teacher import Teacher, content_key
 
 METHODS: dict[str, Callable] = {}
 # Options ``fewstep.tune`` passes to a method by default (cheaper settings where a method offers them;
@@ -55,16 +54,11 @@ class Calibration:
     teacher: Teacher
     seed: int
     progress: bool = False
-    info: dict = field(default_factory=dict)
-
-    @property
-    def calls(self) -> int:
-        return self.denoiser.calls + self.teacher.calls
 
     def memo(self, name: str, settings: Any, compute: Callable[[], Any]) -> Any:
         """``compute()`` once per (denoiser, calibration batch, ``name``, ``settings``); later calls on
         the same denoiser and batch reuse the result (denoisers that cannot be weakly referenced: no reuse)."""
-        key = (name, repr(settings), self.x.shape, hashlib.sha1(self.x.cpu().numpy().tobytes()).hexdigest())
+        key = (name, content_key(repr(settings), tuple(self.x.shape), self.x))
         try:
             table = _MEMO.setdefault(self.denoiser.denoiser, {})
         except TypeError:
@@ -117,7 +111,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
         raise ValueError(f"calibration batch must have shape [n, {', '.join(map(str, info['shape']))}], got {got}")
     teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress)
     ctx = Calibration(CheckedDenoiser(denoiser), calib.to(torch.float64), info["sigma_min"], info["sigma_max"],
-                      teacher, seed, progress, info)
+                      teacher, seed, progress)
     teacher_calls0 = teacher.calls
     start = time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's

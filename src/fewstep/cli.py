@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import os
 import platform
@@ -132,7 +133,7 @@ def cmd_sample(args) -> int:
     sched = _load_schedule(args, info)
     x = noise(args.n, info["shape"], sched.sigma_max, args.seed)
     out = sample(den, x, sched, args.solver, progress=True)
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     torch.save({"samples": out, "sigmas": sched.sigmas, "metadata": sched.metadata, "seed": args.seed}, buf)
     write_atomic(args.output, buf.getvalue())
     print(json.dumps({"output": str(args.output), "n": args.n, "shape": list(out.shape)}) if args.json

@@ -119,6 +119,8 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, options),
                       lambda: broadcast(METHODS[method](ctx, solver, int(nfe), **options)))
     seconds = time.perf_counter() - start
+    from .. import __version__ as fewstep_version  # at call time: the package is fully imported by then
+
     record = {
         "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],
         "params": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
@@ -126,7 +128,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
             "calib_n": int(calib.shape[0]), "calib_seed": seed, "seconds": round(seconds, 3),
             "denoiser_calls": ctx.denoiser.calls + teacher.calls - teacher_calls0,
             "teacher_steps": teacher.steps, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
-            "fewstep": __import__("fewstep").__version__,
+            "fewstep": fewstep_version,
         },
     }
     if hasattr(result, "sigmas_for"):

@@ -66,11 +66,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-max", type=float, help="largest sigma (default: the model's, else 80)")
     p.add_argument("--teacher-steps", type=int,
                    help="Heun steps of the reference solve (default: the model's teacher_steps, else 512)")
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (default: a built-in model on CUDA when available; a user "
+                        "model where its factory put it), cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
 
 def _load(args):
-    den = load_model(args.model)
+    user_auto = args.device == "auto" and args.model not in BUILTIN_MODELS
+    den = load_model(args.model, None if user_auto else args.device)
     info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
     teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
                       model_id=_model_id(args.model), progress=True)
@@ -90,7 +94,7 @@ def _fmt(v) -> str:
 
 def cmd_demo(args) -> int:
     den, info, teacher = _load(args)
-    x = noise(args.n, info["shape"], info["sigma_max"], TEST_SEED)
+    x = noise(args.n, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"])
     teacher.solve(x, info["sigma_max"])
     rows = []
     cells = [(s, sol, k) for k in args.nfe for s in args.schedules for sol in args.solvers]
@@ -131,8 +135,8 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args) -> int:
     den, info, _ = _load(args)
     sched = _load_schedule(args, info)
-    x = noise(args.n, info["shape"], sched.sigma_max, args.seed)
-    out = sample(den, x, sched, args.solver, progress=True)
+    x = noise(args.n, info["shape"], sched.sigma_max, args.seed, device=info["device"])
+    out = sample(den, x, sched, args.solver, progress=True).cpu()
     buf = io.BytesIO()
     torch.save({"samples": out, "sigmas": sched.sigmas, "metadata": sched.metadata, "seed": args.seed}, buf)
     write_atomic(args.output, buf.getvalue())

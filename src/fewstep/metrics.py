@@ -1,4 +1,6 @@
-"""Error measures: per-sample RMSE to the teacher, summaries with bootstrap intervals, W2 distances."""
+"""Error measures: per-sample RMSE to the teacher, summaries with bootstrap intervals, W2 distances.
+
+RMSE is computed where the samples are; summaries and distances on the CPU (seeded, scipy)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def bootstrap_ci(values: torch.Tensor, stat=torch.mean, n_boot: int = 1000, leve
                  seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``stat`` over ``values`` (seeded, so reproducible)."""
     g = torch.Generator().manual_seed(seed)
-    v = values.to(torch.float64).flatten()
+    v = values.detach().to("cpu", torch.float64).flatten()
     idx = torch.randint(0, v.numel(), (n_boot, v.numel()), generator=g)
     boots = stat(v[idx], dim=1) if stat is torch.mean else torch.stack([stat(row) for row in v[idx]])
     lo, hi = torch.quantile(boots, torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64))
@@ -26,7 +28,7 @@ def bootstrap_ci(values: torch.Tensor, stat=torch.mean, n_boot: int = 1000, leve
 
 def summarize(errors: torch.Tensor, ci: bool = False) -> dict:
     """mean / median / p90 (and optionally a bootstrap 95% interval of the mean) of per-sample errors."""
-    e = errors.to(torch.float64).flatten()
+    e = errors.detach().to("cpu", torch.float64).flatten()
     out = {"mean": float(e.mean()), "median": float(e.median()), "p90": float(torch.quantile(e, 0.9)), "n": e.numel()}
     if ci:
         out["mean_ci95"] = list(bootstrap_ci(e))
@@ -39,7 +41,7 @@ def w2_exact(a: torch.Tensor, b: torch.Tensor) -> float:
 
     if a.shape != b.shape:
         raise ValueError(f"W2 needs equal-size sets of equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a2, b2 = a.reshape(a.shape[0], -1).to(torch.float64), b.reshape(b.shape[0], -1).to(torch.float64)
+    a2, b2 = (t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64) for t in (a, b))
     cost = torch.cdist(a2, b2).pow(2)
     rows, cols = linear_sum_assignment(cost.numpy())
     return float(cost[rows, cols].mean().sqrt())
@@ -49,7 +51,7 @@ def sliced_w2(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: in
     """Sliced W2: root mean over random directions of the 1-D W2 between the projected sets."""
     if a.shape != b.shape:
         raise ValueError(f"sliced W2 needs equal-size sets, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a2, b2 = a.reshape(a.shape[0], -1).to(torch.float64), b.reshape(b.shape[0], -1).to(torch.float64)
+    a2, b2 = (t.detach().reshape(t.shape[0], -1).to("cpu", torch.float64) for t in (a, b))
     g = torch.Generator().manual_seed(seed)
     dirs = torch.randn(a2.shape[1], projections, dtype=torch.float64, generator=g)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)

@@ -97,7 +97,7 @@ def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path:
     trajectory's top-2 principal directions."""
     x = x[:n]
     fine = karras(64, teacher.sigma_min, float(sched.sigmas[0])).sigmas
-    traj = teacher.trajectory(x, fine, substeps=4).flatten(2)  # [T, n, d]
+    traj = teacher.trajectory(x, fine, substeps=4).flatten(2).cpu()  # [T, n, d]
     states = _student_states(denoiser, x, sched)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2))
     for i, ax in enumerate(axes if n > 1 else [axes]):
@@ -121,7 +121,7 @@ def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path:
 def _student_states(denoiser, x, sched: Schedule) -> torch.Tensor:
     states = []
     out = sample(denoiser, x, sched, callback=lambda d: states.append(d["x"].flatten(1).to(torch.float64)))
-    return torch.stack(states + [out.flatten(1).to(torch.float64)])
+    return torch.stack(states + [out.flatten(1).to(torch.float64)]).cpu()
 
 
 def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Tensor, out: Path, path: Path,
@@ -137,7 +137,7 @@ def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Te
     for r, (label, imgs) in enumerate(rows):
         for c in range(n):
             ax = axes[r, c]
-            img = ((imgs[c].to(torch.float64).clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
+            img = ((imgs[c].to("cpu", torch.float64).clamp(-1, 1) + 1) / 2).permute(1, 2, 0)
             ax.imshow(img.squeeze(-1).numpy() if shape[0] == 1 else img.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -78,7 +78,7 @@ class CheckedDenoiser:
         self.calls = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        sig = sigma.to(x.dtype)
+        sig = sigma.to(device=x.device, dtype=x.dtype)
         sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
         out = self.denoiser(x, sig)
         self.calls += 1

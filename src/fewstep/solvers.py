@@ -19,15 +19,15 @@ Callback = Callable[[dict], None] | None
 
 
 def _b(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A scalar or per-sample coefficient, broadcastable against x and in x's dtype."""
-    c = c.to(x.dtype)
+    """A scalar or per-sample coefficient, broadcastable against x, on x's device and in its dtype."""
+    c = c.to(device=x.device, dtype=x.dtype)
     return c.reshape(-1, *([1] * (x.ndim - 1))) if c.ndim else c
 
 
 def _per_step(c: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-step coefficients ([steps] or [steps, batch], float64) as one coefficient per step in x's
-    dtype, broadcastable against x: cast and reshaped once per solve rather than once per step."""
-    c = c.to(x.dtype)
+    dtype and device, broadcastable against x: cast and reshaped once per solve rather than once per step."""
+    c = c.to(device=x.device, dtype=x.dtype)
     return (c.reshape(*c.shape, *([1] * (x.ndim - 1))) if c.ndim > 1 else c).unbind(0)
 
 

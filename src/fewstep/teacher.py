@@ -78,7 +78,7 @@ class Teacher:
         file = self.cache_dir / f"teacher-{key}.pt" if self.cache_dir else None
         if file is not None and file.exists():
             try:
-                traj = torch.load(file, weights_only=True)
+                traj = torch.load(file, weights_only=True).to(x.device)
                 if traj.shape == (len(grid), *x.shape):
                     self._memory[key] = traj
                     return traj
@@ -89,7 +89,7 @@ class Teacher:
         self._memory[key] = traj
         if file is not None:
             buf = io.BytesIO()
-            torch.save(traj, buf)
+            torch.save(traj.cpu(), buf)
             write_atomic(file, buf.getvalue())
         return traj
 

@@ -121,8 +121,8 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
         raise ValueError(f"unknown solver(s) {bad}; known: {list(SOLVERS)}")
     info = model_info(denoiser, shape, sigma_min, sigma_max)
     n_calib, n_test = n_calib or sizes.n_calib, n_test or sizes.n_test
-    calib = noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED)
-    x_test = noise(n_test, info["shape"], info["sigma_max"], TEST_SEED)
+    calib = noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"])
+    x_test = noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"])
     teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id or info["name"],
                                  cache_dir=Path(outdir) / "teacher" if outdir else None, progress=progress)
     ref = teacher.solve(x_test, info["sigma_max"])

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from .device import model_device, to_device
 from .reference import EmpiricalDenoiser, GaussianMixture
 
 
@@ -112,10 +113,11 @@ BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64"
 DEFAULT_MODEL = "digits-unet"
 
 
-def load_model(spec: str) -> Callable:
-    """A built-in model by name, or ``path/to/file.py:factory`` (a function returning a denoiser)."""
+def load_model(spec: str, device: str | None = None) -> Callable:
+    """A built-in model by name, or ``path/to/file.py:factory`` (a function returning a denoiser);
+    moved to ``device`` if given ('auto': CUDA when available; ``models.device.to_device``)."""
     if spec in BUILTIN_MODELS:
-        return BUILTIN_MODELS[spec]()
+        return to_device(BUILTIN_MODELS[spec](), device)
     if ":" not in spec:
         raise ValueError(f"unknown model {spec!r}; built-in: {', '.join(BUILTIN_MODELS)}, or give path/to/file.py:factory")
     path, _, factory = spec.rpartition(":")
@@ -137,11 +139,12 @@ def load_model(spec: str) -> Callable:
             den.name = f"{file.name}:{factory}"
         except AttributeError:
             pass
-    return den
+    return to_device(den, device)
 
 
 def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dict:
-    """Shape, sigma range and id of a denoiser: explicit values first, then its attributes, then EDM defaults."""
+    """Shape, sigma range, id and device of a denoiser: explicit values first, then its attributes, then
+    EDM defaults (the device: ``models.device.model_device``)."""
     shape = shape if shape is not None else getattr(den, "shape", None)
     if shape is None:
         raise ValueError("the model has no .shape attribute: give the sample shape, e.g. shape=(3, 32, 32)")
@@ -150,6 +153,7 @@ def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dic
         "sigma_min": float(sigma_min if sigma_min is not None else getattr(den, "sigma_min", 0.002)),
         "sigma_max": float(sigma_max if sigma_max is not None else getattr(den, "sigma_max", 80.0)),
         "name": str(getattr(den, "name", type(den).__name__)),
+        "device": str(model_device(den)),
     }
     if not 0 < info["sigma_min"] < info["sigma_max"]:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {info['sigma_min']} and {info['sigma_max']}")

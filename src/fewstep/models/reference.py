@@ -42,6 +42,16 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def to(self, device) -> "GaussianMixture":
+        """Move the mixture's tensors to ``device`` (in place)."""
+        for attr in ("means", "weights", "covs", "evals", "evecs"):
+            setattr(self, attr, getattr(self, attr).to(device))
+        return self
+
     def _components(self, xf: torch.Tensor, s2: torch.Tensor):
         """Eigenbasis coordinates z, variances lam + s2 and log N(x; mu_k, C_k + s2 I) per component."""
         z = torch.einsum("kde,bkd->bke", self.evecs, xf[:, None, :] - self.means[None])
@@ -61,13 +71,13 @@ class GaussianMixture:
     def log_prob(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """log density of x under the data distribution convolved with N(0, sigma^2 I)."""
         xf = x.reshape(x.shape[0], -1).to(torch.float64)
-        s2 = torch.full((xf.shape[0],), float(sigma) ** 2, dtype=torch.float64)
+        s2 = torch.full((xf.shape[0],), float(sigma) ** 2, dtype=torch.float64, device=xf.device)
         return torch.logsumexp(self._components(xf, s2)[2] + self.weights.log()[None], dim=1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n exact samples of x0, shape [n, *shape], float64."""
-        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        comp = torch.multinomial(self.weights.cpu(), n, replacement=True, generator=generator).to(self.device)
+        eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator).to(self.device)
         scaled = torch.einsum("nde,ne->nd", self.evecs[comp], self.evals[comp].sqrt() * eps)
         return (self.means[comp] + scaled).reshape(n, *self.shape)
 
@@ -90,6 +100,15 @@ class EmpiricalDenoiser:
         self.sq_norms = (self.data ** 2).sum(1)
         self.sigma_min, self.sigma_max, self.name = sigma_min, sigma_max, name
         self.chunk_elems = chunk_elems
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def to(self, device) -> "EmpiricalDenoiser":
+        """Move the data set to ``device`` (in place)."""
+        self.data, self.sq_norms = self.data.to(device), self.sq_norms.to(device)
+        return self
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]

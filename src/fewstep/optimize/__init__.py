@@ -105,12 +105,13 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     if info["sigma_min"] >= info["sigma_max"]:
         raise ValueError(f"sigma_min {info['sigma_min']} must be < sigma_max {info['sigma_max']}")
     if calib is None:
-        calib = noise(n, info["shape"], info["sigma_max"], seed)
+        calib = noise(n, info["shape"], info["sigma_max"], seed, device=info["device"])
     elif not isinstance(calib, torch.Tensor) or tuple(calib.shape[1:]) != info["shape"] or calib.shape[0] < 1:
         got = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
         raise ValueError(f"calibration batch must have shape [n, {', '.join(map(str, info['shape']))}], got {got}")
     teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress)
-    ctx = Calibration(CheckedDenoiser(denoiser), calib.to(torch.float64), info["sigma_min"], info["sigma_max"],
+    # The calibration states live where the denoiser computes (a CPU batch is moved to a GPU model).
+    ctx = Calibration(CheckedDenoiser(denoiser), calib.to(info["device"], torch.float64), info["sigma_min"], info["sigma_max"],
                       teacher, seed, progress)
     teacher_calls0 = teacher.calls
     start = time.perf_counter()

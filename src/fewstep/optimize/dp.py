@@ -107,9 +107,10 @@ def chunks(n: int, per_item: int, budget: int = 2 ** 22) -> list[slice]:
 
 
 def batch_rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``x``, ``ref`` of shape ``[c, batch, ...]``: per-candidate mean over the batch of per-sample RMSE."""
+    """``x``, ``ref`` of shape ``[c, batch, ...]``: per-candidate mean over the batch of per-sample RMSE,
+    on the CPU (where the DP's bookkeeping lives, whatever device the model runs on)."""
     diff = (x - ref).reshape(x.shape[0], x.shape[1], -1)
-    return diff.pow(2).mean(-1).sqrt().mean(-1)
+    return diff.pow(2).mean(-1).sqrt().mean(-1).cpu()
 
 
 def extend(nodes: torch.Tensor, paths: torch.Tensor, hi: int, score: Callable, per_item: int):

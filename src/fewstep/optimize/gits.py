@@ -147,7 +147,7 @@ def gits(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, subs
     # how much of an error at sigma_j reaches the sample: spread(x_0) / spread(x_sigma_j) over the batch,
     # exact for isotropic Gaussian data (x_0 - mu = s / sqrt(s^2 + sigma^2) (x_sigma - mu) along the ODE)
     spread = (traj - traj.mean(1, keepdim=True)).pow(2).flatten(1).mean(1).sqrt()
-    weight = spread[end] / spread
+    weight = (spread[end] / spread).cpu()
     history = history if step_calls(solver, None, 0) == 1 else 0  # a two-call solver (Heun) has none
     per_item, mats = n * traj[0, 0].numel(), {}
 

@@ -113,14 +113,15 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, log
     net = policy.net
     k = net.cluster_logits.shape[0]
     y = ctx.teacher.solve(ctx.x, ctx.sigma_max)
-    y_pooled = net.pooled(y)
+    x_t = ctx.x.cpu() / ctx.sigma_max  # phi runs on the CPU (SchedulePolicy.sigmas)
+    y_pooled = net.pooled(y.cpu())
     f_end = y_pooled[:n_train] @ principal_directions(y_pooled[:n_train], min(k, y_pooled.shape[1]))
     labels = kmeans(f_end, k, seed=seed)
     with torch.no_grad():
         net.cluster_logits.copy_(logits.expand(k, -1))
-    fit_classifier(net.classifier, net.standardized(ctx.x[:n_train] / ctx.sigma_max), labels)
+    fit_classifier(net.classifier, net.standardized(x_t[:n_train]), labels)
     with torch.no_grad():
-        predicted = net.cluster(ctx.x[n_train:] / ctx.sigma_max)
+        predicted = net.cluster(x_t[n_train:])
     records = []
     for j in range(k):
         train, valid = torch.nonzero(labels == j)[:, 0], n_train + torch.nonzero(predicted == j)[:, 0]
@@ -137,7 +138,7 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, log
             net.cluster_logits[j].copy_(lj)
         records.append({key: rec[key] for key in ("n_train", "n_valid", "iters", "valid_init", "valid_best",
                                                   "student_calls")})
-    accuracy = float((net.cluster(ctx.x[:n_train] / ctx.sigma_max) == labels).double().mean())
+    accuracy = float((net.cluster(x_t[:n_train]) == labels).double().mean())
     return {"clusters": k, "train_accuracy": round(accuracy, 3), "cluster_fits": records}
 
 
@@ -203,7 +204,7 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
         logits, steps, opts = global_logits(init, ctx, solver, nfe, learn_last)
         global_record = {"init": "given schedule", "valid_best": None}
     if ctx.x.shape[0] < samples:  # fresh noises from the calibration seed's stream, after the batch's own
-        extra = noise(int(samples), ctx.x.shape[1:], ctx.sigma_max, ctx.seed)[ctx.x.shape[0]:]
+        extra = noise(int(samples), ctx.x.shape[1:], ctx.sigma_max, ctx.seed, device=ctx.x.device)[ctx.x.shape[0]:]
         ctx = replace(ctx, x=torch.cat([ctx.x, extra]))
     if radius is None:
         radius = default_radius(ctx.x.shape[1:], steps)
@@ -212,14 +213,14 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     config = {"shape": list(ctx.x.shape[1:]), "steps": steps, "n_logits": logits.numel(), "learn_last": learn_last,
               "max_inputs": int(max_inputs), "components": int(components),
               "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": opts}
-    y_train = ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train]
+    y_train = ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train].cpu()  # phi's statistics: on the CPU
 
     def new_policy(**kind) -> SchedulePolicy:  # phi's input statistics from the calibration batch
         pol = SchedulePolicy({**config, **kind})
         net = pol.net
         with torch.no_grad():
             net.basis.copy_(principal_directions(net.pooled(y_train), net.basis.shape[1]))
-            feats = net.features(ctx.x / ctx.sigma_max)
+            feats = net.features(ctx.x.cpu() / ctx.sigma_max)
             net.feat_mean.copy_(feats.mean(0))
             net.feat_std.copy_(feats.std(0).clamp_min(1e-8))
         return pol

@@ -217,3 +217,19 @@ def test_route_save_load_and_fallback(routed, tmp_path):
         fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, clusters=[1])
     with pytest.raises(ValueError, match="policy"):
         fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, policy="mlp")
+
+
+def test_auto_keeps_the_policy_that_passes_the_gate(routed, monkeypatch):
+    """auto: a kind whose gain fails the gate loses to one that passes, whatever their validation errors."""
+    from fewstep.optimize import instance as inst
+
+    den, _, ld3, _ = routed
+    calib = fewstep.noise(64, den.shape, den.sigma_max, seed=0)
+    for iters, passing in ((5, "route"), (6, "residual")):  # other iters: not answered from optimize's memo
+        monkeypatch.setattr(inst, "significance",
+                            lambda ctx, solver, opts, pol, *a, passing=passing: 3.0 if pol.config["policy"] == passing else 0.0)
+        tr = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, clusters=[2], iters=iters,
+                              teacher=fewstep.Teacher(den, steps=32)).metadata["training"]
+        assert tr["policy"] == passing and tr["phi_kept"] and tr["gate_z"] == 3.0
+        assert tr["gate_z_by_policy"] == {"route": 3.0 if passing == "route" else 0.0,
+                                          "residual": 3.0 if passing == "residual" else 0.0}

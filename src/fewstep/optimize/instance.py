@@ -177,7 +177,8 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     ``policy``: 'route' (cluster the training samples by their teacher endpoints, one LD3 schedule per
     cluster, a linear classifier x_T -> cluster; the number of clusters is the one of ``clusters`` with
     the lowest validation error), 'residual' (an MLP's residual logits, ``hidden`` wide, trained with
-    AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``) or 'auto' (both; the lower validation error).
+    AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``) or 'auto' (both; of those whose gain passes
+    the gate, the lower validation error).
     Options: ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and
     nfe, ending at 0) instead of learning one here (on the calibration batch, with the ld3 defaults
     and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``, and
@@ -249,12 +250,17 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
                         iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
                         desc=f"instance {solver} nfe={nfe}")
 
-    trained = [train() for kind, train in (("route", train_route), ("residual", train_residual))
-               if policy in (kind, "auto")]
-    pol, record = min(trained, key=lambda t: t[1]["valid_best"])  # auto: the lower validation error
+    trained = []  # (gate z, policy, record) per kind trained
+    for kind, train in (("route", train_route), ("residual", train_residual)):
+        if policy in (kind, "auto"):
+            pol, record = train()
+            trained.append((significance(ctx, solver, opts, pol, glob, loss, n_train), pol, record))
+    # auto: the lower validation error among the policies whose gain passes the gate (else among all)
+    passing = [t for t in trained if t[0] >= gate] or trained
+    z, pol, record = min(passing, key=lambda t: t[2]["valid_best"])
     if policy == "auto":
-        record["valid_by_policy"] = {p.config["policy"]: r["valid_best"] for p, r in trained}
-    z = significance(ctx, solver, opts, pol, glob, loss, n_train)
+        record["valid_by_policy"] = {p.config["policy"]: r["valid_best"] for _, p, r in trained}
+        record["gate_z_by_policy"] = {p.config["policy"]: round(zp, 3) for zp, p, _ in trained}
     if z < gate:  # not a clear gain on validation: the global schedule
         with torch.no_grad():
             if pol.config["policy"] == "route":

@@ -104,11 +104,22 @@ def test_given_tau_is_used(gmm2d):
     assert huge.solver_options["orders"] == [1] * 6
 
 
+@pytest.mark.parametrize("switch, nfe", [(0, 11), (1, 12), (3, 12)])  # Heun from step 0 spends an odd NFE
+def test_given_switch_is_used(gmm2d, switch, nfe):
+    x = fewstep.noise(16, gmm2d.shape, gmm2d.sigma_max, 0)
+    sched = fewstep.optimize(gmm2d, "sdm", "heun", nfe, calib=x, switch=switch)
+    orders = sched.solver_options["orders"]
+    assert orders == [1] * switch + [2] * (len(orders) - 1 - switch) + [1] and fewstep.nfe(sched) == nfe
+    assert sched.metadata["sdm"]["switch"] == switch
+
+
 @pytest.mark.parametrize("opts, match", [
     ({"eta_min": 0.3, "eta_max": 0.2}, "eta_min <= eta_max"),
     ({"tau": -1e-4}, "tau must be >= 0"),
     ({"norm": "l1"}, "norm must be"),
     ({"batch": "max"}, "batch must be"),
+    ({"switch": -1}, "switch must be"),
+    ({"switch": 1, "tau": 1e-4}, "not given with tau"),
 ])
 def test_bad_options(gmm2d, opts, match):
     with pytest.raises(ValueError, match=match):

@@ -204,19 +204,24 @@ def _switch_candidates(kappas: list[float], tau: float | None) -> dict[int, floa
 
 @register("sdm")
 def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, eta_max: float = ETA_MAX,
-        eta_p: float = ETA_P, power: float = POWER, q: float = Q, tau: float | None = None, gate: bool = True,
+        eta_p: float = ETA_P, power: float = POWER, q: float = Q, tau: float | None = None,
+        switch: int | None = None, gate: bool = True,
         grid_points: int = 40, rho: float = RHO, norm: str = "rms", batch: str = "rms",
         **search_options: Any) -> Schedule:
     """SDM schedule of exactly ``nfe`` calls for ``solver`` (see the module docstring and docs/methods/sdm.md).
 
     With ``gate`` (default), the per-step orders of the adaptive solver are measured on the calibration
     batch and stored; ``tau=None`` picks, among the switches a threshold can make, the one with the
-    lowest calibration error to the teacher, and stores tau = kappa at that step.
+    lowest calibration error to the teacher, and stores tau = kappa at that step. ``switch``: the step
+    at which the higher order starts, fixed (e.g. 1: first order on the first step only, as the
+    reference's small tau does) instead of chosen by ``tau``.
     """
     if not 0 < eta_min <= eta_max:
         raise ValueError(f"need 0 < eta_min <= eta_max, got eta_min={eta_min}, eta_max={eta_max}")
     if tau is not None and not tau >= 0:
         raise ValueError(f"tau must be >= 0 (or None to choose it from the calibration batch), got {tau}")
+    if switch is not None and (int(switch) != switch or switch < 0 or tau is not None):
+        raise ValueError(f"switch must be a step index >= 0, and not given with tau; got switch={switch!r}, tau={tau!r}")
     if norm not in ("rms", "l2"):
         raise ValueError(f"norm must be 'rms' (per dimension) or 'l2' (whole sample, the reference's), got {norm!r}")
     if batch not in ("rms", "mean"):
@@ -244,13 +249,15 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
     for steps in range(lo, nfe + 1) if two_stage else [nfe]:
         sigmas = resample(path, etas, steps, power, q, rho)
         _, _, kappas = _gate_run(ctx.denoiser, ctx.x, sigmas, solver, math.inf)  # kappa before any switch
-        for j, t in _switch_candidates(kappas, tau).items():
+        switches = (_switch_candidates(kappas, tau) if switch is None
+                    else {int(switch): kappas[int(switch)] if int(switch) < steps else math.inf})
+        for j, t in switches.items():
             orders = [1] * min(j, steps) + [high] * max(steps - 1 - j, 0) + [1] * (j < steps)
             if count_nfe(Schedule(sigmas), solver, orders=orders) == nfe:
                 candidates.append((sigmas, orders, j, t, kappas))
     if not candidates:
-        raise ValueError(f"with tau={tau} no {solver} schedule of {lo}..{nfe} steps spends exactly {nfe} calls; "
-                         "pass another tau, or tau=None to choose it from the calibration batch")
+        raise ValueError(f"with tau={tau}, switch={switch} no {solver} schedule of {lo}..{nfe} steps spends exactly "
+                         f"{nfe} calls; pass another tau or switch, or neither to choose it from the calibration batch")
     err = None
     best = candidates[0]
     if len(candidates) > 1:  # the lowest calibration error to the teacher

@@ -1,4 +1,5 @@
-"""Held-out RMSE of karras rho=7, GITS, OSS, LD3 and the instance-aware policies (route, residual); phi's overhead.
+"""Held-out RMSE of karras rho=7, GITS, OSS, LD3 and the instance-aware policies (global: LD3 with global
+corrections and no per-sample part; route, residual, auto; auto without the corrections); phi's overhead.
 
 Optimizers see seed-0 noises (the calibration batch); errors are on seed-1 noises, against the teacher.
     OMP_NUM_THREADS=1 python bench/instance.py [--models gmm2d gmm64 gmm-scales] [--solvers euler ipndm] [--nfe 3 4 5]
@@ -50,8 +51,8 @@ def main() -> None:
     print(f"calibration: {args.n_calib} noises (seed {CALIB_SEED}, half train / half validation); "
           f"held-out: {args.n_test} noises (seed {TEST_SEED}); mean per-sample RMSE to the teacher\n")
     others = [m for m in ("gits", "oss") if m in METHODS]
-    policies = ["route", "residual", "auto"]
-    cols = ["karras", *others, "ld3", *policies]
+    policies = ["global", "route", "residual", "auto"]
+    cols = ["karras", *others, "ld3", *policies, "auto no corr"]
     print(f"| model | solver | NFE | {' | '.join(cols)} | instance < ld3 < karras | instance < best DP "
           f"| k | oss s | ld3 s (calls) | instance phi s (calls) |")
     print("|" + "---|" * (len(cols) + 8))
@@ -81,6 +82,8 @@ def main() -> None:
                 pols = {p: fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher, policy=p)
                         for p in policies}
                 res.update({p: err(pol, solver) for p, pol in pols.items()})
+                res["auto no corr"] = err(fewstep.optimize(den, "instance", solver, nfe, calib=calib, teacher=teacher,
+                                                           corrections=False), solver)
                 pol = pols[POLICY]
                 tl, tr = ld3.metadata["training"], pol.metadata["training"]
                 assert tr["ld3_reused"], "instance did not reuse the ld3 result"

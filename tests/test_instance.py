@@ -34,7 +34,7 @@ def test_untrained_policy_is_the_global_schedule():
     glob = torch.cat([glob[:-1], glob.new_zeros(1)])
     from fewstep.optimize.ld3 import logits_from_sigmas
 
-    pol.net.global_logits.copy_(logits_from_sigmas(glob, 0.002, True))
+    pol.net.global_out.copy_(logits_from_sigmas(glob, 0.002, True))
     sig = pol.sigmas_for(fewstep.noise(5, (2,), 80.0, seed=0))
     assert sig.shape == (4, 5)
     assert torch.allclose(sig, glob[:, None].expand(4, 5), rtol=1e-10)
@@ -233,3 +233,80 @@ def test_auto_keeps_the_policy_that_passes_the_gate(routed, monkeypatch):
         assert tr["policy"] == passing and tr["phi_kept"] and tr["gate_z"] == 3.0
         assert tr["gate_z_by_policy"] == {"route": 3.0 if passing == "route" else 0.0,
                                           "residual": 3.0 if passing == "residual" else 0.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-step corrections: evaluation-time shift and epsilon scale (sample.Corrected)
+
+def test_corrected_calls_and_outputs():
+    """A call at sigmas[j] evaluates D at sigmas[j] * exp(shift[j]) and returns x + scale[j] (D - x)."""
+    from fewstep.sample import Corrected
+
+    gmm = fewstep.load_model("gmm2d")
+    seen = []
+
+    def spy(x, sigma):
+        seen.append(sigma.clone())
+        return gmm(x, sigma)
+
+    sigmas = fewstep.schedules.karras(3, 0.002, 80.0).sigmas
+    shift = torch.tensor([-1.0, 0.5, 0.0], dtype=torch.float64)
+    scale = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64)
+    x = fewstep.noise(4, gmm.shape, 80.0, seed=0)
+    model = Corrected(spy, sigmas, shift, scale)
+    for j in range(3):
+        out = model(x, sigmas[j])
+        assert torch.allclose(seen[-1], sigmas[j] * torch.exp(shift[j]))
+        assert torch.allclose(out, x + scale[j] * (gmm(x, seen[-1].expand(4)) - x))
+    none = Corrected(gmm, sigmas, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    assert torch.equal(fewstep.sample(none, x, sigmas, "ipndm"), fewstep.sample(gmm, x, sigmas, "ipndm"))
+
+
+def test_correction_gradient_matches_finite_differences():
+    """d loss / d shift and d loss / d scale through the solver, against central differences."""
+    from fewstep.sample import Corrected
+    from fewstep.solvers import ipndm
+
+    gmm = fewstep.load_model("gmm2d")
+    x = fewstep.noise(8, gmm.shape, 80.0, seed=0)
+    sigmas = fewstep.schedules.karras(3, 0.002, 80.0).sigmas
+    y = fewstep.Teacher(gmm, steps=64).solve(x)
+
+    def loss(shift, scale):
+        return (ipndm(Corrected(gmm, sigmas, shift, scale), x, sigmas) - y).pow(2).mean()
+
+    shift = torch.tensor([-0.3, 0.2, 0.1], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([0.9, 1.1, 1.0], dtype=torch.float64, requires_grad=True)
+    loss(shift, scale).backward()
+    eps = 1e-6
+    for p, grad in ((shift, shift.grad), (scale, scale.grad)):
+        for i in range(3):
+            e = torch.zeros(3, dtype=torch.float64)
+            e[i] = eps
+            args = lambda d: (shift.detach() + d, scale.detach()) if p is shift else (shift.detach(), scale.detach() + d)  # noqa: E731
+            fd = (loss(*args(e)) - loss(*args(-e))) / (2 * eps)
+            assert torch.isclose(grad[i], fd, rtol=1e-5, atol=1e-9), (i, float(grad[i]), float(fd))
+
+
+def test_policy_corrections_save_load_and_version_3(tmp_path):
+    pol = SchedulePolicy(config(corrections=True))
+    with torch.no_grad():
+        pol.net.global_out[3:].copy_(torch.tensor([-1.0, 0.5, 0.0, 2.0, -2.0, 0.0]))
+    x = fewstep.noise(5, (2,), 80.0, seed=0)
+    shift, scale = pol.corrections_for(x)
+    assert shift.shape == scale.shape == (3, 5)
+    assert torch.allclose(shift[:, 0], 2.0 * torch.tanh(torch.tensor([-0.5, 0.25, 0.0], dtype=torch.float64)))
+    assert torch.allclose(scale[:, 0], 1 + 0.5 * torch.tanh(torch.tensor([1.0, -1.0, 0.0], dtype=torch.float64)))
+    back = SchedulePolicy.load(pol.save(tmp_path / "c.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(back.corrections_for(x), (shift, scale)))
+    assert torch.equal(fewstep.sample(fewstep.load_model("gmm2d"), x, back),
+                       fewstep.sample(fewstep.load_model("gmm2d"), x, pol))
+    # a version-3 file (no corrections, the global logits under their old name) still loads
+    old = SchedulePolicy(config())
+    d = torch.load(old.save(tmp_path / "v4.pt"), weights_only=True)
+    state = dict(d["state"])
+    state["global_logits"] = state.pop("global_out")
+    torch.save({**d, "version": 3, "state": state,
+                "config": d["config"].replace(', "corrections": false', "")}, tmp_path / "v3.pt")
+    v3 = SchedulePolicy.load(tmp_path / "v3.pt")
+    assert v3.corrections_for(x) is None and torch.equal(v3.sigmas_for(x), old.sigmas_for(x))

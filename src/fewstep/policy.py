@@ -4,7 +4,9 @@ Yuan et al., "Few-Step Diffusion Sampling Through Instance-Aware Discretizations
 Two kinds of phi: ``residual`` (an MLP's residual logits on top of a global LD3 schedule's logits) and
 ``route`` (a linear classifier sends x_T to one of k clusters, each with its own LD3 logits); the sigmas are LD3's cumulative
 softmax in lambda = -log sigma (``optimize.ld3.sigmas_from_logits``), so every sample's schedule is
-strictly decreasing from sigma_max to 0. ``fewstep.sample`` accepts a SchedulePolicy in place of a Schedule.
+strictly decreasing from sigma_max to 0. With ``corrections`` (the paper's time shift and output scale),
+phi also gives each step a shift of the sigma the denoiser is evaluated at and a scale of its epsilon
+(``sample.Corrected``). ``fewstep.sample`` accepts a SchedulePolicy in place of a Schedule.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from torch import nn
 from .schedules import ScheduleError, write_atomic
 
 FORMAT = "fewstep.policy"
-FORMAT_VERSION = 3  # 3: the policy kind (residual | route); 2: phi's input basis
+FORMAT_VERSION = 4  # 4: corrections; 3: the policy kind (residual | route); 2: phi's input basis
+READS = (3, 4)  # a version-3 file is a policy without corrections
+# Bounds of the corrections, b tanh(o / 2) (arXiv 2603.17671): the evaluation sigma moves by at most a
+# factor e^2 either way; the epsilon scale stays in [0.5, 1.5].
+SHIFT_BOUND, SCALE_BOUND = 2.0, 0.5
 
 
 class Inputs(nn.Module):
@@ -60,58 +66,70 @@ class Inputs(nn.Module):
 
 
 class PhiNet(Inputs):
-    """phi (``residual``): x_T -> logits [batch, K], the global logits plus an MLP's residual on the
-    standardized features. The output layer starts at zero, so an untrained phi gives the global schedule."""
+    """phi (``residual``): x_T -> outputs [batch, K + C], the global outputs (K logits, then C = 0 or
+    2 x steps raw corrections) plus an MLP's residual on the standardized features. The output layer
+    starts at zero, so an untrained phi gives the global schedule."""
 
-    def __init__(self, shape, n_logits: int, hidden: int = 64, max_inputs: int = 256, components: int = 16):
+    def __init__(self, shape, n_logits: int, n_corrections: int = 0, hidden: int = 64, max_inputs: int = 256,
+                 components: int = 16):
         super().__init__(shape, max_inputs, components)
         k = self.feat_mean.numel()
-        self.register_buffer("global_logits", torch.zeros(n_logits, dtype=torch.float64))
+        self.register_buffer("global_out", torch.zeros(n_logits + int(n_corrections), dtype=torch.float64))
         self.mlp = nn.Sequential(nn.Linear(k, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, n_logits)).double()
+                                 nn.Linear(hidden, n_logits + int(n_corrections))).double()
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.global_logits + self.mlp(self.standardized(z))
+        return self.global_out + self.mlp(self.standardized(z))
 
 
 class RouteNet(Inputs):
-    """phi (``route``): x_T -> the logits of its predicted cluster, ``cluster_logits[argmax(W f + b)]``
-    (multinomial logistic regression on the standardized features f). Untrained: every cluster has
-    the same (zero) logits, so it gives one schedule."""
+    """phi (``route``): x_T -> the outputs (logits, then raw corrections) of its predicted cluster,
+    ``cluster_out[argmax(W f + b)]`` (multinomial logistic regression on the standardized features f).
+    Untrained: every cluster has the same (zero) outputs, so it gives one schedule."""
 
-    def __init__(self, shape, n_logits: int, clusters: int, max_inputs: int = 256, components: int = 16):
+    def __init__(self, shape, n_logits: int, clusters: int, n_corrections: int = 0, max_inputs: int = 256,
+                 components: int = 16):
         super().__init__(shape, max_inputs, components)
         self.classifier = nn.Linear(self.feat_mean.numel(), int(clusters)).double()
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
-        self.register_buffer("cluster_logits", torch.zeros(int(clusters), n_logits, dtype=torch.float64))
+        self.register_buffer("cluster_out", torch.zeros(int(clusters), n_logits + int(n_corrections),
+                                                        dtype=torch.float64))
 
     def cluster(self, z: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.standardized(z)).argmax(1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.cluster_logits[self.cluster(z)]
+        return self.cluster_out[self.cluster(z)]
+
+
+def corrections_from_raw(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw outputs ``[2 x steps, ...]`` -> (shift, scale) ``[steps, ...]``: shift = b tanh(o / 2) in
+    log sigma, scale = b' tanh(o / 2) + 1 (the paper's bounded forms); zeros give no correction."""
+    o_shift, o_scale = raw.chunk(2, 0)
+    return SHIFT_BOUND * torch.tanh(o_shift / 2), SCALE_BOUND * torch.tanh(o_scale / 2) + 1
 
 
 class SchedulePolicy:
     """Sigmas per sample from its own x_T: ``sigmas_for(x) -> [steps + 1, batch]``.
 
     ``config``: shape, steps, n_logits, learn_last, max_inputs, components, sigma_min, sigma_max,
-    solver, solver_options, ``policy`` ('residual', with ``hidden``: PhiNet; 'route', with ``clusters``:
-    RouteNet). ``metadata``: how it was made (method, nfe, training cost, ...).
+    solver, solver_options, ``corrections`` (bool), ``policy`` ('residual', with ``hidden``: PhiNet;
+    'route', with ``clusters``: RouteNet). ``metadata``: how it was made (method, nfe, training cost, ...).
     """
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
-        self.config, self.metadata = {"policy": "residual", **config}, dict(metadata)
+        self.config, self.metadata = {"policy": "residual", "corrections": False, **config}, dict(metadata)
         kind = self.config["policy"]
+        n_corr = 2 * self.steps if self.config["corrections"] else 0
         if kind == "residual":
-            self.net = PhiNet(config["shape"], config["n_logits"], config["hidden"], config["max_inputs"],
+            self.net = PhiNet(config["shape"], config["n_logits"], n_corr, config["hidden"], config["max_inputs"],
                               config["components"])
         elif kind == "route":
-            self.net = RouteNet(config["shape"], config["n_logits"], config["clusters"], config["max_inputs"],
-                                config["components"])
+            self.net = RouteNet(config["shape"], config["n_logits"], config["clusters"], n_corr,
+                                config["max_inputs"], config["components"])
         else:
             raise ValueError(f"policy must be 'residual' or 'route', got {kind!r}")
         if state is not None:
@@ -133,19 +151,33 @@ class SchedulePolicy:
     def sigma_max(self) -> float:
         return float(self.config["sigma_max"])
 
+    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != tuple(self.config["shape"]):
+            raise ValueError(f"this policy was trained for samples of shape {tuple(self.config['shape'])}, "
+                             f"got x of shape {tuple(x.shape)}")
+        return self.net(x.detach().to(torch.float64).cpu() / self.sigma_max)
+
     def sigmas(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable in phi's parameters: [steps + 1, batch] float64 for initial states x."""
         from .optimize.ld3 import sigmas_from_logits
 
-        if tuple(x.shape[1:]) != tuple(self.config["shape"]):
-            raise ValueError(f"this policy was trained for samples of shape {tuple(self.config['shape'])}, "
-                             f"got x of shape {tuple(x.shape)}")
-        logits = self.net(x.detach().to(torch.float64).cpu() / self.sigma_max)
+        logits = self._outputs(x)[:, :self.config["n_logits"]]
         return sigmas_from_logits(logits, self.sigma_max, float(self.config["sigma_min"]), self.config["learn_last"])
+
+    def corrections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Differentiable: (shift, scale), each [steps, batch], for the calls at each step's sigma
+        (``sample.Corrected``); None for a policy without corrections."""
+        if not self.config["corrections"]:
+            return None
+        return corrections_from_raw(self._outputs(x)[:, self.config["n_logits"]:].T)
 
     def sigmas_for(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.sigmas(x)
+
+    def corrections_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        with torch.no_grad():
+            return self.corrections(x)
 
     def __repr__(self) -> str:
         tags = ", ".join(f"{k}={self.metadata[k]!r}" for k in ("method", "nfe") if k in self.metadata)
@@ -169,11 +201,15 @@ class SchedulePolicy:
             raise ScheduleError(f"{path}: corrupt or unreadable policy file ({type(e).__name__}: {e})") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ScheduleError(f"{path}: not a fewstep schedule policy (missing format={FORMAT!r})")
-        if d.get("version") != FORMAT_VERSION:
+        if d.get("version") not in READS:
             raise ScheduleError(f"{path}: policy format version {d.get('version')!r} is not supported "
-                                f"(this fewstep reads version {FORMAT_VERSION})")
+                                f"(this fewstep reads versions {', '.join(map(str, READS))})")
         try:
-            config, metadata = json.loads(d["config"]), json.loads(d["metadata"])
-            return cls(config, d["state"], **metadata)
+            config, metadata, state = json.loads(d["config"]), json.loads(d["metadata"]), dict(d["state"])
+            if d["version"] == 3:  # before corrections the outputs were the logits alone
+                for old, new in (("cluster_logits", "cluster_out"), ("global_logits", "global_out")):
+                    if old in state:
+                        state[new] = state.pop(old)
+            return cls(config, state, **metadata)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise ScheduleError(f"{path}: policy weights do not match its config ({type(e).__name__}: {e})") from None

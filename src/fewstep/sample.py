@@ -93,18 +93,47 @@ class CheckedDenoiser:
         return out.to(x.dtype)
 
 
+class Corrected:
+    """A denoiser with per-step corrections (Yuan et al., arXiv 2603.17671: time shift and output scale).
+
+    A call at the schedule's sigma ``sigmas[j]`` (a row, for per-sample sigmas) evaluates the denoiser
+    at ``sigma * exp(shift[j])`` and returns ``x + scale[j] (D - x)``, i.e. the epsilon (x - D) / sigma
+    scaled by ``scale[j]``; the solver's coefficients still use ``sigmas[j]`` (LD3's decoupled
+    evaluation times are the shift alone). ``shift``, ``scale``: ``[steps]`` or ``[steps, batch]``.
+    """
+
+    def __init__(self, model: Callable, sigmas: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
+        self.model, self.sigmas, self.shift, self.scale = model, sigmas, shift, scale
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        j = next((j for j in range(len(self.sigmas) - 1) if bool((self.sigmas[j] == sigma).all())), None)
+        if j is None:
+            raise RuntimeError("internal error: the solver called the denoiser at a sigma not on its schedule")
+        shift, scale = (v[j].to(device=x.device, dtype=x.dtype) for v in (self.shift, self.scale))
+        denoised = self.model(x, sigma.to(device=x.device, dtype=x.dtype) * torch.exp(shift))
+        return x + scale.reshape(-1, *([1] * (x.ndim - 1))) * (denoised - x)
+
+
+def corrected(model: Callable, sigmas: torch.Tensor, corrections: tuple | None) -> Callable:
+    """``model`` with a schedule policy's ``corrections`` applied (``Corrected``); as is for None."""
+    return model if corrections is None else Corrected(model, sigmas, *corrections)
+
+
 def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None, *,
            callback: Callable[[dict], None] | None = None, progress: bool = False, **options: Any) -> torch.Tensor:
     """Solve the probability-flow ODE from ``x`` (the state at sigma_max: ``noise * sigmas[0]``).
 
     ``schedule``: a Schedule, a list/tensor of sigmas, or a per-sample policy (an object with
-    ``sigmas_for(x) -> [steps + 1, batch]``). ``solver`` defaults to the one the schedule was made
+    ``sigmas_for(x) -> [steps + 1, batch]`` and optionally ``corrections_for(x)``, see ``Corrected``).
+    ``solver`` defaults to the one the schedule was made
     for; ``options`` override the schedule's ``solver_options``.
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
         raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
+    corrections = None
     if hasattr(schedule, "sigmas_for"):
         sigmas = schedule.sigmas_for(x)
+        corrections = schedule.corrections_for(x) if hasattr(schedule, "corrections_for") else None
         opts = dict(getattr(schedule, "solver_options", {}) or {})
     else:
         sched = as_schedule(schedule)
@@ -116,8 +145,8 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
     orders = opts.get("orders")
     if orders is not None and len(orders) != len(sigmas) - 1:
         raise ScheduleError(f"solver option 'orders' has {len(orders)} entries for {len(sigmas) - 1} steps")
-    model = CheckedDenoiser(denoiser)
     sigmas = sigmas.to(x.device)
+    model = corrected(CheckedDenoiser(denoiser), sigmas, corrections)
     if progress:
         bar = tqdm(total=len(sigmas) - 1, desc=f"sample ({name})", leave=False)
         user_cb = callback

@@ -8,7 +8,9 @@ and the same training loop (``ld3.fit``: soft teacher, validation, early stoppin
 phi sees x_T projected on the teacher samples' principal directions, and is kept only if its
 validation gain over the global schedule is significant (``gate``). ``policy="route"`` is the
 lower-capacity phi: the calibration samples are clustered by their teacher endpoints, each cluster
-gets its own LD3 schedule, and a linear classifier sends x_T to a cluster. See docs/methods/instance.md.
+gets its own LD3 schedule, and a linear classifier sends x_T to a cluster. With ``corrections`` phi
+also gives each step the paper's time shift and output scale (``sample.Corrected``), learned first for
+the global schedule and then per sample. See docs/methods/instance.md.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from typing import Sequence
 import torch
 
 from ..evaluate import noise
-from ..policy import SchedulePolicy
-from ..sample import get_solver, plan
+from ..policy import SchedulePolicy, corrections_from_raw
+from ..sample import corrected, get_solver, plan
 from ..schedules import Schedule, as_schedule
 from . import Calibration, register
 from .grid import DEFAULT_SIZE
@@ -104,21 +106,22 @@ class Targets:
         return self.y
 
 
-def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, logits: torch.Tensor, n_train: int,
+def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, start: torch.Tensor, n_train: int,
           *, loss: str, radius: float, learn_last: bool, seed: int) -> dict:
     """Train a route policy in place: cluster the training samples by their teacher endpoints on the
     top principal directions (``kmeans``), fit the classifier x_T -> cluster on phi's features, then
-    one LD3 schedule per cluster (``ld3.fit`` from the global ``logits``, on the cluster's training
-    samples, validated on the validation samples the classifier sends to it). Returns the record."""
+    one LD3 schedule (and its corrections) per cluster (``ld3.fit`` from the global outputs ``start``,
+    on the cluster's training samples, validated on the validation samples the classifier sends to
+    it). Returns the record."""
     net = policy.net
-    k = net.cluster_logits.shape[0]
+    k, n_logits = net.cluster_out.shape[0], policy.config["n_logits"]
     y = ctx.teacher.solve(ctx.x, ctx.sigma_max)
     x_t = ctx.x.cpu() / ctx.sigma_max  # phi runs on the CPU (SchedulePolicy.sigmas)
     y_pooled = net.pooled(y.cpu())
     f_end = y_pooled[:n_train] @ principal_directions(y_pooled[:n_train], min(k, y_pooled.shape[1]))
     labels = kmeans(f_end, k, seed=seed)
-    with torch.no_grad():
-        net.cluster_logits.copy_(logits.expand(k, -1))
+    with torch.no_grad():  # every cluster starts at the global schedule
+        net.cluster_out.copy_(start.expand(k, -1))
     fit_classifier(net.classifier, net.standardized(x_t[:n_train]), labels)
     with torch.no_grad():
         predicted = net.cluster(x_t[n_train:])
@@ -130,16 +133,24 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, log
             continue
         idx = torch.cat([train, valid])
         sub = replace(ctx, x=ctx.x[idx], teacher=Targets(y[idx]))
-        lj = logits.clone().requires_grad_(True)
-        rec = fit(sub, solver, opts, lambda x, lj=lj: sigmas_from_logits(lj, ctx.sigma_max, ctx.sigma_min, learn_last),
-                  [lj], loss=loss, radius=radius, lr=LR, iters=ITERS, patience=PATIENCE,
-                  valid=len(valid) / len(idx), seed=seed, desc=f"route cluster {j + 1}/{k}")
+        out = start.clone().requires_grad_(True)
+        rec = fit_outputs(sub, solver, opts, out, n_logits, learn_last, loss=loss, radius=radius,
+                          valid=len(valid) / len(idx), seed=seed, desc=f"route cluster {j + 1}/{k}")
         with torch.no_grad():
-            net.cluster_logits[j].copy_(lj)
+            net.cluster_out[j].copy_(out)
         records.append({key: rec[key] for key in ("n_train", "n_valid", "iters", "valid_init", "valid_best",
                                                   "student_calls")})
     accuracy = float((net.cluster(x_t[:n_train]) == labels).double().mean())
     return {"clusters": k, "train_accuracy": round(accuracy, 3), "cluster_fits": records}
+
+
+def fit_outputs(ctx: Calibration, solver: str, opts: dict, out: torch.Tensor, n_logits: int, learn_last: bool,
+                **fit_options) -> dict:
+    """``ld3.fit`` of one schedule's outputs ``out`` (in place): ``n_logits`` logits, then (if any) the
+    raw corrections of ``policy.corrections_from_raw``, with LD3's learning rate and patience."""
+    corrections = (lambda x: corrections_from_raw(out[n_logits:])) if out.numel() > n_logits else None
+    return fit(ctx, solver, opts, lambda x: sigmas_from_logits(out[:n_logits], ctx.sigma_max, ctx.sigma_min, learn_last),
+               [out], lr=LR, iters=ITERS, patience=PATIENCE, corrections_fn=corrections, **fit_options)
 
 
 def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor | SchedulePolicy, loss: str,
@@ -148,8 +159,10 @@ def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor
     fn, defaults = get_solver(solver)
     x, y = ctx.x[n_train:], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
     with torch.no_grad():
-        sig = sigmas.sigmas(x) if isinstance(sigmas, SchedulePolicy) else sigmas
-        return per_sample_loss(fn(ctx.denoiser, x, sig, **{**defaults, **opts}), y, loss)
+        policy = isinstance(sigmas, SchedulePolicy)
+        sig = sigmas.sigmas(x) if policy else sigmas
+        model = corrected(ctx.denoiser, sig, sigmas.corrections(x) if policy else None)
+        return per_sample_loss(fn(model, x, sig, **{**defaults, **opts}), y, loss)
 
 
 def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, glob: torch.Tensor,
@@ -171,14 +184,15 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
              init: Schedule | None = None, hidden: int = HIDDEN,
              max_inputs: int = 256, components: int = COMPONENTS, samples: int = SAMPLES, lr: float = 3e-3,
              weight_decay: float = WEIGHT_DECAY, iters: int = 300, patience: int = 30, gate: float = GATE,
-             valid: float = 0.5, seed: int = 0) -> SchedulePolicy:
+             corrections: bool = True, valid: float = 0.5, seed: int = 0) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top.
 
     ``policy``: 'route' (cluster the training samples by their teacher endpoints, one LD3 schedule per
     cluster, a linear classifier x_T -> cluster; the number of clusters is the one of ``clusters`` with
     the lowest validation error), 'residual' (an MLP's residual logits, ``hidden`` wide, trained with
     AdamW ``lr``, ``weight_decay``, ``iters``, ``patience``) or 'auto' (both; of those whose gain passes
-    the gate, the lower validation error).
+    the gate, the lower validation error); 'global' is the baseline with no per-sample part: the LD3
+    schedule with corrections learned for the whole batch.
     Options: ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and
     nfe, ending at 0) instead of learning one here (on the calibration batch, with the ld3 defaults
     and these ``loss``, ``radius``, ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``, and
@@ -188,11 +202,15 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     ``components`` (principal directions phi's features are projected on);
     ``gate``: phi is kept only if its validation gain over the global schedule is at least ``gate``
     standard errors of the paired per-sample differences (else the policy gives the global schedule).
+    ``corrections``: phi also learns, per step, a shift of the sigma the denoiser is evaluated at and a
+    scale of its epsilon (the paper's time shift and output scale; ``sample.Corrected``).
     """
     if int(samples) != samples or samples < 0:
         raise ValueError(f"samples must be a non-negative integer, got {samples!r}")
-    if policy not in ("route", "residual", "auto"):
-        raise ValueError(f"policy must be 'route', 'residual' or 'auto', got {policy!r}")
+    if policy not in ("route", "residual", "auto", "global"):
+        raise ValueError(f"policy must be 'route', 'residual', 'auto' or 'global', got {policy!r}")
+    if policy == "global" and not corrections:
+        raise ValueError("policy='global' is LD3's schedule with global corrections: it needs corrections=True")
     clusters = [int(k) for k in ([clusters] if isinstance(clusters, int) else clusters)]
     if policy != "residual" and (not clusters or min(clusters) < 2):
         raise ValueError(f"clusters must be numbers of clusters >= 2, got {clusters!r}")
@@ -212,7 +230,7 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     n_train, _ = check_options(loss, valid, ctx.x.shape[0])
     torch.manual_seed(seed)
     config = {"shape": list(ctx.x.shape[1:]), "steps": steps, "n_logits": logits.numel(), "learn_last": learn_last,
-              "max_inputs": int(max_inputs), "components": int(components),
+              "max_inputs": int(max_inputs), "components": int(components), "corrections": bool(corrections),
               "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": opts}
     y_train = ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train].cpu()  # phi's statistics: on the CPU
 
@@ -227,12 +245,21 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
         return pol
 
     glob = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
+    # phi starts from the global outputs: the LD3 logits and, with corrections, the global corrections
+    # learned for that schedule on the whole batch (the per-sample part then only adds what varies)
+    start_out = logits.detach().clone()
+    if corrections:
+        start_out = torch.cat([start_out, start_out.new_zeros(2 * steps)]).requires_grad_(True)
+        global_record = {**global_record, "corrections": fit_outputs(
+            ctx, solver, opts, start_out, logits.numel(), learn_last, loss=loss, radius=radius, valid=valid, seed=seed,
+            desc="instance global corrections")}
+        start_out = start_out.detach()
 
     def train_route() -> tuple[SchedulePolicy, dict]:
         tried = []
         for k in clusters:
             pol = new_policy(policy="route", clusters=k)
-            rec = route(ctx, solver, opts, pol, logits, n_train, loss=loss, radius=radius, learn_last=learn_last,
+            rec = route(ctx, solver, opts, pol, start_out, n_train, loss=loss, radius=radius, learn_last=learn_last,
                         seed=seed)
             rec["valid_best"] = float(valid_losses(ctx, solver, opts, pol, loss, n_train).mean())
             tried.append((rec["valid_best"], k, pol, rec))
@@ -245,30 +272,38 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     def train_residual() -> tuple[SchedulePolicy, dict]:
         pol = new_policy(policy="residual", hidden=int(hidden))
         with torch.no_grad():
-            pol.net.global_logits.copy_(logits)
+            pol.net.global_out.copy_(start_out)
         return pol, fit(ctx, solver, opts, pol.sigmas, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
                         iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
-                        desc=f"instance {solver} nfe={nfe}")
+                        desc=f"instance {solver} nfe={nfe}", corrections_fn=pol.corrections)
 
-    trained = []  # (gate z, policy, record) per kind trained
-    for kind, train in (("route", train_route), ("residual", train_residual)):
-        if policy in (kind, "auto"):
+    def train_global() -> tuple[SchedulePolicy, dict]:  # the same schedule and corrections for every sample
+        pol = new_policy(policy="residual", hidden=int(hidden))
+        with torch.no_grad():
+            pol.net.global_out.copy_(start_out)
+        return pol, dict(global_record["corrections"])
+
+    trained = []  # (gate z, kind, policy, record) per kind trained
+    for kind, train in (("route", train_route), ("residual", train_residual), ("global", train_global)):
+        if policy == kind or (policy == "auto" and kind != "global"):
             pol, record = train()
-            trained.append((significance(ctx, solver, opts, pol, glob, loss, n_train), pol, record))
+            trained.append((significance(ctx, solver, opts, pol, glob, loss, n_train), kind, pol, record))
     # auto: the lower validation error among the policies whose gain passes the gate (else among all)
     passing = [t for t in trained if t[0] >= gate] or trained
-    z, pol, record = min(passing, key=lambda t: t[2]["valid_best"])
+    z, kind, pol, record = min(passing, key=lambda t: t[3]["valid_best"])
     if policy == "auto":
-        record["valid_by_policy"] = {p.config["policy"]: r["valid_best"] for _, p, r in trained}
-        record["gate_z_by_policy"] = {p.config["policy"]: round(zp, 3) for zp, p, _ in trained}
-    if z < gate:  # not a clear gain on validation: the global schedule
+        record["valid_by_policy"] = {k: r["valid_best"] for _, k, _, r in trained}
+        record["gate_z_by_policy"] = {k: round(zp, 3) for zp, k, _, _ in trained}
+    if z < gate:  # not a clear gain on validation: the LD3 schedule, no correction
+        ld3_out = torch.cat([logits, logits.new_zeros(start_out.numel() - logits.numel())])
         with torch.no_grad():
             if pol.config["policy"] == "route":
-                pol.net.cluster_logits.copy_(logits.expand_as(pol.net.cluster_logits))
-            else:  # phi's residual set to zero
+                pol.net.cluster_out.copy_(ld3_out.expand_as(pol.net.cluster_out))
+            else:  # phi's residual to zero
+                pol.net.global_out.copy_(ld3_out)
                 pol.net.mlp[-1].weight.zero_()
                 pol.net.mlp[-1].bias.zero_()
-    record.update(policy=pol.config["policy"], gate_z=round(z, 3), phi_kept=z >= gate, init=f"ld3 ({global_record['init']})",
+    record.update(policy=kind, gate_z=round(z, 3), phi_kept=z >= gate, init=f"ld3 ({global_record['init']})",
                   ld3_valid_best=global_record["valid_best"], ld3_reused=global_record.get("reused", False),
                   teacher_calls=ctx.teacher.calls - teacher_calls0, student_calls=ctx.denoiser.calls - student_calls0,
                   seconds=round(time.perf_counter() - start, 3))

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..sample import get_solver, plan
+from ..sample import corrected, get_solver, plan
 from ..schedules import Schedule, karras, logsnr_uniform
 from . import Calibration, memo_key, register
 from .grid import DEFAULT_SIZE
@@ -79,7 +79,7 @@ def check_options(loss: str, valid: float, n: int) -> tuple[int, int]:
 def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable[[torch.Tensor], torch.Tensor],
         params: Sequence[torch.Tensor], *, loss: str = "l2", radius: float | None = None, lr: float = 0.05,
         iters: int = 400, patience: int = 40, decays: int = 3, valid: float = 0.5, seed: int = 0,
-        weight_decay: float = 0.0, desc: str = "ld3") -> dict:
+        weight_decay: float = 0.0, desc: str = "ld3", corrections_fn: Callable | None = None) -> dict:
     """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
 
     ``sigmas_fn(x)`` gives the sigmas for initial states x (``[steps + 1]`` or ``[steps + 1, batch]``).
@@ -88,6 +88,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable
     restored and the learning rate halved; after ``decays`` such restarts training stops. The
     parameters are left at the best validation error seen (the initial ones included).
     ``radius``: the soft-teacher ball ||x'_T - x_T|| / sigma_max <= radius (LD3's default 0.001 D / steps^2).
+    ``corrections_fn(x)``: per-step (shift, scale) for initial states x (``sample.Corrected``), or None.
     """
     torch.manual_seed(seed)
     fn, defaults = get_solver(solver)
@@ -99,9 +100,14 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable
     y_train, y_valid = target[:n_train], target[n_train:]
     teacher_calls = ctx.teacher.calls - teacher_calls0
 
+    def student(x_start: torch.Tensor, x_phi: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
+        sig = sigmas_fn(x_phi)
+        model = corrected(ctx.denoiser, sig, corrections_fn(x_phi) if corrections_fn is not None else None)
+        return fn(model, x_start, sig, **opts)
+
     def valid_error() -> float:
         with torch.no_grad():
-            return float(per_sample_loss(fn(ctx.denoiser, x_valid, sigmas_fn(x_valid), **opts), y_valid, loss).mean())
+            return float(per_sample_loss(student(x_valid, x_valid), y_valid, loss).mean())
 
     delta = torch.zeros_like(x_train, requires_grad=bool(radius))  # x'_T = x_T + sigma_max * delta
     shift_lr = 12.0 / (len(sigmas_fn(x_train[:1])) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
@@ -110,7 +116,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     bar = tqdm(range(iters), desc=desc, leave=False, disable=not ctx.progress)
     for it in bar:
-        err = per_sample_loss(fn(ctx.denoiser, x_train + ctx.sigma_max * delta, sigmas_fn(x_train), **opts), y_train, loss)
+        err = per_sample_loss(student(x_train + ctx.sigma_max * delta, x_train), y_train, loss)
         opt.zero_grad()
         err.mean().backward()
         opt.step()

@@ -310,3 +310,18 @@ def test_policy_corrections_save_load_and_version_3(tmp_path):
                 "config": d["config"].replace(', "corrections": false', "")}, tmp_path / "v3.pt")
     v3 = SchedulePolicy.load(tmp_path / "v3.pt")
     assert v3.corrections_for(x) is None and torch.equal(v3.sigmas_for(x), old.sigmas_for(x))
+
+
+def test_corrections_keep_the_evaluation_sigma_in_the_model_range():
+    """Shifts are clipped so the denoiser is never asked outside [sigma_min, sigma_max] (a VP model
+    raises there): at sigma_max the shift cannot be positive, at the last sigma not below sigma_min."""
+    pol = SchedulePolicy(config(corrections=True))
+    with torch.no_grad():
+        pol.net.global_out[3:6].copy_(torch.tensor([10.0, 0.0, -10.0]))
+    x = fewstep.noise(4, (2,), 80.0, seed=0)
+    asked = []
+    gmm = fewstep.load_model("gmm2d")
+    fewstep.sample(lambda z, s: asked.append(s.clone()) or gmm(z, s), x, pol)
+    asked = torch.stack(asked)
+    assert (asked <= 80.0 * (1 + 1e-12)).all() and (asked >= 0.002 * (1 - 1e-12)).all()
+    assert torch.allclose(asked[0], torch.full((4,), 80.0, dtype=torch.float64))  # +10 at sigma_max: clipped to 0

@@ -105,11 +105,17 @@ class RouteNet(Inputs):
         return self.cluster_out[self.cluster(z)]
 
 
-def corrections_from_raw(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw outputs ``[2 x steps, ...]`` -> (shift, scale) ``[steps, ...]``: shift = b tanh(o / 2) in
-    log sigma, scale = b' tanh(o / 2) + 1 (the paper's bounded forms); zeros give no correction."""
+def corrections_from_raw(raw: torch.Tensor, sigmas: torch.Tensor, sigma_min: float,
+                         sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw outputs ``[2 x steps, ...]`` -> (shift, scale) ``[steps, ...]`` for the schedule ``sigmas``
+    ``[steps + 1, ...]``: shift = b tanh(o / 2) in log sigma, scale = b' tanh(o / 2) + 1 (the paper's
+    bounded forms; zeros give no correction), the shift also clipped so that every evaluation sigma
+    stays in [sigma_min, sigma_max], the range the model was trained on."""
     o_shift, o_scale = raw.chunk(2, 0)
-    return SHIFT_BOUND * torch.tanh(o_shift / 2), SCALE_BOUND * torch.tanh(o_scale / 2) + 1
+    positive = sigmas[:-1]
+    shift = torch.minimum(torch.maximum(SHIFT_BOUND * torch.tanh(o_shift / 2), torch.log(sigma_min / positive)),
+                          torch.log(sigma_max / positive))
+    return shift, SCALE_BOUND * torch.tanh(o_scale / 2) + 1
 
 
 class SchedulePolicy:
@@ -157,19 +163,23 @@ class SchedulePolicy:
                              f"got x of shape {tuple(x.shape)}")
         return self.net(x.detach().to(torch.float64).cpu() / self.sigma_max)
 
-    def sigmas(self, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable in phi's parameters: [steps + 1, batch] float64 for initial states x."""
+    def _plan(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         from .optimize.ld3 import sigmas_from_logits
 
-        logits = self._outputs(x)[:, :self.config["n_logits"]]
-        return sigmas_from_logits(logits, self.sigma_max, float(self.config["sigma_min"]), self.config["learn_last"])
+        out, k, sigma_min = self._outputs(x), self.config["n_logits"], float(self.config["sigma_min"])
+        sigmas = sigmas_from_logits(out[:, :k], self.sigma_max, sigma_min, self.config["learn_last"])
+        if not self.config["corrections"]:
+            return sigmas, None
+        return sigmas, corrections_from_raw(out[:, k:].T, sigmas, sigma_min, self.sigma_max)
+
+    def sigmas(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable in phi's parameters: [steps + 1, batch] float64 for initial states x."""
+        return self._plan(x)[0]
 
     def corrections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Differentiable: (shift, scale), each [steps, batch], for the calls at each step's sigma
         (``sample.Corrected``); None for a policy without corrections."""
-        if not self.config["corrections"]:
-            return None
-        return corrections_from_raw(self._outputs(x)[:, self.config["n_logits"]:].T)
+        return self._plan(x)[1]
 
     def sigmas_for(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

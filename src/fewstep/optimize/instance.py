@@ -148,9 +148,14 @@ def fit_outputs(ctx: Calibration, solver: str, opts: dict, out: torch.Tensor, n_
                 **fit_options) -> dict:
     """``ld3.fit`` of one schedule's outputs ``out`` (in place): ``n_logits`` logits, then (if any) the
     raw corrections of ``policy.corrections_from_raw``, with LD3's learning rate and patience."""
-    corrections = (lambda x: corrections_from_raw(out[n_logits:])) if out.numel() > n_logits else None
-    return fit(ctx, solver, opts, lambda x: sigmas_from_logits(out[:n_logits], ctx.sigma_max, ctx.sigma_min, learn_last),
-               [out], lr=LR, iters=ITERS, patience=PATIENCE, corrections_fn=corrections, **fit_options)
+    def sigmas(x: torch.Tensor) -> torch.Tensor:
+        return sigmas_from_logits(out[:n_logits], ctx.sigma_max, ctx.sigma_min, learn_last)
+
+    def corrections(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return corrections_from_raw(out[n_logits:], sigmas(x), ctx.sigma_min, ctx.sigma_max)
+
+    return fit(ctx, solver, opts, sigmas, [out], lr=LR, iters=ITERS, patience=PATIENCE,
+               corrections_fn=corrections if out.numel() > n_logits else None, **fit_options)
 
 
 def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor | SchedulePolicy, loss: str,

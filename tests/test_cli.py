@@ -46,6 +46,25 @@ def test_sample_and_evaluate_with_a_schedule_file(tmp_path, capsys):
     assert res["nfe"] == 5 and res["solver"] == "dpmpp_2m" and res["mean_ci95"][0] <= res["mean"] <= res["mean_ci95"][1]
 
 
+def test_optimize_sample_and_evaluate_a_policy(tmp_path, capsys):
+    """--method instance writes a per-sample policy (.pt); sample and evaluate read it back."""
+    opts = '{"oss_grid": 10, "ld3_iters": 2, "iters": 2, "clusters": [2], "policy": "route"}'
+    assert main(["optimize", "--model", "gmm2d", "--method", "instance", "--solver", "euler", "--nfe", "3",
+                 "--n-calib", "16", "--teacher-steps", "32", "--options", opts, "-o", str(tmp_path / "p.json"),
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["output"] == str(tmp_path / "p.pt") and (tmp_path / "p.pt").is_file() and not (tmp_path / "p.json").exists()
+    assert main(["sample", "--model", "gmm2d", "--schedule", str(tmp_path / "p.pt"), "--n", "4",
+                 "-o", str(tmp_path / "x.pt")]) == 0
+    saved = torch.load(tmp_path / "x.pt", weights_only=False)
+    assert saved["samples"].shape == (4, 2) and saved["sigmas"].shape == (4, 4)  # per-sample sigmas
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "gmm2d", "--schedule", str(tmp_path / "p.pt"), "--n", "8",
+                 "--teacher-steps", "32", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["sigmas"] == "per sample" and res["mean"] > 0
+
+
 def test_user_model_factory(tmp_path, capsys):
     f = tmp_path / "mymodel.py"
     f.write_text("import fewstep\n\ndef make():\n    return fewstep.load_model('gmm2d')\n")

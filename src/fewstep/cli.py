@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from . import __version__, distributed
 from .evaluate import CALIB_SEED, TEST_SEED, evaluate, noise
 from .models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, load_model, model_info
+from .policy import SchedulePolicy
 from .sample import DenoiserError, sample
 from .schedules import BUILTIN_SCHEDULES, Schedule, write_atomic
 from .solvers import SOLVERS
@@ -115,8 +116,8 @@ def cmd_demo(args) -> int:
 
 
 def _load_schedule(args, info) -> Schedule:
-    if args.schedule:
-        return Schedule.load(args.schedule)
+    if args.schedule:  # a per-sample policy (from --method instance) is a torch file
+        return SchedulePolicy.load(args.schedule) if Path(args.schedule).suffix == ".pt" else Schedule.load(args.schedule)
     if not args.nfe:
         raise SystemExit("error: give --schedule FILE, or --builtin NAME with --nfe N and --solver S")
     if not args.solver:
@@ -125,7 +126,8 @@ def _load_schedule(args, info) -> Schedule:
 
 
 def _add_schedule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--schedule", help="a schedule JSON file (from `fewstep optimize` or Schedule.save)")
+    p.add_argument("--schedule", help="a schedule JSON file (from `fewstep optimize` or Schedule.save), or a "
+                                      "per-sample policy .pt file (from `fewstep optimize --method instance`)")
     p.add_argument("--builtin", default="karras", choices=sorted(BUILTIN_SCHEDULES),
                    help="a built-in schedule when no --schedule is given (default karras)")
     p.add_argument("--nfe", type=int, help="denoiser calls, with --builtin")
@@ -137,8 +139,9 @@ def cmd_sample(args) -> int:
     sched = _load_schedule(args, info)
     x = noise(args.n, info["shape"], sched.sigma_max, args.seed, device=info["device"])
     out = sample(den, x, sched, args.solver, progress=True).cpu()
+    sigmas = sched.sigmas_for(x) if hasattr(sched, "sigmas_for") else sched.sigmas  # [steps + 1(, n)]
     buf = io.BytesIO()
-    torch.save({"samples": out, "sigmas": sched.sigmas, "metadata": sched.metadata, "seed": args.seed}, buf)
+    torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
     write_atomic(args.output, buf.getvalue())
     print(json.dumps({"output": str(args.output), "n": args.n, "shape": list(out.shape)}) if args.json
           else f"wrote {args.n} samples of shape {tuple(out.shape[1:])} to {args.output}")
@@ -150,7 +153,7 @@ def cmd_evaluate(args) -> int:
     sched = _load_schedule(args, info)
     res = evaluate(den, sched, args.solver, n=args.n, seed=args.seed, teacher=teacher, shape=info["shape"], ci=True)
     res.update({"model": info["name"], "solver": args.solver or sched.solver, "seed": args.seed,
-                "sigmas": sched.to_list()})
+                "sigmas": sched.to_list() if hasattr(sched, "to_list") else "per sample"})
     if args.json:
         print(json.dumps(res, indent=2))
     else:
@@ -172,10 +175,14 @@ def cmd_optimize(args) -> int:
                      **options)
     if distributed.rank() != 0:
         return 0
-    sched.save(args.output)
+    output = Path(args.output)
+    if hasattr(sched, "sigmas_for") and output.suffix != ".pt":  # a per-sample policy is a torch file
+        output = output.with_suffix(".pt")
+    sched.save(output)
     prov = sched.metadata.get("provenance", {})
-    print(json.dumps({"output": str(args.output), **sched.to_dict()}) if args.json else
-          f"wrote {args.output}: {sched}\n{prov.get('denoiser_calls')} denoiser calls, {prov.get('seconds')} s")
+    described = sched.to_dict() if hasattr(sched, "to_dict") else {"policy": repr(sched), "metadata": sched.metadata}
+    print(json.dumps({"output": str(output), **described}, default=str) if args.json else
+          f"wrote {output}: {sched}\n{prov.get('denoiser_calls')} denoiser calls, {prov.get('seconds')} s")
     return 0
 
 

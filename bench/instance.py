@@ -94,7 +94,7 @@ def main() -> None:
                       + f" | {'yes' if order else 'NO'} | {'yes' if dp else 'NO' if others else 'n/a'}"
                       f" | {route['clusters'] if route['phi_kept'] else '-'} | {seconds.get('oss', float('nan')):.1f} | {tl['seconds']:.1f} ({tl['student_calls']})"
                       f" | {tr['seconds']:.1f} ({tr['student_calls']}) |", flush=True)
-        t_phi = timed(lambda: (pol.sigmas_for(test), pol.corrections_for(test)))  # what fewstep.sample runs
+        t_phi = timed(lambda: pol.plan_for(test))  # what fewstep.sample runs: sigmas and corrections
         t_den = timed(lambda: den(test, torch.full((test.shape[0],), 1.0, dtype=torch.float64)))
         overhead[name] = (t_phi, t_den)
     print(f"\nphi's overhead at sampling time (batch {args.n_test}, one phi pass per batch vs one denoiser call):")

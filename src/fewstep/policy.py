@@ -189,6 +189,11 @@ class SchedulePolicy:
         with torch.no_grad():
             return self.corrections(x)
 
+    def plan_for(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """``(sigmas_for(x), corrections_for(x))`` from one pass of phi (what ``fewstep.sample`` uses)."""
+        with torch.no_grad():
+            return self._plan(x)
+
     def __repr__(self) -> str:
         tags = ", ".join(f"{k}={self.metadata[k]!r}" for k in ("method", "nfe") if k in self.metadata)
         return f"SchedulePolicy(solver={self.solver!r}, steps={self.steps}{', ' + tags if tags else ''})"

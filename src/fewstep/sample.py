@@ -124,7 +124,7 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
     """Solve the probability-flow ODE from ``x`` (the state at sigma_max: ``noise * sigmas[0]``).
 
     ``schedule``: a Schedule, a list/tensor of sigmas, or a per-sample policy (an object with
-    ``sigmas_for(x) -> [steps + 1, batch]`` and optionally ``corrections_for(x)``, see ``Corrected``).
+    ``sigmas_for(x) -> [steps + 1, batch]``, or ``plan_for(x) -> (sigmas, corrections)``, see ``Corrected``).
     ``solver`` defaults to the one the schedule was made
     for; ``options`` override the schedule's ``solver_options``.
     """
@@ -132,8 +132,7 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
         raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
     corrections = None
     if hasattr(schedule, "sigmas_for"):
-        sigmas = schedule.sigmas_for(x)
-        corrections = schedule.corrections_for(x) if hasattr(schedule, "corrections_for") else None
+        sigmas, corrections = schedule.plan_for(x) if hasattr(schedule, "plan_for") else (schedule.sigmas_for(x), None)
         opts = dict(getattr(schedule, "solver_options", {}) or {})
     else:
         sched = as_schedule(schedule)

@@ -145,7 +145,7 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, sta
 
 
 def fit_outputs(ctx: Calibration, solver: str, opts: dict, out: torch.Tensor, n_logits: int, learn_last: bool,
-                **fit_options) -> dict:
+                iters: int = ITERS, **fit_options) -> dict:
     """``ld3.fit`` of one schedule's outputs ``out`` (in place): ``n_logits`` logits, then (if any) the
     raw corrections of ``policy.corrections_from_raw``, with LD3's learning rate and patience."""
     def sigmas(x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ def fit_outputs(ctx: Calibration, solver: str, opts: dict, out: torch.Tensor, n_
     def corrections(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return corrections_from_raw(out[n_logits:], sigmas(x), ctx.sigma_min, ctx.sigma_max)
 
-    return fit(ctx, solver, opts, sigmas, [out], lr=LR, iters=ITERS, patience=PATIENCE,
+    return fit(ctx, solver, opts, sigmas, [out], lr=LR, iters=iters, patience=PATIENCE,
                corrections_fn=corrections if out.numel() > n_logits else None, **fit_options)
 
 
@@ -181,15 +181,17 @@ def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePoli
     return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
-@register("instance", tune_options={"oss_grid": 40, "policy": "residual", "iters": 40, "patience": 8},
-          quick_options={"ld3_iters": 10, "iters": 10, "patience": 5})
+@register("instance", tune_options={"oss_grid": 40, "policy": "residual", "iters": 20, "patience": 5,
+                                   "corrections_iters": 20},
+          quick_options={"ld3_iters": 10, "iters": 10, "patience": 5, "corrections_iters": 10})
 def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, clusters: Sequence[int] = CLUSTERS,
              loss: str = LOSS, radius: float | None = None,
              learn_last: bool = True, starts: int = STARTS, oss_grid: int = DEFAULT_SIZE, ld3_iters: int = ITERS,
              init: Schedule | None = None, hidden: int = HIDDEN,
              max_inputs: int = 256, components: int = COMPONENTS, samples: int = SAMPLES, lr: float = 3e-3,
              weight_decay: float = WEIGHT_DECAY, iters: int = 300, patience: int = 30, gate: float = GATE,
-             corrections: bool = True, valid: float = 0.5, seed: int = 0) -> SchedulePolicy:
+             corrections: bool = True, corrections_iters: int = ITERS, valid: float = 0.5,
+             seed: int = 0) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top.
 
     ``policy``: 'route' (cluster the training samples by their teacher endpoints, one LD3 schedule per
@@ -208,8 +210,11 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     ``gate``: phi is kept only if its validation gain over the global schedule is at least ``gate``
     standard errors of the paired per-sample differences (else the policy gives the global schedule).
     ``corrections``: phi also learns, per step, a shift of the sigma the denoiser is evaluated at and a
-    scale of its epsilon (the paper's time shift and output scale; ``sample.Corrected``).
+    scale of its epsilon (the paper's time shift and output scale; ``sample.Corrected``), first for
+    the global schedule (at most ``corrections_iters`` steps, LD3's learning rate and patience).
     """
+    if int(corrections_iters) != corrections_iters or corrections_iters < 1:
+        raise ValueError(f"corrections_iters must be a positive integer, got {corrections_iters!r}")
     if int(samples) != samples or samples < 0:
         raise ValueError(f"samples must be a non-negative integer, got {samples!r}")
     if policy not in ("route", "residual", "auto", "global"):
@@ -256,8 +261,8 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
     if corrections:
         start_out = torch.cat([start_out, start_out.new_zeros(2 * steps)]).requires_grad_(True)
         global_record = {**global_record, "corrections": fit_outputs(
-            ctx, solver, opts, start_out, logits.numel(), learn_last, loss=loss, radius=radius, valid=valid, seed=seed,
-            desc="instance global corrections")}
+            ctx, solver, opts, start_out, logits.numel(), learn_last, iters=int(corrections_iters), loss=loss,
+            radius=radius, valid=valid, seed=seed, desc="instance global corrections")}
         start_out = start_out.detach()
 
     def train_route() -> tuple[SchedulePolicy, dict]:

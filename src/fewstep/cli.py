@@ -272,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, DenoiserError) as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

@@ -33,6 +33,14 @@ def init_from_env() -> bool:
     return True
 
 
+def finish() -> None:
+    """Leave the process group: wait for every rank (rank 0 may still be writing files), then tear it
+    down, so no rank exits with the backend's threads still running (gloo then aborts the process)."""
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: int) -> torch.Tensor:
     """``fn`` over this rank's slice of ``x`` (split along the batch), results gathered and concatenated
     along ``dim`` of the output, identical on every rank. Without a process group: ``fn(x)``."""

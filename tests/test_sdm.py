@@ -104,6 +104,19 @@ def test_given_tau_is_used(gmm2d):
     assert huge.solver_options["orders"] == [1] * 6
 
 
+def test_switch_is_chosen_on_gate_samples_noises(gmm2d):
+    """The calibration batch (8 noises) is extended with seeded noises to gate_samples for the choice."""
+    batches = []
+
+    def spy(x, sigma):
+        batches.append(x.shape[0])
+        return gmm2d(x, sigma)
+
+    spy.shape, spy.sigma_min, spy.sigma_max = gmm2d.shape, gmm2d.sigma_min, gmm2d.sigma_max
+    sched = fewstep.optimize(spy, "sdm", "heun", 12, n=8, gate_samples=24, teacher=fewstep.Teacher(spy, steps=32))
+    assert fewstep.nfe(sched) == 12 and 24 in batches and max(batches) == 24
+
+
 @pytest.mark.parametrize("switch, nfe", [(0, 11), (1, 12), (3, 12)])  # Heun from step 0 spends an odd NFE
 def test_given_switch_is_used(gmm2d, switch, nfe):
     x = fewstep.noise(16, gmm2d.shape, gmm2d.sigma_max, 0)
@@ -119,6 +132,7 @@ def test_given_switch_is_used(gmm2d, switch, nfe):
     ({"norm": "l1"}, "norm must be"),
     ({"batch": "max"}, "batch must be"),
     ({"switch": -1}, "switch must be"),
+    ({"gate_samples": 0}, "gate_samples must be"),
     ({"switch": 1, "tau": 1e-4}, "not given with tau"),
 ])
 def test_bad_options(gmm2d, opts, match):

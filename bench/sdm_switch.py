@@ -65,7 +65,7 @@ def main() -> None:
         ref = teacher.solve(xt, sigma_max=den.sigma_max)
         xc = fewstep.noise(args.calib, den.shape, den.sigma_max, 0)
         ref_c = teacher.solve(xc, sigma_max=den.sigma_max)
-        path, etas = sdm.search(CheckedDenoiser(den), xc, den.sigma_min, den.sigma_max)
+        path, etas, _ = sdm.search(CheckedDenoiser(den), xc, den.sigma_min, den.sigma_max)
         for nfe in [int(v) for v in args.nfe.split(",")]:
             steps, opts = fewstep.plan("heun", nfe)
             k_heun = fewstep.rmse(fewstep.sample(den, xt, karras(steps, den.sigma_min, den.sigma_max), "heun", **opts),

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def test_tolerance_bounds_local_error_and_sets_path_length(gmm2d):
     teacher = fewstep.Teacher(gmm2d, steps=256)
     lengths, errors = [], []
     for eta_max in (4e-3, 2e-3, 1e-3):
-        path, etas = sdm.search(CheckedDenoiser(gmm2d), x, gmm2d.sigma_min, gmm2d.sigma_max,
+        path, etas, _ = sdm.search(CheckedDenoiser(gmm2d), x, gmm2d.sigma_min, gmm2d.sigma_max,
                                 eta_min=eta_max / 10, eta_max=eta_max)
         assert path[0] == gmm2d.sigma_max and path[-1] == gmm2d.sigma_min and (path[1:] < path[:-1]).all()
         lengths.append(len(path) - 1)
@@ -133,6 +134,7 @@ def test_given_switch_is_used(gmm2d, switch, nfe):
     ({"batch": "max"}, "batch must be"),
     ({"switch": -1}, "switch must be"),
     ({"gate_samples": 0}, "gate_samples must be"),
+    ({"resampling": "rk4"}, "resampling must be"),
     ({"switch": 1, "tau": 1e-4}, "not given with tau"),
 ])
 def test_bad_options(gmm2d, opts, match):
@@ -146,3 +148,28 @@ def test_nfe_below_minimum(gmm2d):
     with pytest.raises(ValueError, match="tau"):
         sdm.sample_adaptive(gmm2d, torch.zeros(2, 2), karras(4))
     assert math.isclose(sdm.eta_of(80.0, 80.0, 0.02, 0.2, 1.0), 0.2)
+
+
+@pytest.mark.parametrize("low, high", [(0, 5), (2, 6), (5, 1), (4, 0)])
+def test_resample_orders_exact_steps(gmm2d, low, high):
+    """low first-order then high second-order steps, decreasing from sigma_max to sigma_min, then 0."""
+    x = fewstep.noise(16, gmm2d.shape, gmm2d.sigma_max, 0)
+    path, etas, second = sdm.search(CheckedDenoiser(gmm2d), x, gmm2d.sigma_min, gmm2d.sigma_max)
+    assert second.shape == etas.shape and (second >= 0).all()
+    sig = sdm.resample_orders(path, etas, second, low, high)
+    assert len(sig) == low + high + 2 and sig[0] == gmm2d.sigma_max and sig[-2] == gmm2d.sigma_min and sig[-1] == 0
+    assert (sig[1:] < sig[:-1]).all()
+    if high == 0:  # all first order: the plain resampled schedule
+        assert torch.equal(sig, sdm.resample(path, etas, low + 1))
+
+
+def test_second_order_part_equidistributes_heun_error(gmm2d):
+    """Below the split, every second-order step carries the same weight sum (T/12)^(1/3) h (q = 0)."""
+    x = fewstep.noise(16, gmm2d.shape, gmm2d.sigma_max, 0)
+    path, etas, second = sdm.search(CheckedDenoiser(gmm2d), x, gmm2d.sigma_min, gmm2d.sigma_max)
+    sig = sdm.resample_orders(path, etas, second, 0, 8, q=0.0)[:-1]
+    w = (second / 12) ** (1 / 3) * (path[:-1] - path[1:])
+    cum = torch.cat([w.new_zeros(1), w.cumsum(0)])
+    at = [float(np.interp(-float(s), -path.numpy(), cum.numpy())) for s in sig]  # weight above each node
+    parts = torch.tensor([at[i + 1] - at[i] for i in range(8)])
+    assert float(parts.std() / parts.mean()) < 0.02  # equal up to interpolation (the Euler density: 0.17)

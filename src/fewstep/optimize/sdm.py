@@ -66,21 +66,28 @@ def eta_of(sigma: float, sigma_max: float, eta_min: float, eta_max: float, eta_p
 def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float, *, eta_min: float = ETA_MIN,
            eta_max: float = ETA_MAX, eta_p: float = ETA_P, grid_points: int = 40, rho: float = RHO,
            norm: str = "rms", batch: str = "rms", gamma: float = GAMMA, c_shrink: float = C_SHRINK,
-           max_expand: int = MAX_EXPAND, max_shrink: int = MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
+           max_expand: int = MAX_EXPAND, max_shrink: int = MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Wasserstein-bounded step search on the batch ``x`` (states at sigma_max).
 
-    Returns the path sigma_max > ... > sigma_min and eta_i = 1/2 h_i^2 S_i measured on each of its
+    Returns the path sigma_max > ... > sigma_min, eta_i = 1/2 h_i^2 S_i measured on each of its
     intervals (the drift at the end of an interval is the next step's drift, so this costs no extra
-    call but the one at sigma_min). Reference: ``sdm_scheduler`` in modules/sampler.py.
+    call but the one at sigma_min), and T_i, the size of the drift's second derivative on each
+    interval (batch aggregate of the second differences of the drifts along the path, averaged over the
+    interval's two nodes), which sets a second-order step's error. Reference: ``sdm_scheduler`` in
+    modules/sampler.py (eta and the path; T is fewstep's, for ``resample_orders``).
     """
     grid = polynomial(grid_points - 1, sigma_min, sigma_max, rho, final_zero=False).sigmas.tolist()
-    sigma, path, etas = sigma_max, [sigma_max], []
-    d_prev = None
+    sigma, path, etas, second = sigma_max, [sigma_max], [], []
+    d_prev = sec_prev = h_before = None
     while True:
         d = (x - model(x, torch.tensor(sigma, dtype=torch.float64))) / sigma
         if d_prev is not None:  # eta actually spent on the step just taken
             h_prev = path[-2] - sigma
             etas.append(0.5 * h_prev * _batch(_norms(d - d_prev, norm), batch))
+            sec = (d - d_prev) / h_prev
+            if sec_prev is not None:  # |d''| at the node between the last two intervals
+                second.append(_batch(_norms(sec - sec_prev, norm), batch) / (0.5 * (h_prev + h_before)))
+            sec_prev, h_before = sec, h_prev
         if sigma <= sigma_min * (1 + 1e-12):
             break
         eta = eta_of(sigma, sigma_max, eta_min, eta_max, eta_p)
@@ -116,7 +123,9 @@ def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float,
         x = x + (s_next - sigma) * d
         sigma, d_prev = s_next, d
         path.append(sigma)
-    return torch.tensor(path, dtype=torch.float64), torch.tensor(etas, dtype=torch.float64)
+    nodes = torch.tensor(second[:1] + second + second[-1:] if second else [0.0] * (len(etas) + 1), dtype=torch.float64)
+    return (torch.tensor(path, dtype=torch.float64), torch.tensor(etas, dtype=torch.float64),
+            0.5 * (nodes[:-1] + nodes[1:]))
 
 
 def resample(path: torch.Tensor, etas: torch.Tensor, steps: int, power: float = POWER, q: float = Q,
@@ -138,6 +147,43 @@ def resample(path: torch.Tensor, etas: torch.Tensor, steps: int, power: float = 
     u = path ** (1 / rho)
     f = PchipInterpolator(c.numpy(), u.numpy())
     new = torch.as_tensor(f(torch.linspace(0, float(c[-1]), steps, dtype=torch.float64).numpy())) ** rho
+    new[0], new[-1] = path[0], path[-1]
+    return torch.cat([new, new.new_zeros(1)])
+
+
+def resample_orders(path: torch.Tensor, etas: torch.Tensor, second: torch.Tensor, low: int, high: int,
+                    power: float = POWER, q: float = Q, rho: float = RHO) -> torch.Tensor:
+    """``low`` first-order steps from sigma_max, then ``high`` second-order steps down to sigma_min,
+    then the step to 0, each part equidistributing its own order's local error (fewstep's extension).
+
+    A first-order step of weight W = sum eta_i^power errs by W^(1/power) (W^2 at power 1/2: 1/2 H^2 S);
+    a second-order (Heun, trapezoidal) step of weight W = sum (T_i / 12)^(1/3) h_i errs by W^3
+    (H^3 T / 12). Both weights carry the tilt (sigma_max / sigma_i)^q. The split sigma* gives the two
+    parts equal error per step; each part's nodes are uniform in its cumulative weight, mapped back by
+    a monotone PCHIP in u = sigma^(1/rho). ``high`` = 0 is ``resample``'s schedule.
+    """
+    from scipy.interpolate import PchipInterpolator
+
+    if high == 0:
+        return resample(path, etas, low + 1, power, q, rho)
+    tilt = (path[0] / path[1:]) ** q
+    w1 = etas.clamp_min(0) ** power * tilt
+    w2 = (second.clamp_min(0) / 12) ** (1 / 3) * (path[:-1] - path[1:]) * tilt
+    floor = 1e-12 * float(torch.cat([w1, w2]).max().clamp_min(1e-300))
+    w1, w2 = w1.clamp_min(floor), w2.clamp_min(floor)  # keep both cumulative weights strictly monotone
+    above = torch.cat([w1.new_zeros(1), w1.cumsum(0)])  # first-order weight above each path node
+    below = torch.cat([w2.flip(0).cumsum(0).flip(0), w2.new_zeros(1)])  # second-order weight below it
+    gap = ((above / max(low, 1)) ** (1 / power) if low else torch.zeros_like(above)) - (below / high) ** 3
+    k = int((gap >= 0).nonzero()[0]) if low else 0  # first node where the first-order part errs more
+    t = 0.0 if k == 0 else float(-gap[k - 1] / (gap[k] - gap[k - 1]))
+    u = path ** (1 / rho)
+    u_split = float(u[max(k - 1, 0)] + t * (u[k] - u[max(k - 1, 0)]))
+    a_split = float(above[max(k - 1, 0)] + t * (above[k] - above[max(k - 1, 0)]))
+    b_split = float(below[max(k - 1, 0)] + t * (below[k] - below[max(k - 1, 0)]))
+    top = PchipInterpolator(above.numpy(), u.numpy())(torch.linspace(0, a_split, low + 1, dtype=torch.float64).numpy())
+    bottom = PchipInterpolator(below.flip(0).numpy(), u.flip(0).numpy())(
+        torch.linspace(b_split, 0, high + 1, dtype=torch.float64).numpy())
+    new = torch.as_tensor(list(top[:-1]) + [u_split] + list(bottom[1:]), dtype=torch.float64) ** rho
     new[0], new[-1] = path[0], path[-1]
     return torch.cat([new, new.new_zeros(1)])
 
@@ -210,7 +256,7 @@ def _switch_candidates(kappas: list[float], tau: float | None) -> dict[int, floa
 @register("sdm")
 def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, eta_max: float = ETA_MAX,
         eta_p: float = ETA_P, power: float = POWER, q: float = Q, tau: float | None = None,
-        switch: int | None = None, gate: bool = True, gate_samples: int = GATE_SAMPLES,
+        switch: int | None = None, gate: bool = True, gate_samples: int = GATE_SAMPLES, resampling: str = "both",
         grid_points: int = 40, rho: float = RHO, norm: str = "rms", batch: str = "rms",
         **search_options: Any) -> Schedule:
     """SDM schedule of exactly ``nfe`` calls for ``solver`` (see the module docstring and docs/methods/sdm.md).
@@ -227,6 +273,8 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
         raise ValueError(f"tau must be >= 0 (or None to choose it from the calibration batch), got {tau}")
     if switch is not None and (int(switch) != switch or switch < 0 or tau is not None):
         raise ValueError(f"switch must be a step index >= 0, and not given with tau; got switch={switch!r}, tau={tau!r}")
+    if resampling not in ("orders", "euler", "both"):
+        raise ValueError(f"resampling must be 'orders', 'euler' (the reference's) or 'both', got {resampling!r}")
     if int(gate_samples) != gate_samples or gate_samples < 1:
         raise ValueError(f"gate_samples must be a positive integer, got {gate_samples!r}")
     if norm not in ("rms", "l2"):
@@ -244,7 +292,7 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
     settings = dict(eta_min=eta_min, eta_max=eta_max, eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm,
                     batch=batch, **search_options)
     # The search depends on neither the solver nor the NFE: shared by every sdm call on this batch.
-    path, etas = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings),
+    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings),
                           lambda: search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, **settings))
     info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
     high = MAX_ORDER[solver]
@@ -260,8 +308,19 @@ def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, et
                     else {int(switch): kappas[int(switch)] if int(switch) < steps else math.inf})
         for j, t in switches.items():
             orders = [1] * min(j, steps) + [high] * max(steps - 1 - j, 0) + [1] * (j < steps)
-            if count_nfe(Schedule(sigmas), solver, orders=orders) == nfe:
-                candidates.append((sigmas, orders, j, t, kappas))
+            if count_nfe(Schedule(sigmas), solver, orders=orders) != nfe:
+                continue
+            if two_stage and resampling in ("orders", "both") and tau is None and 0 < steps - 1 - j:
+                # the second-order steps placed by their own error model; kept if the gate, measured
+                # on these sigmas, still switches at j (so the online gate reproduces it)
+                mixed = resample_orders(path, etas, second, j, steps - 1 - j, power, q, rho)
+                _, _, k_mixed = _gate_run(ctx.denoiser, ctx.x, mixed, solver, math.inf)
+                found = _switch_candidates(k_mixed, None) if switch is None else {j: k_mixed[j]}
+                if j in found:
+                    candidates.append((mixed, orders, j, found[j], k_mixed))
+                    if resampling == "orders":
+                        continue
+            candidates.append((sigmas, orders, j, t, kappas))
     if not candidates:
         raise ValueError(f"with tau={tau}, switch={switch} no {solver} schedule of {lo}..{nfe} steps spends exactly "
                          f"{nfe} calls; pass another tau or switch, or neither to choose it from the calibration batch")

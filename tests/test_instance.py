@@ -325,3 +325,19 @@ def test_corrections_keep_the_evaluation_sigma_in_the_model_range():
     asked = torch.stack(asked)
     assert (asked <= 80.0 * (1 + 1e-12)).all() and (asked >= 0.002 * (1 - 1e-12)).all()
     assert torch.allclose(asked[0], torch.full((4,), 80.0, dtype=torch.float64))  # +10 at sigma_max: clipped to 0
+
+
+def test_global_policy_is_one_schedule_with_corrections(routed):
+    """policy='global': the LD3 schedule with corrections learned on the whole batch, the same for every
+    sample (the baseline for the per-sample part); it needs corrections."""
+    den, _, ld3, _ = routed
+    calib = fewstep.noise(64, den.shape, den.sigma_max, seed=0)
+    pol = fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, policy="global", gate=0.0,
+                           teacher=fewstep.Teacher(den, steps=32))
+    x = fewstep.noise(16, den.shape, den.sigma_max, seed=3)
+    sig, (shift, scale) = pol.plan_for(x)
+    assert pol.metadata["training"]["policy"] == "global"
+    assert torch.equal(sig, sig[:, :1].expand_as(sig)) and torch.equal(shift, shift[:, :1].expand_as(shift))
+    assert torch.equal(scale, scale[:, :1].expand_as(scale))
+    with pytest.raises(ValueError, match="needs corrections"):
+        fewstep.optimize(den, "instance", "ipndm", 3, calib=calib, init=ld3, policy="global", corrections=False)

@@ -164,10 +164,8 @@ def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor
     fn, defaults = get_solver(solver)
     x, y = ctx.x[n_train:], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
     with torch.no_grad():
-        policy = isinstance(sigmas, SchedulePolicy)
-        sig = sigmas.sigmas(x) if policy else sigmas
-        model = corrected(ctx.denoiser, sig, sigmas.corrections(x) if policy else None)
-        return per_sample_loss(fn(model, x, sig, **{**defaults, **opts}), y, loss)
+        sig, corrections = sigmas.plan_for(x) if isinstance(sigmas, SchedulePolicy) else (sigmas, None)
+        return per_sample_loss(fn(corrected(ctx.denoiser, sig, corrections), x, sig, **{**defaults, **opts}), y, loss)
 
 
 def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, glob: torch.Tensor,
@@ -279,19 +277,20 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
                       valid_by_clusters={k: round(v, 6) for v, k, _, _ in tried})
         return pol, record
 
-    def train_residual() -> tuple[SchedulePolicy, dict]:
+    def global_policy() -> SchedulePolicy:  # a residual phi at zero: the global outputs for every sample
         pol = new_policy(policy="residual", hidden=int(hidden))
         with torch.no_grad():
             pol.net.global_out.copy_(start_out)
+        return pol
+
+    def train_residual() -> tuple[SchedulePolicy, dict]:
+        pol = global_policy()
         return pol, fit(ctx, solver, opts, pol.sigmas, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
                         iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
                         desc=f"instance {solver} nfe={nfe}", corrections_fn=pol.corrections)
 
-    def train_global() -> tuple[SchedulePolicy, dict]:  # the same schedule and corrections for every sample
-        pol = new_policy(policy="residual", hidden=int(hidden))
-        with torch.no_grad():
-            pol.net.global_out.copy_(start_out)
-        return pol, dict(global_record["corrections"])
+    def train_global() -> tuple[SchedulePolicy, dict]:
+        return global_policy(), dict(global_record["corrections"])
 
     trained = []  # (gate z, kind, policy, record) per kind trained
     for kind, train in (("route", train_route), ("residual", train_residual), ("global", train_global)):

@@ -176,10 +176,8 @@ def resample_orders(path: torch.Tensor, etas: torch.Tensor, second: torch.Tensor
     gap = ((above / max(low, 1)) ** (1 / power) if low else torch.zeros_like(above)) - (below / high) ** 3
     k = int((gap >= 0).nonzero()[0]) if low else 0  # first node where the first-order part errs more
     t = 0.0 if k == 0 else float(-gap[k - 1] / (gap[k] - gap[k - 1]))
-    u = path ** (1 / rho)
-    u_split = float(u[max(k - 1, 0)] + t * (u[k] - u[max(k - 1, 0)]))
-    a_split = float(above[max(k - 1, 0)] + t * (above[k] - above[max(k - 1, 0)]))
-    b_split = float(below[max(k - 1, 0)] + t * (below[k] - below[max(k - 1, 0)]))
+    u, i = path ** (1 / rho), max(k - 1, 0)
+    u_split, a_split, b_split = (float(v[i] + t * (v[k] - v[i])) for v in (u, above, below))  # at the split
     top = PchipInterpolator(above.numpy(), u.numpy())(torch.linspace(0, a_split, low + 1, dtype=torch.float64).numpy())
     bottom = PchipInterpolator(below.flip(0).numpy(), u.flip(0).numpy())(
         torch.linspace(b_split, 0, high + 1, dtype=torch.float64).numpy())

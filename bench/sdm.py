@@ -1,13 +1,15 @@
-"""SDM held out: optimize on seed-0 noises, evaluate on seed-1 noises against the teacher.
+"""SDM held out, NFE x solver: optimize on seed-0 noises, evaluate on seed-1 noises against the teacher.
 
-Per model and NFE: RMSE (mean, median) of SDM with the adaptive Heun (stored gate), of SDM's schedule
-with plain Euler, and of karras(rho=7) with Heun and Euler; ratios to karras-Heun and karras-Euler;
-the paired difference sdm-adapt - karras-Heun per held-out sample with its standard error (the held-out
-mean is decided by a few samples that end in another mode than the teacher's where n is small: use
---n 1024 or 2048 there); the calibration's denoiser calls (search + gate + teacher on the calibration
-batch) and seconds.
+Per model, NFE and solver: the RMSE (mean and median over held-out samples) of SDM with the adaptive
+solver (stored gate) and the step where its gate switches to the higher order; karras(rho=7) with the same
+solver; karras(rho=7) with Heun and with Euler (the issue's baselines) and SDM's ratios to them; the
+paired difference SDM - karras-Heun per held-out sample with its standard error (on the mixtures the mean
+is decided by a few samples that end in another mode than the teacher's: use a large --n there); GITS and
+OSS with the same solver at NFE <= --dp-max; SDM's calibration denoiser calls (batched; search, gate and
+the teacher on the gate's noises, which is computed once per model and shared by later rows) and seconds.
 
-    OMP_NUM_THREADS=1 python bench/sdm.py [--models gmm64,gmm2d,digits] [--nfe 5,6,8,10,20,40] [--n 256]
+    OMP_NUM_THREADS=1 python bench/sdm.py [--models gmm64,gmm2d,gmm-scales,digits] [--nfe 5,6,8,10,20,40]
+        [--solvers heun,dpmpp_2m,unipc] [--n 1024] [--dp-max 10]
 """
 
 import argparse
@@ -28,41 +30,46 @@ from machine import describe  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="gmm64,gmm2d,digits")
+    ap.add_argument("--models", default="gmm64,gmm2d,gmm-scales,digits")
     ap.add_argument("--nfe", default="5,6,8,10,20,40")
-    ap.add_argument("--n", type=int, default=256, help="held-out samples")
+    ap.add_argument("--solvers", default="heun,dpmpp_2m,unipc")
+    ap.add_argument("--n", type=int, default=1024, help="held-out samples")
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
+    ap.add_argument("--dp-max", type=int, default=10, help="GITS and OSS columns up to this NFE (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"{describe()}; held-out n={args.n} (seed 1), calibration n={args.calib} (seed 0)")
-    print(f"{'model':7} {'nfe':>3} | {'sdm-adapt':>9} {'median':>7} {'steps':>5} {'switch':>6} | {'sdm-euler':>9} | "
-          f"{'K-heun':>7} {'K-euler':>7} | {'/K-heun':>7} {'/K-euler':>8} {'-K-heun':>8} {'+-se':>6} | {'calls':>5} {'sec':>5}")
+    print(f"{'model':10} {'nfe':>3} {'solver':8} | {'sdm':>7} {'median':>7} {'switch':>6} | {'K-same':>7} {'K-heun':>7} "
+          f"{'K-euler':>7} | {'/K-same':>7} {'/K-heun':>7} {'/K-euler':>8} {'-K-heun':>8} {'+-se':>6} | "
+          f"{'gits':>7} {'oss':>7} | {'calls':>5} {'sec':>5}")
     for name in args.models.split(","):
         den = fewstep.load_model(name)
-        teacher = fewstep.Teacher(den, sigma_min=den.sigma_min)
         xt = fewstep.noise(args.n, den.shape, den.sigma_max, 1)
-        ref = teacher.solve(xt, sigma_max=den.sigma_max)
+        ref = fewstep.Teacher(den, sigma_min=den.sigma_min).solve(xt, sigma_max=den.sigma_max)
+        calib_teacher = fewstep.Teacher(den, sigma_min=den.sigma_min)  # shared by the rows: calls counted once
 
-        def ev(sched, solver=None):  # per-sample RMSE to the teacher
-            return fewstep.rmse(fewstep.sample(den, xt, sched, solver), ref)
+        def ev(sched):  # per-sample RMSE to the teacher
+            return fewstep.rmse(fewstep.sample(den, xt, sched), ref)
+
+        def baseline(solver, nfe):
+            steps, opts = fewstep.plan(solver, nfe)
+            return ev(karras(steps, den.sigma_min, den.sigma_max).with_metadata(solver=solver, solver_options=opts))
 
         for nfe in [int(v) for v in args.nfe.split(",")]:
-            steps, opts = fewstep.plan("heun", nfe)
-            k_heun = ev(karras(steps, den.sigma_min, den.sigma_max).with_metadata(solver_options=opts), "heun")
-            k_euler = ev(karras(nfe, den.sigma_min, den.sigma_max), "euler").mean()
-            calib_teacher = fewstep.Teacher(den, sigma_min=den.sigma_min)  # fresh: its calls are counted
-            start = time.perf_counter()
-            sched = fewstep.optimize(den, "sdm", "heun", nfe, n=args.calib, teacher=calib_teacher)
-            sec = time.perf_counter() - start
-            r = ev(sched)
-            euler = ev(fewstep.optimize(den, "sdm", "euler", nfe, n=args.calib), "euler").mean()
-            diff = r - k_heun
-            info = sched.metadata["sdm"]
-            mean, k_heun = r.mean(), k_heun.mean()
-            print(f"{name:7} {nfe:3d} | {mean:9.4f} {r.median():7.4f} {sched.steps:5d} {info['switch']:6d} | "
-                  f"{euler:9.4f} | {k_heun:7.4f} {k_euler:7.4f} | {mean / k_heun:7.2f} {mean / k_euler:8.2f} "
-                  f"{diff.mean():8.4f} {diff.std() / math.sqrt(len(diff)):6.4f} | "
-                  f"{sched.metadata['provenance']['denoiser_calls']:5d} {sec:5.1f}", flush=True)
+            k_heun, k_euler = baseline("heun", nfe), baseline("euler", nfe).mean()
+            for solver in args.solvers.split(","):
+                start = time.perf_counter()
+                sched = fewstep.optimize(den, "sdm", solver, nfe, n=args.calib, teacher=calib_teacher)
+                sec = time.perf_counter() - start
+                r, k_same = ev(sched), baseline(solver, nfe).mean()
+                dp = [ev(fewstep.optimize(den, m, solver, nfe, n=args.calib, teacher=calib_teacher)).mean()
+                      if nfe <= args.dp_max else math.nan for m in ("gits", "oss")]
+                diff, mean, kh = r - k_heun, r.mean(), k_heun.mean()
+                print(f"{name:10} {nfe:3d} {solver:8} | {mean:7.4f} {r.median():7.4f} "
+                      f"{str(sched.metadata['sdm'].get('switch', '-')):>6} | {k_same:7.4f} {kh:7.4f} {k_euler:7.4f} | "
+                      f"{mean / k_same:7.2f} {mean / kh:7.2f} {mean / k_euler:8.2f} {diff.mean():8.4f} "
+                      f"{diff.std() / math.sqrt(len(diff)):6.4f} | {dp[0]:7.4f} {dp[1]:7.4f} | "
+                      f"{sched.metadata['provenance']['denoiser_calls']:5d} {sec:5.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,14 +65,14 @@ def test_resample_exact_steps_and_endpoints():
     assert (sdm.resample(path, etas, 11, q=0.5)[1:-2] < sdm.resample(path, etas, 11, q=0.0)[1:-2]).all()
 
 
-@pytest.mark.parametrize("name", ["gmm2d", "digits"])
-def test_heldout_beats_karras(name):
+@pytest.mark.parametrize("name, solver, nfe, held_out", [("gmm2d", "heun", 10, 64), ("digits", "heun", 10, 64),
+                                                           ("gmm64", "unipc", 20, 256)])
+def test_heldout_beats_karras(name, solver, nfe, held_out):
     den = fewstep.load_model(name)
     teacher = fewstep.Teacher(den, steps=256)
-    xt = fewstep.noise(64, den.shape, den.sigma_max, 1)
-    nfe = 10
-    sched = fewstep.optimize(den, "sdm", "heun", nfe, n=32, teacher=teacher)
-    assert fewstep.nfe(sched) == nfe and sched.solver == "heun"
+    xt = fewstep.noise(held_out, den.shape, den.sigma_max, 1)
+    sched = fewstep.optimize(den, "sdm", solver, nfe, n=32, teacher=teacher)
+    assert fewstep.nfe(sched) == nfe and sched.solver == solver
     steps, opts = fewstep.plan("heun", nfe)
     err = fewstep.evaluate(den, sched, x=xt, teacher=teacher, distribution=False)["mean"]
     heun = fewstep.evaluate(den, karras(steps).with_metadata(solver_options=opts), "heun", x=xt, teacher=teacher,

@@ -258,6 +258,13 @@ def test_corrected_calls_and_outputs():
         out = model(x, sigmas[j])
         assert torch.allclose(seen[-1], sigmas[j] * torch.exp(shift[j]))
         assert torch.allclose(out, x + scale[j] * (gmm(x, seen[-1].expand(4)) - x))
+        assert torch.equal(model(x, sigmas[j].clone()), out)  # a copy: found by value instead of by address
+    rows = sigmas[:, None].expand(-1, 4).contiguous()  # per-sample sigmas, [steps + 1, batch]
+    per_sample = Corrected(gmm, rows, shift[:, None].expand(-1, 4), scale[:, None].expand(-1, 4))
+    for j in range(3):
+        assert torch.allclose(per_sample(x, rows[j]), model(x, sigmas[j]))
+    with pytest.raises(RuntimeError, match="not on its schedule"):
+        model(x, torch.tensor(1.2345, dtype=torch.float64))
     none = Corrected(gmm, sigmas, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     assert torch.equal(fewstep.sample(none, x, sigmas, "ipndm"), fewstep.sample(gmm, x, sigmas, "ipndm"))
 

@@ -105,10 +105,22 @@ class Corrected:
     def __init__(self, model: Callable, sigmas: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor):
         self.model, self.sigmas, self.shift, self.scale = model, sigmas, shift, scale
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        j = next((j for j in range(len(self.sigmas) - 1) if bool((self.sigmas[j] == sigma).all())), None)
-        if j is None:
+    def _step(self, sigma: torch.Tensor) -> int:
+        """Index j of the schedule row the solver passed. The solvers pass views ``sigmas[j]``, found by
+        address without reading the device; any other tensor is matched by value (one host sync)."""
+        rows = self.sigmas[:-1]
+        if (sigma.device == rows.device and sigma.dtype == rows.dtype and sigma.shape == rows.shape[1:]
+                and sigma.is_contiguous() and rows.is_contiguous() and rows.numel()):
+            offset, size = sigma.data_ptr() - rows.data_ptr(), rows[0].numel() * rows.element_size()
+            if offset % size == 0 and 0 <= offset // size < len(rows):
+                return offset // size
+        hits = (rows.reshape(len(rows), -1) == sigma.reshape(1, -1)).all(1).nonzero().flatten().tolist()
+        if not hits:
             raise RuntimeError("internal error: the solver called the denoiser at a sigma not on its schedule")
+        return hits[0]
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        j = self._step(sigma)
         shift, scale = (v[j].to(device=x.device, dtype=x.dtype) for v in (self.shift, self.scale))
         denoised = self.model(x, sigma.to(device=x.device, dtype=x.dtype) * torch.exp(shift))
         return x + scale.reshape(-1, *([1] * (x.ndim - 1))) * (denoised - x)

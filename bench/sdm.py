@@ -25,7 +25,7 @@ import fewstep
 from fewstep.schedules import karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from heldout import header, held_out  # noqa: E402
 
 
 def main() -> None:
@@ -38,14 +38,12 @@ def main() -> None:
     ap.add_argument("--dp-max", type=int, default=10, help="GITS and OSS columns up to this NFE (0: none)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{describe()}; held-out n={args.n} (seed 1), calibration n={args.calib} (seed 0)")
+    print(header(args.n, args.calib))
     print(f"{'model':10} {'nfe':>3} {'solver':8} | {'sdm':>7} {'median':>7} {'switch':>6} | {'K-same':>7} {'K-heun':>7} "
           f"{'K-euler':>7} | {'/K-same':>7} {'/K-heun':>7} {'/K-euler':>8} {'-K-heun':>8} {'+-se':>6} | "
           f"{'gits':>7} {'oss':>7} | {'calls':>5} {'sec':>5}")
     for name in args.models.split(","):
-        den = fewstep.load_model(name)
-        xt = fewstep.noise(args.n, den.shape, den.sigma_max, 1)
-        ref = fewstep.Teacher(den, sigma_min=den.sigma_min).solve(xt, sigma_max=den.sigma_max)
+        den, _, xt, ref = held_out(name, args.n)
         calib_teacher = fewstep.Teacher(den, sigma_min=den.sigma_min)  # shared by the rows: calls counted once
 
         def ev(sched):  # per-sample RMSE to the teacher

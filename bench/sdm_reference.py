@@ -26,7 +26,7 @@ from fewstep.optimize.sdm import sample_adaptive
 from fewstep.schedules import karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from heldout import header, held_out  # noqa: E402
 
 REFERENCE = dict(norm="l2", batch="mean", eta_min=0.02, eta_max=0.20, eta_p=1.0, power=0.5, q=0.25, gate=False)
 
@@ -40,14 +40,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples (both methods)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{describe()}; held-out n={args.n} (seed 1), calibration n={args.calib} (seed 0)")
+    print(header(args.n, args.calib))
     print(f"{'model':7} {'N':>3} {'tau':>7} | {'nfe':>3} {'reference':>9} | {'fewstep':>8} {'diff':>8} {'+-se':>7} | "
           f"{'K-heun':>7}")
     for name in args.models.split(","):
-        den = fewstep.load_model(name)
-        teacher = fewstep.Teacher(den, sigma_min=den.sigma_min)
-        xt = fewstep.noise(args.n, den.shape, den.sigma_max, 1)
-        ref = teacher.solve(xt, sigma_max=den.sigma_max)
+        den, teacher, xt, ref = held_out(name, args.n)
         for steps in [int(v) for v in args.steps.split(",")]:
             sched = fewstep.optimize(den, "sdm", "euler", steps, n=args.calib, grid_points=steps, **REFERENCE)
             for tau in [float(v) for v in args.taus.split(",")]:

@@ -28,7 +28,7 @@ from fewstep.sample import CheckedDenoiser
 from fewstep.schedules import Schedule, karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import describe  # noqa: E402
+from heldout import header, held_out  # noqa: E402
 
 
 def local_errors(den, teacher, x, sigmas, orders):
@@ -55,14 +55,11 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=64, help="calibration samples")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    print(f"{describe()}; held-out n={args.n} (seed 1), calibration n={args.calib} (seed 0)")
+    print(header(args.n, args.calib))
     print(f"{'model':7} {'nfe':>3} {'N':>3} {'j':>3} | {'cal-mean':>8} {'cal-rms':>7} {'cal-max':>7} {'bound':>7} | "
           f"{'held':>7} {'far':>4} {'-K-heun':>8} {'+-se':>6}")
     for name in args.models.split(","):
-        den = fewstep.load_model(name)
-        teacher = fewstep.Teacher(den, sigma_min=den.sigma_min)
-        xt = fewstep.noise(args.n, den.shape, den.sigma_max, 1)
-        ref = teacher.solve(xt, sigma_max=den.sigma_max)
+        den, teacher, xt, ref = held_out(name, args.n)
         xc = fewstep.noise(args.calib, den.shape, den.sigma_max, 0)
         ref_c = teacher.solve(xc, sigma_max=den.sigma_max)
         path, etas, _ = sdm.search(CheckedDenoiser(den), xc, den.sigma_min, den.sigma_max)

@@ -163,7 +163,10 @@ class SchedulePolicy:
                              f"got x of shape {tuple(x.shape)}")
         return self.net(x.detach().to(torch.float64).cpu() / self.sigma_max)
 
-    def _plan(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Differentiable in phi's parameters, from one pass of phi: the sigmas [steps + 1, batch] float64
+        for initial states x, and the (shift, scale), each [steps, batch], for the calls at each step's
+        sigma (``sample.Corrected``), or None for a policy without corrections."""
         from .optimize.ld3 import sigmas_from_logits
 
         out, k, sigma_min = self._outputs(x), self.config["n_logits"], float(self.config["sigma_min"])
@@ -174,12 +177,7 @@ class SchedulePolicy:
 
     def sigmas(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable in phi's parameters: [steps + 1, batch] float64 for initial states x."""
-        return self._plan(x)[0]
-
-    def corrections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Differentiable: (shift, scale), each [steps, batch], for the calls at each step's sigma
-        (``sample.Corrected``); None for a policy without corrections."""
-        return self._plan(x)[1]
+        return self.plan(x)[0]
 
     def sigmas_for(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -187,12 +185,12 @@ class SchedulePolicy:
 
     def corrections_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         with torch.no_grad():
-            return self.corrections(x)
+            return self.plan(x)[1]
 
     def plan_for(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(sigmas_for(x), corrections_for(x))`` from one pass of phi (what ``fewstep.sample`` uses)."""
         with torch.no_grad():
-            return self._plan(x)
+            return self.plan(x)
 
     def __repr__(self) -> str:
         tags = ", ".join(f"{k}={self.metadata[k]!r}" for k in ("method", "nfe") if k in self.metadata)

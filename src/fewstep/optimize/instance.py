@@ -148,14 +148,13 @@ def fit_outputs(ctx: Calibration, solver: str, opts: dict, out: torch.Tensor, n_
                 iters: int = ITERS, **fit_options) -> dict:
     """``ld3.fit`` of one schedule's outputs ``out`` (in place): ``n_logits`` logits, then (if any) the
     raw corrections of ``policy.corrections_from_raw``, with LD3's learning rate and patience."""
-    def sigmas(x: torch.Tensor) -> torch.Tensor:
-        return sigmas_from_logits(out[:n_logits], ctx.sigma_max, ctx.sigma_min, learn_last)
+    def schedule(x: torch.Tensor) -> tuple:
+        sigmas = sigmas_from_logits(out[:n_logits], ctx.sigma_max, ctx.sigma_min, learn_last)
+        if out.numel() == n_logits:
+            return sigmas, None
+        return sigmas, corrections_from_raw(out[n_logits:], sigmas, ctx.sigma_min, ctx.sigma_max)
 
-    def corrections(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return corrections_from_raw(out[n_logits:], sigmas(x), ctx.sigma_min, ctx.sigma_max)
-
-    return fit(ctx, solver, opts, sigmas, [out], lr=LR, iters=iters, patience=PATIENCE,
-               corrections_fn=corrections if out.numel() > n_logits else None, **fit_options)
+    return fit(ctx, solver, opts, schedule, [out], lr=LR, iters=iters, patience=PATIENCE, **fit_options)
 
 
 def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor | SchedulePolicy, loss: str,
@@ -285,9 +284,9 @@ def instance(ctx: Calibration, solver: str, nfe: int, *, policy: str = POLICY, c
 
     def train_residual() -> tuple[SchedulePolicy, dict]:
         pol = global_policy()
-        return pol, fit(ctx, solver, opts, pol.sigmas, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
+        return pol, fit(ctx, solver, opts, pol.plan, list(pol.net.parameters()), loss=loss, radius=radius, lr=lr,
                         iters=iters, patience=patience, valid=valid, seed=seed, weight_decay=weight_decay,
-                        desc=f"instance {solver} nfe={nfe}", corrections_fn=pol.corrections)
+                        desc=f"instance {solver} nfe={nfe}")
 
     def train_global() -> tuple[SchedulePolicy, dict]:
         return global_policy(), dict(global_record["corrections"])

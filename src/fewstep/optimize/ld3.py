@@ -76,19 +76,19 @@ def check_options(loss: str, valid: float, n: int) -> tuple[int, int]:
     return n - n_valid, n_valid
 
 
-def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable[[torch.Tensor], torch.Tensor],
+def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[torch.Tensor], tuple],
         params: Sequence[torch.Tensor], *, loss: str = "l2", radius: float | None = None, lr: float = 0.05,
         iters: int = 400, patience: int = 40, decays: int = 3, valid: float = 0.5, seed: int = 0,
-        weight_decay: float = 0.0, desc: str = "ld3", corrections_fn: Callable | None = None) -> dict:
+        weight_decay: float = 0.0, desc: str = "ld3") -> dict:
     """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
 
-    ``sigmas_fn(x)`` gives the sigmas for initial states x (``[steps + 1]`` or ``[steps + 1, batch]``).
+    ``plan_fn(x)`` gives, for initial states x, the sigmas (``[steps + 1]`` or ``[steps + 1, batch]``)
+    and the per-step corrections (shift, scale) of ``sample.Corrected``, or None for none.
     AdamW (decoupled ``weight_decay``) on the training part (full batch); after every step the
     validation part is solved from its exact x_T. After ``patience`` steps without a better validation error the best parameters are
     restored and the learning rate halved; after ``decays`` such restarts training stops. The
     parameters are left at the best validation error seen (the initial ones included).
     ``radius``: the soft-teacher ball ||x'_T - x_T|| / sigma_max <= radius (LD3's default 0.001 D / steps^2).
-    ``corrections_fn(x)``: per-step (shift, scale) for initial states x (``sample.Corrected``), or None.
     """
     torch.manual_seed(seed)
     fn, defaults = get_solver(solver)
@@ -101,16 +101,15 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, sigmas_fn: Callable
     teacher_calls = ctx.teacher.calls - teacher_calls0
 
     def student(x_start: torch.Tensor, x_phi: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
-        sig = sigmas_fn(x_phi)
-        model = corrected(ctx.denoiser, sig, corrections_fn(x_phi) if corrections_fn is not None else None)
-        return fn(model, x_start, sig, **opts)
+        sig, corrections = plan_fn(x_phi)
+        return fn(corrected(ctx.denoiser, sig, corrections), x_start, sig, **opts)
 
     def valid_error() -> float:
         with torch.no_grad():
             return float(per_sample_loss(student(x_valid, x_valid), y_valid, loss).mean())
 
     delta = torch.zeros_like(x_train, requires_grad=bool(radius))  # x'_T = x_T + sigma_max * delta
-    shift_lr = 12.0 / (len(sigmas_fn(x_train[:1])) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
+    shift_lr = 12.0 / (len(plan_fn(x_train[:1])[0]) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
     best_err, best = valid_error(), [p.detach().clone() for p in params]
     init_err, bad, done_decays, it = best_err, 0, 0, 0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -220,7 +219,8 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, *, loss: str = LOSS, r
         for _, init, logits in chosen:
             logits.requires_grad_(True)
             record = fit(ctx, solver, opts,
-                         lambda x, logits=logits: sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last),
+                         lambda x, logits=logits: (sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last),
+                                                   None),
                          [logits], loss=loss, radius=radius, lr=lr, iters=iters, patience=patience, valid=valid,
                          seed=seed, desc=f"ld3 {solver} nfe={nfe} from {init}")
             if best is None or record["valid_best"] < best[1]["valid_best"]:

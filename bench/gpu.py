@@ -64,7 +64,7 @@ def main() -> None:
         for dev in ("cpu", "cuda"):
             models[dev]["digits-unet"] = fewstep.load_model("digits-unet", device=dev)
     for name, den in models["cuda"].items():
-        print(f"{name}: model_info device {fewstep.models.builtin.model_info(den)['device']}")
+        print(f"{name}: model_info device {fewstep.models.model_info(den)['device']}")
     x = {name: fewstep.noise(64, den.shape, den.sigma_max, 1) for name, den in models["cpu"].items()}
 
     for name in models["cpu"]:
@@ -109,7 +109,7 @@ def main() -> None:
             def pipeline(dev):
                 den = models[dev]["digits-unet"]
                 unet = den.model.net
-                config = json.loads((fewstep.models.builtin.ASSETS / "digits-unet" / "scheduler" /
+                config = json.loads((fewstep.zoo.ASSETS / "digits-unet" / "scheduler" /
                                      "scheduler_config.json").read_text())
                 sched = karras(5, 0.02, 80.0)
                 pipe = DDPMPipeline(unet=unet, scheduler=fewstep.FewstepScheduler.from_schedule(sched, config, solver="dpmpp_2m"))

@@ -15,10 +15,10 @@ import time
 import torch
 
 import fewstep
-from fewstep.evaluate import CALIB_SEED, TEST_SEED
-from fewstep.models.builtin import BUILTIN_MODELS
-from fewstep.optimize import METHODS, _load_methods
-from fewstep.optimize.instance import POLICY
+from fewstep.noises import CALIB_SEED, TEST_SEED
+from fewstep.zoo import BUILTIN_MODELS
+from fewstep.methods import METHODS
+from fewstep.methods.instance import POLICY
 from overhead import cpu_name  # bench/overhead.py, next to this script
 
 
@@ -43,7 +43,6 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=1024)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    _load_methods()
     print(f"machine: {machine()}")
     print("ld3 s and calls: the optimization after the OSS method's (its start, reused); calls = denoiser calls "
           "on a batch (teacher excluded); instance phi: phi's training only (the global stage is ld3's, reused), "
@@ -75,7 +74,7 @@ def main() -> None:
                     start = time.perf_counter()
                     res[m] = err(fewstep.optimize(den, m, solver, nfe, calib=calib, teacher=teacher), solver)
                     seconds[m] = time.perf_counter() - start
-                # as in tune: ld3 (its OSS start is the oss result above, from fewstep.optimize's memo),
+                # as in tune: ld3 (its OSS start is the oss result above, from fewstep.methods's memo),
                 # then instance, whose global stage is ld3's memoized result
                 ld3 = fewstep.optimize(den, "ld3", solver, nfe, calib=calib, teacher=teacher)
                 res["ld3"] = err(ld3, solver)

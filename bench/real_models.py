@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import fewstep
-from fewstep.optimize import METHODS, _load_methods
+from fewstep.methods import METHODS
 from fewstep.teacher import DEFAULT_STEPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -39,7 +39,6 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=128, help="held-out batch (seed 1)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    _load_methods()
     methods = args.methods.split(",") if args.methods else BASELINES + sorted(METHODS)
     solvers, nfes = args.solvers.split(","), [int(v) for v in args.nfe.split(",")]
     print(describe())

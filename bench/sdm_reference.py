@@ -4,7 +4,7 @@ The reference (aiimaginglab/sdm, its FFHQ/AFHQv2 scripts) builds an N-step sched
 L2 norms, the batch mean of the secants, eta 0.02 / 0.20, p = 1, grid = N points, resampling power 0.5,
 q = 0.25, then samples with its online gate (Euler until kappa >= tau, then Heun, last step Euler),
 which spends N + (Heun steps) calls, known only afterwards. Emulated here with fewstep's options
-(``norm="l2", batch="mean"``; ``fewstep.optimize.sdm.sample_adaptive`` for the online gate) and
+(``norm="l2", batch="mean"``; ``fewstep.methods.sdm.sample_adaptive`` for the online gate) and
 tau = 1e-4 and 1e-3 (its scripts' range). The held-out batch is gated as one batch. fewstep's default
 SDM (stored gate) and karras(rho=7) Heun are then run at the NFE the reference actually spent.
 Columns: held-out RMSE to the teacher (mean over n), and the paired difference fewstep - reference
@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 import fewstep
-from fewstep.optimize.sdm import sample_adaptive
+from fewstep.methods.sdm import sample_adaptive
 from fewstep.schedules import karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 import fewstep
-from fewstep.optimize import sdm
-from fewstep.sample import CheckedDenoiser
+from fewstep.methods import sdm
+from fewstep.sampling import CheckedDenoiser
 from fewstep.schedules import Schedule, karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import fewstep
-from fewstep.evaluate import TEST_SEED
+from fewstep.noises import TEST_SEED
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402

@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 import fewstep  # noqa: E402
-from fewstep.schedules import karras, write_atomic  # noqa: E402
+from fewstep.files import write_atomic
+from fewstep.schedules import karras  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

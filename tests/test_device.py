@@ -32,7 +32,7 @@ def test_model_device_finds_a_wrapped_module_and_to_device_moves_it():
 
 def test_builtin_models_report_and_move_their_tensors():
     gmm = fewstep.load_model("gmm2d", device="cpu")
-    assert gmm.device == torch.device("cpu") and fewstep.models.builtin.model_info(gmm)["device"] == "cpu"
+    assert gmm.device == torch.device("cpu") and fewstep.models.model_info(gmm)["device"] == "cpu"
     assert to_device(gmm, "meta").means.device == torch.device("meta")
     digits = fewstep.load_model("digits")
     assert to_device(digits, "meta").data.device == torch.device("meta")

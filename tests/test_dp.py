@@ -11,9 +11,9 @@ import torch
 
 import fewstep
 from fewstep import schedules
-from fewstep.optimize.dp import extend, run_candidates
-from fewstep.optimize.grid import candidate_grid
-from fewstep.sample import DenoiserError
+from fewstep.methods.dp import extend, run_candidates
+from fewstep.methods.grid import candidate_grid
+from fewstep.sampling import DenoiserError
 
 SOLVERS = ["euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc", "unipc_3", "ipndm", "deis"]
 

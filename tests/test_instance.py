@@ -32,7 +32,7 @@ def test_untrained_policy_is_the_global_schedule():
     pol = SchedulePolicy(config())
     glob = fewstep.schedules.karras(3, 0.002, 80.0, final_zero=False).sigmas
     glob = torch.cat([glob[:-1], glob.new_zeros(1)])
-    from fewstep.optimize.ld3 import logits_from_sigmas
+    from fewstep.schedules import logits_from_sigmas
 
     pol.net.global_out.copy_(logits_from_sigmas(glob, 0.002, True))
     sig = pol.sigmas_for(fewstep.noise(5, (2,), 80.0, seed=0))
@@ -112,7 +112,7 @@ def test_features_stay_small_for_any_shape(shape):
 
 
 def test_principal_directions():
-    from fewstep.optimize.instance import principal_directions
+    from fewstep.methods.instance import principal_directions
 
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([5.0, 0.1, 2.0, 0.1, 0.1], dtype=torch.float64)
@@ -149,7 +149,7 @@ def test_gmm_scales_mode_predictable_from_noise():
     ends in can be read off x_T (what a per-sample schedule needs); gmm64's could not (57%)."""
     from sklearn.linear_model import LogisticRegression
 
-    from fewstep.optimize.instance import principal_directions
+    from fewstep.methods.instance import principal_directions
 
     den = fewstep.load_model("gmm-scales")
     stds = den.evals.sqrt()
@@ -165,7 +165,7 @@ def test_gmm_scales_mode_predictable_from_noise():
 
 
 def test_kmeans_finds_separated_clusters():
-    from fewstep.optimize.instance import kmeans
+    from fewstep.methods.instance import kmeans
 
     g = torch.Generator().manual_seed(0)
     centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)
@@ -221,7 +221,7 @@ def test_route_save_load_and_fallback(routed, tmp_path):
 
 def test_auto_keeps_the_policy_that_passes_the_gate(routed, monkeypatch):
     """auto: a kind whose gain fails the gate loses to one that passes, whatever their validation errors."""
-    from fewstep.optimize import instance as inst
+    from fewstep.methods import instance as inst
 
     den, _, ld3, _ = routed
     calib = fewstep.noise(64, den.shape, den.sigma_max, seed=0)
@@ -236,11 +236,11 @@ def test_auto_keeps_the_policy_that_passes_the_gate(routed, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
-# Per-step corrections: evaluation-time shift and epsilon scale (sample.Corrected)
+# Per-step corrections: evaluation-time shift and epsilon scale (corrections.Corrected)
 
 def test_corrected_calls_and_outputs():
-    """A call at sigmas[j] evaluates D at sigmas[j] * exp(shift[j]) and returns x + scale[j] (D - x)."""
-    from fewstep.sample import Corrected
+    """A call at step j (sigmas[j]) evaluates D at sigmas[j] * exp(shift[j]) and returns x + scale[j] (D - x)."""
+    from fewstep.corrections import Corrected
 
     gmm = fewstep.load_model("gmm2d")
     seen = []
@@ -253,25 +253,23 @@ def test_corrected_calls_and_outputs():
     shift = torch.tensor([-1.0, 0.5, 0.0], dtype=torch.float64)
     scale = torch.tensor([1.0, 0.8, 1.2], dtype=torch.float64)
     x = fewstep.noise(4, gmm.shape, 80.0, seed=0)
-    model = Corrected(spy, sigmas, shift, scale)
+    model = Corrected(spy, shift, scale)
     for j in range(3):
-        out = model(x, sigmas[j])
+        out = model(x, sigmas[j], j)
         assert torch.allclose(seen[-1], sigmas[j] * torch.exp(shift[j]))
         assert torch.allclose(out, x + scale[j] * (gmm(x, seen[-1].expand(4)) - x))
-        assert torch.equal(model(x, sigmas[j].clone()), out)  # a copy: found by value instead of by address
+        assert torch.equal(model(x, sigmas[j].clone(), j), out)  # the step is passed: a copy of the sigma is the same
     rows = sigmas[:, None].expand(-1, 4).contiguous()  # per-sample sigmas, [steps + 1, batch]
-    per_sample = Corrected(gmm, rows, shift[:, None].expand(-1, 4), scale[:, None].expand(-1, 4))
+    per_sample = Corrected(gmm, shift[:, None].expand(-1, 4), scale[:, None].expand(-1, 4))
     for j in range(3):
-        assert torch.allclose(per_sample(x, rows[j]), model(x, sigmas[j]))
-    with pytest.raises(RuntimeError, match="not on its schedule"):
-        model(x, torch.tensor(1.2345, dtype=torch.float64))
-    none = Corrected(gmm, sigmas, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+        assert torch.allclose(per_sample(x, rows[j], j), model(x, sigmas[j], j))
+    none = Corrected(gmm, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
     assert torch.equal(fewstep.sample(none, x, sigmas, "ipndm"), fewstep.sample(gmm, x, sigmas, "ipndm"))
 
 
 def test_correction_gradient_matches_finite_differences():
     """d loss / d shift and d loss / d scale through the solver, against central differences."""
-    from fewstep.sample import Corrected
+    from fewstep.corrections import Corrected
     from fewstep.solvers import ipndm
 
     gmm = fewstep.load_model("gmm2d")
@@ -280,7 +278,7 @@ def test_correction_gradient_matches_finite_differences():
     y = fewstep.Teacher(gmm, steps=64).solve(x)
 
     def loss(shift, scale):
-        return (ipndm(Corrected(gmm, sigmas, shift, scale), x, sigmas) - y).pow(2).mean()
+        return (ipndm(Corrected(gmm, shift, scale), x, sigmas) - y).pow(2).mean()
 
     shift = torch.tensor([-0.3, 0.2, 0.1], dtype=torch.float64, requires_grad=True)
     scale = torch.tensor([0.9, 1.1, 1.0], dtype=torch.float64, requires_grad=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fewstep
-from fewstep.optimize.ld3 import logits_from_sigmas, sigmas_from_logits
+from fewstep.schedules import logits_from_sigmas, sigmas_from_logits
 from fewstep.solvers import SOLVERS
 
 SMAX, SMIN = 80.0, 0.002
@@ -140,7 +140,7 @@ def test_ld3_nothing_to_learn(gmm2d_setup):
 
 
 def test_default_radius_formula():
-    from fewstep.optimize.ld3 import default_radius
+    from fewstep.methods.ld3 import default_radius
 
     assert default_radius((3, 32, 32), 10) == pytest.approx(0.03072)  # LD3's CIFAR-10 value at 10 steps
     assert math.isclose(default_radius((2,), 3), 0.002 / 9)

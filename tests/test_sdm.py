@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fewstep
-from fewstep.optimize import sdm
-from fewstep.sample import CheckedDenoiser
+from fewstep.methods import sdm
+from fewstep.sampling import CheckedDenoiser
 from fewstep.schedules import karras
 
 

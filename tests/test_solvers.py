@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 import fewstep
 from fewstep import schedules as S
-from fewstep.sample import CheckedDenoiser, DenoiserError
+from fewstep.sampling import CheckedDenoiser, DenoiserError
 
 
 class Counting:
@@ -174,3 +174,34 @@ def test_checked_denoiser_counts():
     c = CheckedDenoiser(lambda x, s: x)
     c(torch.zeros(2, 3), torch.tensor(1.0))
     assert c.calls == 1
+
+
+@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+def test_solvers_pass_the_step_of_each_call(small_gmm, solver):
+    """Every call a solver makes is at a schedule sigma, with that sigma's index passed as its step."""
+    sigmas = S.karras(6).sigmas
+    calls = []
+
+    class Stepped:
+        takes_step = True
+
+        def __call__(self, x, sigma, step):
+            calls.append((float(sigma), step))
+            return small_gmm(x, sigma.expand(x.shape[0]))
+
+    spec = fewstep.SOLVERS[solver]
+    spec.fn(Stepped(), fewstep.noise(2, (4,), 80, 0), sigmas, **spec.options)
+    assert calls and all(s == float(sigmas[j]) for s, j in calls)
+    assert [j for _, j in calls] == sorted(j for _, j in calls)  # steps in order
+    assert len(calls) == fewstep.nfe(sigmas, solver)
+
+
+def test_registry_declares_what_planning_reads():
+    """plan and nfe read the registry: a two-call solver's Heun steps, one-call solvers' steps."""
+    for name, spec in fewstep.SOLVERS.items():
+        steps, opts = fewstep.plan(name, 7)
+        assert steps == (4 if spec.calls_per_step == 2 else 7)
+        assert fewstep.nfe(S.karras(steps), name, **opts) == 7
+    assert fewstep.SOLVERS["unipc_3"].max_order() == 3 and fewstep.SOLVERS["unipc"].max_order({"order": 3}) == 3
+    fn, options = fewstep.SOLVERS["ipndm"]  # unpacks as (function, default options)
+    assert fn is fewstep.solvers.ipndm and options == {"max_order": 4}

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import fewstep
-from fewstep.tune import tune
+from fewstep.tuning import tune
 
 PNG = b"\x89PNG\r\n\x1a\n"
 KW = dict(nfe=[3, 5], solvers=["euler", "dpmpp_2m", "heun"], n_calib=16, n_test=32, progress=False)
@@ -81,7 +81,7 @@ def test_tune_refuses_impossible_nfe_by_skipping():
 
 SCRIPT = """
 import sys, fewstep
-from fewstep.tune import tune
+from fewstep.tuning import tune
 tune(fewstep.load_model('gmm2d'), methods=['karras', 'logsnr_uniform', 'oss'], outdir=sys.argv[1], report=False,
      nfe=[3, 5], solvers=['euler', 'dpmpp_2m', 'heun'], n_calib=16, n_test=32, progress=False)
 """

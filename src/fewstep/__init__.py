@@ -1,18 +1,26 @@
-"""fewstep: good samples from a pretrained diffusion or flow-matching model in 3-10 network evaluations."""
+"""fewstep: good samples from a pretrained diffusion or flow-matching model in 3-10 network evaluations.
+
+The pipeline, one module each (docs/architecture.md): ``models`` (denoisers) -> ``schedules`` ->
+``solvers`` -> ``sampling`` -> ``teacher``, ``metrics``, ``evaluation`` -> ``methods`` (one module per
+optimizer) -> ``tuning`` / ``report`` -> ``cli``; ``integrations`` for diffusers and k-diffusion;
+``zoo`` for the built-in models by name.
+"""
 
 from . import models, schedules, solvers
-from .evaluate import evaluate, noise
+from .evaluation import evaluate
 from .integrations.kdiffusion import from_kdiffusion, to_comfyui, to_kdiffusion
+from .methods import METHODS, optimize
 from .metrics import rmse, summarize
-from .optimize import METHODS, optimize
-from .models import EmpiricalDenoiser, FlowDenoiser, GaussianMixture, VPContinuousDenoiser, VPDiscreteDenoiser, load_model
-from .sample import DenoiserError, nfe, plan, sample
-from .schedules import Schedule, ScheduleError
-from .solvers import SOLVERS
+from .models import EmpiricalDenoiser, FlowDenoiser, GaussianMixture, VPContinuousDenoiser, VPDiscreteDenoiser
+from .noises import noise
+from .policy import SchedulePolicy
+from .sampling import DenoiserError, nfe, sample
+from .schedules import Schedule, ScheduleError, ScheduleLike, load_schedule
+from .solvers import SOLVERS, plan
 from .teacher import Teacher
-from .tune import tune
-
-__version__ = "0.1.0"
+from .tuning import tune
+from .version import __version__
+from .zoo import load_model
 
 _DIFFUSERS = ("from_diffusers", "FewstepScheduler", "to_diffusers")  # need diffusers: imported on first use
 
@@ -28,6 +36,7 @@ def __getattr__(name):
 __all__ = [
     "models", "schedules", "solvers", "evaluate", "noise", "rmse", "summarize", "EmpiricalDenoiser",
     "FlowDenoiser", "GaussianMixture", "VPContinuousDenoiser", "VPDiscreteDenoiser", "load_model",
-    "DenoiserError", "METHODS", "optimize", "nfe", "plan", "sample", "Schedule", "ScheduleError", "SOLVERS", "Teacher", "tune",
-    "from_kdiffusion", "to_comfyui", "to_kdiffusion", *_DIFFUSERS,
+    "DenoiserError", "METHODS", "optimize", "nfe", "plan", "sample", "Schedule", "ScheduleError", "ScheduleLike",
+    "SchedulePolicy", "load_schedule", "SOLVERS", "Teacher", "tune", "from_kdiffusion", "to_comfyui",
+    "to_kdiffusion", *_DIFFUSERS,
 ]

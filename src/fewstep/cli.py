@@ -14,15 +14,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__, distributed
-from .evaluate import CALIB_SEED, TEST_SEED, evaluate, noise
-from .models.builtin import BUILTIN_MODELS, DEFAULT_MODEL, load_model, model_info
-from .policy import SchedulePolicy
-from .sample import DenoiserError, sample
-from .schedules import BUILTIN_SCHEDULES, Schedule, write_atomic
+from . import distributed
+from .evaluation import evaluate
+from .files import write_atomic
+from .methods import METHODS, optimize
+from .models.info import model_info
+from .noises import CALIB_SEED, TEST_SEED, noise
+from .sampling import DenoiserError, sample
+from .schedules import BUILTIN_SCHEDULES, ScheduleLike, load_schedule
 from .solvers import SOLVERS
 from .teacher import Teacher
-from .tune import all_methods, baseline, tune
+from .tuning import all_methods, baseline, tune
+from .version import __version__
+from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, load_model
 
 DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
@@ -115,9 +119,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def _load_schedule(args, info) -> Schedule:
-    if args.schedule:  # a per-sample policy (from --method instance) is a torch file
-        return SchedulePolicy.load(args.schedule) if Path(args.schedule).suffix == ".pt" else Schedule.load(args.schedule)
+def _load_schedule(args, info) -> ScheduleLike:
+    if args.schedule:
+        return load_schedule(args.schedule)
     if not args.nfe:
         raise SystemExit("error: give --schedule FILE, or --builtin NAME with --nfe N and --solver S")
     if not args.solver:
@@ -139,7 +143,7 @@ def cmd_sample(args) -> int:
     sched = _load_schedule(args, info)
     x = noise(args.n, info["shape"], sched.sigma_max, args.seed, device=info["device"])
     out = sample(den, x, sched, args.solver, progress=True).cpu()
-    sigmas = sched.sigmas_for(x) if hasattr(sched, "sigmas_for") else sched.sigmas  # [steps + 1(, n)]
+    sigmas = sched.for_batch(x).sigmas  # [steps + 1(, n)]
     buf = io.BytesIO()
     torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
     write_atomic(args.output, buf.getvalue())
@@ -153,12 +157,12 @@ def cmd_evaluate(args) -> int:
     sched = _load_schedule(args, info)
     res = evaluate(den, sched, args.solver, n=args.n, seed=args.seed, teacher=teacher, shape=info["shape"], ci=True)
     res.update({"model": info["name"], "solver": args.solver or sched.solver, "seed": args.seed,
-                "sigmas": sched.to_list() if hasattr(sched, "to_list") else "per sample"})
+                "sigmas": sched.describe().get("sigmas", "per sample")})
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         lo, hi = res["mean_ci95"]
-        print(f"{info['name']}: {res['solver']} on {len(sched.sigmas) - 1} steps, NFE {res.get('nfe')}, "
+        print(f"{info['name']}: {res['solver']} on {sched.steps} steps, NFE {res['nfe']}, "
               f"{res['n']} held-out noises (seed {args.seed})")
         print(f"RMSE to teacher: mean {res['mean']:.4g} (95% CI {lo:.4g}-{hi:.4g}), median {res['median']:.4g}, "
               f"p90 {res['p90']:.4g}" + (f"; W2 to the data {res['w2']:.4g} (n={res['w2_n']})" if "w2" in res else ""))
@@ -166,8 +170,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    from .optimize import optimize
-
     den, info, teacher = _load(args)
     options = json.loads(args.options) if args.options else {}
     sched = optimize(den, args.method, args.solver, args.nfe, n=args.n_calib, seed=args.seed, shape=info["shape"],
@@ -176,12 +178,11 @@ def cmd_optimize(args) -> int:
     if distributed.rank() != 0:
         return 0
     output = Path(args.output)
-    if hasattr(sched, "sigmas_for") and output.suffix != ".pt":  # a per-sample policy is a torch file
-        output = output.with_suffix(".pt")
+    if output.suffix != sched.SUFFIX:  # a per-sample policy is a torch file
+        output = output.with_suffix(sched.SUFFIX)
     sched.save(output)
     prov = sched.metadata.get("provenance", {})
-    described = sched.to_dict() if hasattr(sched, "to_dict") else {"policy": repr(sched), "metadata": sched.metadata}
-    print(json.dumps({"output": str(output), **described}, default=str) if args.json else
+    print(json.dumps({"output": str(output), **sched.describe()}, default=str) if args.json else
           f"wrote {output}: {sched}\n{prov.get('denoiser_calls')} denoiser calls, {prov.get('seconds')} s")
     return 0
 
@@ -205,9 +206,6 @@ def cmd_tune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .optimize import METHODS, _load_methods
-
-    _load_methods()
     p = argparse.ArgumentParser(
         prog="fewstep",
         description="Few-step sampling for pretrained diffusion models: pick the solver and timesteps for "

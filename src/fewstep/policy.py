@@ -3,10 +3,11 @@
 Yuan et al., "Few-Step Diffusion Sampling Through Instance-Aware Discretizations", arXiv 2603.17671.
 Two kinds of phi: ``residual`` (an MLP's residual logits on top of a global LD3 schedule's logits) and
 ``route`` (a linear classifier sends x_T to one of k clusters, each with its own LD3 logits); the sigmas are LD3's cumulative
-softmax in lambda = -log sigma (``optimize.ld3.sigmas_from_logits``), so every sample's schedule is
+softmax in lambda = -log sigma (``schedules.sigmas_from_logits``), so every sample's schedule is
 strictly decreasing from sigma_max to 0. With ``corrections`` (the paper's time shift and output scale),
 phi also gives each step a shift of the sigma the denoiser is evaluated at and a scale of its epsilon
-(``sample.Corrected``). ``fewstep.sample`` accepts a SchedulePolicy in place of a Schedule.
+(``corrections.Corrected``). A SchedulePolicy is a ``schedules.ScheduleLike``: it samples, evaluates,
+saves and loads wherever a Schedule does.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .schedules import ScheduleError, write_atomic
+from .corrections import corrections_from_raw
+from .files import write_atomic
+from .schedules import BatchPlan, ScheduleError, ScheduleLike, sigmas_from_logits
 
 FORMAT = "fewstep.policy"
 FORMAT_VERSION = 4  # 4: corrections; 3: the policy kind (residual | route); 2: phi's input basis
 READS = (3, 4)  # a version-3 file is a policy without corrections
-# Bounds of the corrections, b tanh(o / 2) (arXiv 2603.17671): the evaluation sigma moves by at most a
-# factor e^2 either way; the epsilon scale stays in [0.5, 1.5].
-SHIFT_BOUND, SCALE_BOUND = 2.0, 0.5
 
 
 class Inputs(nn.Module):
@@ -105,26 +105,17 @@ class RouteNet(Inputs):
         return self.cluster_out[self.cluster(z)]
 
 
-def corrections_from_raw(raw: torch.Tensor, sigmas: torch.Tensor, sigma_min: float,
-                         sigma_max: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw outputs ``[2 x steps, ...]`` -> (shift, scale) ``[steps, ...]`` for the schedule ``sigmas``
-    ``[steps + 1, ...]``: shift = b tanh(o / 2) in log sigma, scale = b' tanh(o / 2) + 1 (the paper's
-    bounded forms; zeros give no correction), the shift also clipped so that every evaluation sigma
-    stays in [sigma_min, sigma_max], the range the model was trained on."""
-    o_shift, o_scale = raw.chunk(2, 0)
-    positive = sigmas[:-1]
-    shift = torch.minimum(torch.maximum(SHIFT_BOUND * torch.tanh(o_shift / 2), torch.log(sigma_min / positive)),
-                          torch.log(sigma_max / positive))
-    return shift, SCALE_BOUND * torch.tanh(o_scale / 2) + 1
-
-
-class SchedulePolicy:
+class SchedulePolicy(ScheduleLike):
     """Sigmas per sample from its own x_T: ``sigmas_for(x) -> [steps + 1, batch]``.
 
     ``config``: shape, steps, n_logits, learn_last, max_inputs, components, sigma_min, sigma_max,
     solver, solver_options, ``corrections`` (bool), ``policy`` ('residual', with ``hidden``: PhiNet;
     'route', with ``clusters``: RouteNet). ``metadata``: how it was made (method, nfe, training cost, ...).
     """
+
+    FORMAT = FORMAT
+    SUFFIX = ".pt"
+    per_sample = True
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
         self.config, self.metadata = {"policy": "residual", "corrections": False, **config}, dict(metadata)
@@ -157,6 +148,10 @@ class SchedulePolicy:
     def sigma_max(self) -> float:
         return float(self.config["sigma_max"])
 
+    @property
+    def final_zero(self) -> bool:
+        return True
+
     def _outputs(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(x.shape[1:]) != tuple(self.config["shape"]):
             raise ValueError(f"this policy was trained for samples of shape {tuple(self.config['shape'])}, "
@@ -166,9 +161,7 @@ class SchedulePolicy:
     def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Differentiable in phi's parameters, from one pass of phi: the sigmas [steps + 1, batch] float64
         for initial states x, and the (shift, scale), each [steps, batch], for the calls at each step's
-        sigma (``sample.Corrected``), or None for a policy without corrections."""
-        from .optimize.ld3 import sigmas_from_logits
-
+        sigma (``corrections.Corrected``), or None for a policy without corrections."""
         out, k, sigma_min = self._outputs(x), self.config["n_logits"], float(self.config["sigma_min"])
         sigmas = sigmas_from_logits(out[:, :k], self.sigma_max, sigma_min, self.config["learn_last"])
         if not self.config["corrections"]:
@@ -192,6 +185,16 @@ class SchedulePolicy:
         with torch.no_grad():
             return self.plan(x)
 
+    def for_batch(self, x: torch.Tensor) -> BatchPlan:
+        return BatchPlan(*self.plan_for(x))
+
+    def with_metadata(self, **metadata: Any) -> "SchedulePolicy":
+        """A copy of the policy (the same weights) with its metadata updated."""
+        return SchedulePolicy(self.config, self.net.state_dict(), **{**self.metadata, **metadata})
+
+    def describe(self) -> dict:
+        return {"format": FORMAT, "policy": repr(self), "config": self.config, "metadata": self.metadata}
+
     def __repr__(self) -> str:
         tags = ", ".join(f"{k}={self.metadata[k]!r}" for k in ("method", "nfe") if k in self.metadata)
         return f"SchedulePolicy(solver={self.solver!r}, steps={self.steps}{', ' + tags if tags else ''})"
@@ -204,18 +207,9 @@ class SchedulePolicy:
         return write_atomic(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SchedulePolicy":
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"policy file not found: {path}")
-        try:
-            d = torch.load(path, weights_only=True)
-        except Exception as e:  # torch raises several types for a truncated or foreign file
-            raise ScheduleError(f"{path}: corrupt or unreadable policy file ({type(e).__name__}: {e})") from None
-        if not isinstance(d, dict) or d.get("format") != FORMAT:
-            raise ScheduleError(f"{path}: not a fewstep schedule policy (missing format={FORMAT!r})")
+    def from_payload(cls, d: Any, source: str) -> "SchedulePolicy":
         if d.get("version") not in READS:
-            raise ScheduleError(f"{path}: policy format version {d.get('version')!r} is not supported "
+            raise ScheduleError(f"{source}: policy format version {d.get('version')!r} is not supported "
                                 f"(this fewstep reads versions {', '.join(map(str, READS))})")
         try:
             config, metadata, state = json.loads(d["config"]), json.loads(d["metadata"]), dict(d["state"])
@@ -225,4 +219,4 @@ class SchedulePolicy:
                         state[new] = state.pop(old)
             return cls(config, state, **metadata)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise ScheduleError(f"{path}: policy weights do not match its config ({type(e).__name__}: {e})") from None
+            raise ScheduleError(f"{source}: policy weights do not match its config ({type(e).__name__}: {e})") from None

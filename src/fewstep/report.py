@@ -14,8 +14,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .sample import sample  # noqa: E402
-from .schedules import BUILTIN_SCHEDULES, Schedule, karras, write_atomic  # noqa: E402
+from .files import write_atomic  # noqa: E402
+from .sampling import sample  # noqa: E402
+from .schedules import BUILTIN_SCHEDULES, Schedule, karras  # noqa: E402
 
 
 def _save(fig, path: Path) -> str:

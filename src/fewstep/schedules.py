@@ -1,22 +1,32 @@
-"""Noise schedules: a strictly decreasing float64 sequence of sigmas, plus where it came from.
+"""Schedules: what a sampler runs, and the built-in sigma sequences.
 
 Sigmas follow the EDM / k-diffusion convention, ``x = x0 + sigma * noise``. A schedule of N steps
-has N + 1 sigmas, from sigma_max down to 0 (or down to a positive sigma_min).
+has N + 1 strictly decreasing float64 sigmas, from sigma_max down to 0 (or down to a positive sigma_min).
+
+``ScheduleLike`` is the one protocol that ``fewstep.sample``, ``evaluate``, ``tune``, the CLI and
+``FewstepScheduler`` use: a global ``Schedule`` (one sigma sequence for every sample, here) and a
+per-sample ``policy.SchedulePolicy`` implement it, and a learned-coefficient schedule is a ``Schedule``
+whose solver options carry its coefficients. Files carry a ``format`` field; ``load_schedule`` reads any
+of them.
 """
 
 from __future__ import annotations
 
+import abc
+import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable, NamedTuple
 
 import torch
 
+from .files import write_atomic
+
 FORMAT = "fewstep.schedule"
 FORMAT_VERSION = 1
+RHO = 7.0  # EDM's polynomial exponent (Karras et al. 2022, eq. 5), also GITS's candidate grid's
 
 
 class ScheduleError(ValueError):
@@ -47,13 +57,164 @@ def check_sigmas(sigmas: Any) -> torch.Tensor:
     return s
 
 
-class Schedule:
+# --------------------------------------------------------------------------------------------
+# The protocol
+
+class BatchPlan(NamedTuple):
+    """What a solver runs for one batch: ``sigmas`` ``[steps + 1]`` (every sample) or ``[steps + 1, batch]``
+    (per sample), and per-step ``corrections`` (shift, scale) for ``corrections.Corrected``, or None."""
+
+    sigmas: torch.Tensor
+    corrections: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+_FORMATS: dict[str, type] = {}  # a file's format field -> the class that reads it
+
+
+class ScheduleLike(abc.ABC):
+    """A schedule as the rest of fewstep sees it.
+
+    ``for_batch(x)`` gives the sigmas (and any per-step corrections) for initial states x; ``solver`` and
+    ``solver_options`` say how to run them; ``steps``, ``sigma_max`` and ``final_zero`` (ends at sigma 0)
+    are the same for every batch, so ``fewstep.nfe`` needs no batch. ``per_sample``: whether the sigmas
+    depend on x. Files: ``save(path)``, and ``load_schedule(path)`` dispatching on the ``format`` field
+    (each subclass names its ``FORMAT`` and implements ``from_payload``).
+    """
+
+    FORMAT: ClassVar[str]
+    SUFFIX: ClassVar[str] = ".json"
+    per_sample: ClassVar[bool] = False
+    metadata: dict
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "FORMAT" in cls.__dict__:
+            _FORMATS[cls.FORMAT] = cls
+
+    @property
+    @abc.abstractmethod
+    def solver(self) -> str | None: ...
+
+    @property
+    @abc.abstractmethod
+    def solver_options(self) -> dict: ...
+
+    @property
+    @abc.abstractmethod
+    def steps(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def sigma_max(self) -> float: ...
+
+    @property
+    @abc.abstractmethod
+    def final_zero(self) -> bool: ...
+
+    @abc.abstractmethod
+    def for_batch(self, x: torch.Tensor) -> BatchPlan: ...
+
+    @abc.abstractmethod
+    def with_metadata(self, **metadata: Any) -> "ScheduleLike": ...
+
+    @abc.abstractmethod
+    def save(self, path: str | os.PathLike) -> Path: ...
+
+    @classmethod
+    @abc.abstractmethod
+    def from_payload(cls, payload: Any, source: str) -> "ScheduleLike": ...
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """A JSON-serializable description (what the CLI prints with --json)."""
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ScheduleLike":
+        """Read a schedule file; it must be of this class's format."""
+        obj = load_schedule(path)
+        if not isinstance(obj, cls):
+            raise ScheduleError(f"{path}: a {obj.FORMAT} file, not a {cls.FORMAT}: read it with "
+                                "fewstep.load_schedule")
+        return obj
+
+
+def load_schedule(path: str | os.PathLike) -> ScheduleLike:
+    """Any fewstep schedule file (a JSON ``Schedule``, a torch ``SchedulePolicy``), by its format field."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"schedule file not found: {path}")
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"{":
+        try:
+            payload = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ScheduleError(f"{path}: corrupt schedule file ({e})") from None
+    else:
+        try:
+            payload = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e:  # torch raises several types for a truncated or foreign file
+            raise ScheduleError(f"{path}: corrupt or unreadable schedule file ({type(e).__name__}: {e})") from None
+    fmt = payload.get("format") if isinstance(payload, dict) else None
+    if fmt not in _FORMATS:
+        what = "schedule" if data.lstrip()[:1] == b"{" else "schedule policy or other schedule"
+        raise ScheduleError(f"{path}: not a fewstep {what} file (format {fmt!r}; known: {', '.join(_FORMATS)})")
+    return _FORMATS[fmt].from_payload(payload, str(path))
+
+
+class _SigmasFor(ScheduleLike):
+    """An object with ``sigmas_for(x)`` (and optionally ``plan_for(x) -> (sigmas, corrections)``): the
+    per-sample protocol of fewstep 0.1, adapted. Not saved: it is the user's own object."""
+
+    per_sample = True
+
+    def __init__(self, obj: Any):
+        self.obj, self.metadata = obj, dict(getattr(obj, "metadata", None) or {})
+
+    solver = property(lambda self: getattr(self.obj, "solver", None))
+    solver_options = property(lambda self: dict(getattr(self.obj, "solver_options", None) or {}))
+    steps = property(lambda self: int(self.obj.steps))
+    sigma_max = property(lambda self: float(self.obj.sigma_max))
+    final_zero = property(lambda self: True)
+
+    def for_batch(self, x: torch.Tensor) -> BatchPlan:
+        return BatchPlan(*self.obj.plan_for(x)) if hasattr(self.obj, "plan_for") else BatchPlan(self.obj.sigmas_for(x))
+
+    def with_metadata(self, **metadata: Any) -> "_SigmasFor":
+        self.metadata.update(metadata)
+        return self
+
+    def save(self, path):
+        raise ScheduleError(f"{type(self.obj).__name__} is not a fewstep schedule: it cannot be saved")
+
+    @classmethod
+    def from_payload(cls, payload, source):
+        raise ScheduleError(f"{source}: not readable as a schedule")
+
+    def describe(self) -> dict:
+        return {"per_sample": True, "object": repr(self.obj)}
+
+
+def as_schedule(schedule: Any) -> ScheduleLike:
+    """A ScheduleLike as is; an object with ``sigmas_for(x)`` adapted; anything else read as sigmas."""
+    if isinstance(schedule, ScheduleLike):
+        return schedule
+    if hasattr(schedule, "sigmas_for"):
+        return _SigmasFor(schedule)
+    return Schedule(schedule)
+
+
+# --------------------------------------------------------------------------------------------
+# One sigma sequence for every sample
+
+class Schedule(ScheduleLike):
     """A strictly decreasing float64 sigma sequence with metadata.
 
     ``Schedule([80, 10, 1, 0], solver="heun", method="karras")``. Metadata keys used by fewstep:
     ``solver`` (the solver it was made for), ``solver_options`` (e.g. per-step ``orders``),
     ``method``, ``nfe``, ``model``, ``params``, ``provenance``; any other JSON-serializable keys are kept.
     """
+
+    FORMAT = FORMAT
 
     def __init__(self, sigmas: Any, **metadata: Any):
         self.sigmas = check_sigmas(sigmas)
@@ -79,6 +240,13 @@ class Schedule:
     def sigma_final(self) -> float:
         return float(self.sigmas[-1])
 
+    @property
+    def final_zero(self) -> bool:
+        return self.sigma_final == 0
+
+    def for_batch(self, x: torch.Tensor) -> BatchPlan:
+        return BatchPlan(self.sigmas)
+
     def __len__(self) -> int:
         return self.sigmas.numel()
 
@@ -97,6 +265,8 @@ class Schedule:
     def to_dict(self) -> dict:
         return {"format": FORMAT, "version": FORMAT_VERSION, "sigmas": self.to_list(), "metadata": self.metadata}
 
+    describe = to_dict
+
     @classmethod
     def from_dict(cls, d: Any, source: str = "schedule") -> "Schedule":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
@@ -113,40 +283,38 @@ class Schedule:
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None
 
+    from_payload = from_dict
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write JSON atomically (temp file in the same folder, then rename)."""
         return write_atomic(path, json.dumps(self.to_dict(), indent=2))
 
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> "Schedule":
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"schedule file not found: {path}")
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ScheduleError(f"{path}: corrupt schedule file ({e})") from None
-        return cls.from_dict(d, source=str(path))
+
+# --------------------------------------------------------------------------------------------
+# LD3's parameterization: any logits give a valid schedule (Tong et al., ICLR 2025, Sec. 3.2)
+
+def sigmas_from_logits(logits: torch.Tensor, sigma_max: float, sigma_min: float, learn_last: bool) -> torch.Tensor:
+    """Sigmas ``[steps + 1, ...]`` from logits ``[..., K]``: sigma_max, the cumulative softmax in lambda, then 0.
+
+    lambda_k = lambda(sigma_max) + u_k (lambda(sigma_min) - lambda(sigma_max)), u = cumsum(softmax(logits)),
+    lambda = -log sigma. With ``learn_last`` the last weight is slack, so the last positive sigma is
+    learned in (sigma_min, sigma_max); otherwise it is sigma_min exactly.
+    """
+    u = torch.cumsum(torch.softmax(logits, -1), -1)
+    u = u[..., :-1] if learn_last else torch.cat([u[..., :-1], torch.ones_like(u[..., :1])], -1)
+    positive = sigma_max * torch.exp(-u * math.log(sigma_max / sigma_min))
+    top = torch.full_like(u[..., :1], sigma_max)
+    return torch.cat([top, positive, torch.zeros_like(top)], -1).movedim(-1, 0)
 
 
-def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` via a temp file and rename, so no partial file is ever left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def as_schedule(schedule: Any) -> Schedule:
-    return schedule if isinstance(schedule, Schedule) else Schedule(schedule)
+def logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, learn_last: bool, floor: float = 1e-4) -> torch.Tensor:
+    """Inverse of ``sigmas_from_logits`` for a schedule ending in 0 (gaps clamped to ``floor`` of the range)."""
+    lam = -sigmas[:-1].to(torch.float64).log()
+    lam_end = -math.log(sigma_min)
+    if learn_last:
+        lam = torch.cat([lam, lam.new_tensor([lam_end])])
+    gaps = (lam[1:] - lam[:-1]).clamp_min(floor * (lam_end - float(lam[0])))
+    return gaps.log() - gaps.log().mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +339,7 @@ def _points(steps: int, final_zero: bool) -> int:
     return steps if final_zero else steps + 1
 
 
-def polynomial(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+def polynomial(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = RHO,
                final_zero: bool = True) -> Schedule:
     """Uniform in sigma^(1/rho) (Karras et al. 2022, eq. 5)."""
     _check_range(steps, sigma_min, sigma_max)
@@ -183,9 +351,9 @@ def polynomial(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rh
     return _finish(s, final_zero, "polynomial", rho=rho)
 
 
-def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = RHO,
            final_zero: bool = True) -> Schedule:
-    """EDM / Karras schedule (rho = 7 by default); same formula as k-diffusion's get_sigmas_karras."""
+    """EDM / Karras schedule (rho = RHO = 7 by default); same formula as k-diffusion's get_sigmas_karras."""
     s = polynomial(steps, sigma_min, sigma_max, rho, final_zero)
     return s.with_metadata(method="karras")
 

@@ -1,21 +1,32 @@
 """ODE solvers for the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma.
 
 One flat function per solver, k-diffusion style: ``solver(model, x, sigmas, callback=None, **options)``.
-``model(x, sigma)`` is the denoiser; ``sigma`` is a 0-d tensor, or a ``[batch]`` tensor when the
-schedule is per sample (``sigmas`` of shape ``[steps + 1, batch]``). Coefficients are computed in
+The solvers call ``model(x, sigmas[j], j)``: the denoiser at the schedule's sigma j, with j passed so
+that per-step corrections (``corrections.Corrected``) know their step; a plain denoiser D(x, sigma) is
+called without it (``stepped``). ``sigma`` is a 0-d tensor, or a ``[batch]`` tensor when the schedule
+is per sample (``sigmas`` of shape ``[steps + 1, batch]``). Coefficients are computed in
 float64 from the sigmas and cast to ``x.dtype``; every operation is differentiable in the sigmas.
 
 Every solver accepts ``orders``: a per-step cap on the order (SDM's gate stores its decisions there).
 A step that lands on sigma = 0 returns the denoised estimate (first order), as k-diffusion does.
+``SOLVERS`` is the registry: what each solver is (order, calls per step, history, options), read by
+``plan``, ``fewstep.nfe``, SDM's gate and the dynamic programs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 
 Callback = Callable[[dict], None] | None
+
+
+def stepped(model: Callable) -> Callable:
+    """``model(x, sigma, step)``: a fewstep wrapper that takes the step (``takes_step``) as is, any other
+    denoiser D(x, sigma) called without it."""
+    return model if getattr(model, "takes_step", False) else (lambda x, sigma, step: model(x, sigma))
 
 
 def _b(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -53,9 +64,10 @@ def _report(callback: Callback, x, i, sigmas, denoised) -> None:
 
 def euler(model, x, sigmas, callback: Callback = None, orders=None):
     """Euler on dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 1 without the correction)."""
+    model = stepped(model)
     sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
+        denoised = model(x, sigmas[i], i)
         _report(callback, x, i, sigmas, denoised)
         d = (x - denoised) / sig[i]
         x = x + d * dt[i]
@@ -64,15 +76,16 @@ def euler(model, x, sigmas, callback: Callback = None, orders=None):
 
 def heun(model, x, sigmas, callback: Callback = None, orders=None):
     """EDM 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on a step to sigma = 0 or where orders[i] == 1."""
+    model = stepped(model)
     zero = _zeros(sigmas)
     sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
+        denoised = model(x, sigmas[i], i)
         _report(callback, x, i, sigmas, denoised)
         d = (x - denoised) / sig[i]
         x_next = x + d * dt[i]
         if not zero[i + 1] and _cap(orders, i, 2) >= 2:
-            d_next = (x_next - model(x_next, sigmas[i + 1])) / sig[i + 1]
+            d_next = (x_next - model(x_next, sigmas[i + 1], i + 1)) / sig[i + 1]
             x_next = x + (d + d_next) / 2 * dt[i]
         x = x_next
     return x
@@ -80,6 +93,7 @@ def heun(model, x, sigmas, callback: Callback = None, orders=None):
 
 def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     """DPM-Solver++(2M), data prediction, in lambda = -log sigma (Lu et al. 2022, Alg. 2)."""
+    model = stepped(model)
     zero = _zeros(sigmas)
     log_s = _log_sigmas(sigmas, zero)
     h = log_s[:-1] - log_s[1:]  # h_i = lambda_{i+1} - lambda_i
@@ -88,7 +102,7 @@ def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     w_new, w_old = _per_step(1 + 1 / (2 * r), x), _per_step(1 / (2 * r), x)
     old_denoised = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
+        denoised = model(x, sigmas[i], i)
         _report(callback, x, i, sigmas, denoised)
         if zero[i + 1]:
             x = denoised
@@ -109,6 +123,7 @@ def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: b
     k-diffusion's and diffusers') uses -phi_3, which leaves the scheme globally second order
     (tests/test_solvers.py measures both); ``exact3=True`` uses -2 phi_3 and is third order.
     """
+    model = stepped(model)
     zero = _zeros(sigmas)
     log_s = _log_sigmas(sigmas, zero)
     h = log_s[:-1] - log_s[1:]  # h_i = lambda_{i+1} - lambda_i
@@ -121,7 +136,7 @@ def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: b
     c_phi_2, c_phi_3 = _per_step(phi_2, x), _per_step(phi_3 * (2 if exact3 else 1), x)
     den_1 = den_2 = None  # denoised estimates of the last two steps
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i])
+        denoised = model(x, sigmas[i], i)
         _report(callback, x, i, sigmas, denoised)
         if zero[i + 1]:
             x = denoised
@@ -182,6 +197,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
     Order is lowered for warm-up and at the final steps (diffusers' ``lower_order_final``); the
     corrector UniC reuses the next step's model output, so it costs no extra call.
     """
+    model = stepped(model)
     if order not in (1, 2, 3):
         raise ValueError(f"unipc order must be 1, 2 or 3, got {order}")
     n_steps = len(sigmas) - 1
@@ -190,7 +206,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
     zero = _zeros(sigmas)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        m, lam = model(x, s), -s.log()
+        m, lam = model(x, s, i), -s.log()
         _report(callback, x, i, sigmas, m)
         if corrector and x_prev is not None:
             x = _unipc_update(x_prev, hist[0][0], hist[0][1], lam, hist[1:p_prev], m_new=m)
@@ -212,13 +228,14 @@ def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: i
     diff-sampler ends its schedules at sigma_min; here a final step to sigma = 0 returns the denoised
     estimate, as for every other solver (an Adams-Bashforth step onto sigma = 0 overshoots).
     """
+    model = stepped(model)
     if max_order not in _AB:
         raise ValueError(f"ipndm max_order must be 1-4, got {max_order}")
     ds: list[torch.Tensor] = []  # newest first
     zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s)
+        denoised = model(x, s, i)
         _report(callback, x, i, sigmas, denoised)
         ds = [(x - denoised) / _b(s, x)] + ds[: max_order - 1]
         if zero[i + 1]:
@@ -258,13 +275,14 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
 
     This is the 'deis' algorithm of diffusers' DEISMultistepScheduler written in EDM variables.
     """
+    model = stepped(model)
     if order not in (1, 2, 3):
         raise ValueError(f"deis order must be 1, 2 or 3, got {order}")
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (eps, log sigma), newest first
     zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s)
+        denoised = model(x, s, i)
         _report(callback, x, i, sigmas, denoised)
         eps = (x - denoised) / _b(s, x)
         hist = [(eps, s.log())] + hist[: order - 1]
@@ -278,14 +296,75 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
     return x
 
 
-# name -> (function, default options). "unipc_3" and friends are the same function at another order.
-SOLVERS: dict[str, tuple[Callable, dict]] = {
-    "euler": (euler, {}),
-    "heun": (heun, {}),
-    "dpmpp_2m": (dpmpp_2m, {}),
-    "dpmpp_3m": (dpmpp_3m, {}),
-    "unipc": (unipc, {"order": 2}),
-    "unipc_3": (unipc, {"order": 3}),
-    "ipndm": (ipndm, {"max_order": 4}),
-    "deis": (deis, {"order": 3}),
+@dataclass(frozen=True)
+class Solver:
+    """What a solver is, for the code that plans, prices and gates it (one entry of ``SOLVERS``).
+
+    ``order``: the order it reaches once warmed up, at its default options (``order_option`` names the
+    option that sets it, e.g. UniPC's ``order``); ``calls_per_step``: denoiser calls of a full step
+    (Heun: 2, except a step to sigma = 0 or one capped to order 1); ``history``: previous steps whose
+    outputs a step reuses (multistep solvers lower their order while it fills: warm-up).
+    Unpacks as ``(fn, options)``, as fewstep 0.1's entries did.
+    """
+
+    fn: Callable
+    order: int
+    calls_per_step: int = 1
+    history: int = 0
+    options: dict = field(default_factory=dict)
+    order_option: str | None = None
+
+    def max_order(self, options: dict | None = None) -> int:
+        """The order with these options (the one SDM's gate switches to)."""
+        opts = {**self.options, **(options or {})}
+        return int(opts[self.order_option]) if self.order_option else self.order
+
+    def step_calls(self, cap: int | None = None, to_zero: bool = False) -> int:
+        """Denoiser calls of one step with order ``cap`` (None: no cap); a step to 0 makes one call."""
+        return 1 if to_zero or (cap is not None and cap < 2) else self.calls_per_step
+
+    def __iter__(self):
+        return iter((self.fn, dict(self.options)))
+
+
+# The registry. "unipc_3" and friends are the same function at another order.
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver(euler, order=1),
+    "heun": Solver(heun, order=2, calls_per_step=2),
+    "dpmpp_2m": Solver(dpmpp_2m, order=2, history=1),
+    "dpmpp_3m": Solver(dpmpp_3m, order=3, history=2),
+    "unipc": Solver(unipc, order=2, history=1, options={"order": 2}, order_option="order"),
+    "unipc_3": Solver(unipc, order=3, history=2, options={"order": 3}, order_option="order"),
+    "ipndm": Solver(ipndm, order=4, history=3, options={"max_order": 4}, order_option="max_order"),
+    "deis": Solver(deis, order=3, history=2, options={"order": 3}, order_option="order"),
 }
+MAX_HISTORY = max(s.history for s in SOLVERS.values())  # previous steps any solver reuses (iPNDM-4: 3)
+
+
+def get_solver(name: str) -> Solver:
+    if name not in SOLVERS:
+        raise ValueError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
+    return SOLVERS[name]
+
+
+def plan(solver: str, nfe: int, final_zero: bool = True) -> tuple[int, dict]:
+    """Steps and solver options that spend exactly ``nfe`` calls with ``solver``.
+
+    One-call solvers: ``nfe`` steps. Two-call solvers (Heun): 2 calls a step and 1 on a final step to 0;
+    for an NFE that this leaves over by one, the first step (at the highest noise, where the path is
+    straightest) is a first-order step, recorded as ``orders``.
+    """
+    spec = get_solver(solver)
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if spec.calls_per_step == 1:
+        return int(nfe), {}
+    if final_zero:
+        if nfe % 2 == 1:
+            return (nfe + 1) // 2, {}
+        steps = nfe // 2 + 1
+        return steps, {"orders": [1] + [2] * (steps - 2) + [1]}
+    if nfe % 2 == 0:
+        return nfe // 2, {}
+    steps = (nfe + 1) // 2
+    return steps, {"orders": [1] + [2] * (steps - 1)}

@@ -16,12 +16,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import shard_map
-from .sample import CheckedDenoiser
-from .schedules import check_sigmas, write_atomic
+from .files import write_atomic
+from .sampling import CheckedDenoiser
+from .schedules import RHO, check_sigmas
 from .solvers import heun
 
 DEFAULT_STEPS = 512
-RHO = 7.0
 
 
 def refine(grid: torch.Tensor, substeps: int, rho: float = RHO) -> list[torch.Tensor]:
@@ -93,6 +93,7 @@ class Teacher:
             write_atomic(file, buf.getvalue())
         return traj
 
+    @torch.no_grad()
     def _solve_chunk(self, x: torch.Tensor, grid: torch.Tensor, substeps: int) -> torch.Tensor:
         model = CheckedDenoiser(self.denoiser)
         x = x.to(torch.float64)

@@ -27,8 +27,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils import logging
 
 from ..models.wrappers import PREDICTIONS, FlowDenoiser, VPDiscreteDenoiser
-from ..sample import get_solver, sample
+from ..sampling import sample
 from ..schedules import Schedule, ScheduleError, as_schedule, flow_shift
+from ..solvers import get_solver
 
 logger = logging.get_logger(__name__)
 
@@ -297,6 +298,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         """A scheduler running ``schedule`` with ``solver`` (default: the schedule's) for the network that
         ``config`` (a diffusers scheduler config, e.g. ``pipe.scheduler.config``, or the scheduler) describes."""
         sched = as_schedule(schedule)
+        if sched.per_sample:
+            raise ValueError("a per-sample policy sets each sample's sigmas from its initial noise, which a diffusers "
+                             "pipeline draws after fixing its timesteps: give FewstepScheduler a global Schedule "
+                             "(fewstep tune's best/nfe-<N>.json)")
         solver = solver or sched.solver
         if solver is None:
             raise ValueError("no solver given and the schedule names none: pass solver=..., e.g. solver='dpmpp_2m'")

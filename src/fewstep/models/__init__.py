@@ -1,10 +1,9 @@
-"""Denoisers: reference models, wrappers for other parameterizations, built-in models by name."""
+"""Denoisers: reference models, wrappers for other parameterizations, what fewstep reads of a model.
+Built-in models by name: ``fewstep.zoo`` (``fewstep.load_model``)."""
 
-from .builtin import BUILTIN_MODELS, DEFAULT_MODEL, load_model, model_info
+from .info import model_info
 from .reference import EmpiricalDenoiser, GaussianMixture
 from .wrappers import FlowDenoiser, VPContinuousDenoiser, VPDiscreteDenoiser
 
-__all__ = [
-    "BUILTIN_MODELS", "DEFAULT_MODEL", "load_model", "model_info", "EmpiricalDenoiser", "GaussianMixture",
-    "FlowDenoiser", "VPContinuousDenoiser", "VPDiscreteDenoiser",
-]
+__all__ = ["model_info", "EmpiricalDenoiser", "GaussianMixture", "FlowDenoiser", "VPContinuousDenoiser",
+           "VPDiscreteDenoiser"]

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..sample import get_solver, nfe
+from ..solvers import get_solver
 
 
 class Counter:
@@ -45,13 +45,15 @@ class Replay:
     solver then continues from the teacher's state, with the teacher's outputs as its history).
     """
 
+    takes_step = True
+
     def __init__(self, outputs: Sequence[torch.Tensor], live: Callable | None = None, live_calls: int = 0,
                  force: Sequence[torch.Tensor] | None = None):
         self.outputs, self.live, self.live_calls, self.force = outputs, live, live_calls, force
         self.calls = 0
         self.recorded: list[torch.Tensor] = []
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int) -> torch.Tensor:
         c = self.calls
         self.calls += 1
         if c < len(self.outputs):
@@ -67,7 +69,7 @@ class Replay:
 
 def step_calls(solver: str, orders: Sequence[int] | None, k: int) -> int:
     """Denoiser calls of step ``k`` (not a step to 0) with ``solver`` and per-step ``orders``."""
-    return nfe([2.0, 1.0], solver, orders=None if orders is None else [orders[k]])
+    return get_solver(solver).step_calls(None if orders is None else orders[k])
 
 
 def run_candidates(solver: str, x0: torch.Tensor, sigmas: torch.Tensor, outputs: Sequence[torch.Tensor],
@@ -79,10 +81,10 @@ def run_candidates(solver: str, x0: torch.Tensor, sigmas: torch.Tensor, outputs:
     ``sigmas`` must go on past the captured state (any decreasing values down to 0): the solver sees
     as many remaining steps as in the real schedule, which sets UniPC's lower order at the end.
     """
-    fn, defaults = get_solver(solver)
+    spec = get_solver(solver)
     replay = Replay(outputs, live, live_calls, force)
     try:
-        fn(replay, x0, sigmas, **{**defaults, **solver_options})
+        spec.fn(replay, x0, sigmas, **{**spec.options, **solver_options})
     except Captured as c:
         return c.x, replay.recorded
     raise RuntimeError(f"internal error: {solver} finished before the candidate step was captured")

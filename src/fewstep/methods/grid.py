@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from ..schedules import polynomial
+from ..schedules import RHO, polynomial
 
 DEFAULT_SIZE = 80
-RHO = 7.0
 
 
 def candidate_grid(sigma_min: float, sigma_max: float, size: int = DEFAULT_SIZE, rho: float = RHO) -> torch.Tensor:

@@ -22,14 +22,15 @@ the winners. Replays cost no calls but O(K^2 G^2 B) solver arithmetic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 from tqdm.auto import tqdm
 
-from ..sample import plan
-from ..schedules import Schedule
-from . import Calibration, register
+from ..schedules import RHO, Schedule
+from ..solvers import plan
+from .base import Calibration, register
 from .dp import Counter, batch_rmse, extend, pad_sigmas, per_sample, run_candidates, step_calls
 from .grid import DEFAULT_SIZE, candidate_grid, check_steps, teacher_on_grid
 
@@ -47,15 +48,25 @@ def _land(ctx: Calibration, model: Counter, solver: str, orders, steps: int, k: 
     return x.view(c, *ctx.x.shape), [r.view(c, *ctx.x.shape) for r in rec]
 
 
-@register("oss", tune_options={"grid": 40})
-def oss(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, substeps: int | None = None) -> Schedule:
-    """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from a ``grid``-point candidate grid;
-    ``substeps``: teacher Heun steps per grid interval (default: the teacher's steps spread over it)."""
-    steps, opts = plan(solver, nfe)
+@dataclass(frozen=True)
+class Options:
+    """OSS's options: ``grid`` candidate grid points; ``substeps`` teacher Heun steps per grid interval
+    (None: the teacher's steps spread over the grid)."""
+
+    grid: int = DEFAULT_SIZE
+    substeps: int | None = None
+
+
+@register("oss", Options, tune_options={"grid": 40})
+@torch.no_grad()
+def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
+    """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid."""
+    grid = opts.grid
+    steps, sopts = plan(solver, nfe)
     check_steps(steps, grid)
-    orders = opts.get("orders")
+    orders = sopts.get("orders")
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, grid)
-    traj, substeps = teacher_on_grid(ctx.teacher, ctx.x, sig, substeps)
+    traj, substeps = teacher_on_grid(ctx.teacher, ctx.x, sig, opts.substeps)
     end, b = grid, ctx.x.shape[0]
     model = Counter(ctx.denoiser)
     nodes = torch.zeros(1, dtype=torch.long)  # grid index of each kept point at this level
@@ -76,6 +87,6 @@ def oss(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, subst
                                     lambda a, j: batch_rmse(land(a, j)[0], traj[j]), b * ctx.x[0].numel() * (k + 2))
         states, rec = land(a, nodes)
         outs = [o[a] for o in outs] + rec
-    return Schedule(sig[path], solver=solver, solver_options=opts, method="oss",
-                    provenance={"grid": {"size": grid, "rho": 7.0, "substeps": substeps, "indices": path},
+    return Schedule(sig[path], solver=solver, solver_options=sopts, method="oss",
+                    provenance={"grid": {"size": grid, "rho": RHO, "substeps": substeps, "indices": path},
                                 "evaluations": model.samples, "calib_error": float(err[best])})

@@ -17,13 +17,14 @@ from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .evaluate import CALIB_SEED, TEST_SEED, noise
+from .files import write_atomic
+from .methods import METHODS, optimize
 from .metrics import rmse, summarize
-from .models.builtin import model_info
-from .optimize import METHODS, QUICK_OPTIONS, TUNE_OPTIONS, _load_methods, optimize
-from .sample import nfe as count_nfe, plan, sample
-from .schedules import BUILTIN_SCHEDULES, Schedule, builtin, write_atomic
-from .solvers import SOLVERS
+from .models.info import model_info
+from .noises import CALIB_SEED, TEST_SEED, noise
+from .sampling import nfe as count_nfe, sample
+from .schedules import BUILTIN_SCHEDULES, Schedule, ScheduleLike, builtin
+from .solvers import SOLVERS, plan
 from .teacher import Teacher
 
 BASELINES = ["karras", "logsnr_uniform", "time_uniform", "time_quadratic", "ays", "flow_uniform"]
@@ -44,7 +45,6 @@ class Sizes:
 
 
 def all_methods() -> list[str]:
-    _load_methods()
     return BASELINES + sorted(METHODS)
 
 
@@ -59,30 +59,56 @@ def baseline(method: str, solver: str, k: int, info: dict) -> Schedule:
     return sched.with_metadata(solver=solver, solver_options=options, nfe=k)
 
 
-def _run_cell(den, method, solver, k, info, calib, x_test, ref, teacher, method_options) -> tuple[dict, Any]:
+@dataclass
+class _Run:
+    """What every cell of one tuning run shares."""
+
+    denoiser: Callable
+    info: dict
+    calib: Any
+    x_test: Any
+    ref: Any
+    teacher: Teacher
+    method_options: dict
+    out: Path | None
+
+
+def _run_cell(run: _Run, method: str, solver: str, k: int) -> tuple[dict, Any]:
     start = time.perf_counter()
     if method in BUILTIN_SCHEDULES:
-        sched = baseline(method, solver, k, info)
+        sched = baseline(method, solver, k, run.info)
         calib_calls, calib_seconds = 0, 0.0
     else:
-        sched = optimize(den, method, solver, k, calib=calib, teacher=teacher, sigma_min=info["sigma_min"],
-                         sigma_max=info["sigma_max"], **method_options[method])
+        sched = optimize(run.denoiser, method, solver, k, calib=run.calib, teacher=run.teacher,
+                         sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **run.method_options[method])
         prov = sched.metadata.get("provenance", {})
         calib_calls, calib_seconds = prov.get("denoiser_calls", 0), time.perf_counter() - start
-    out = sample(den, x_test, sched)
-    errors = rmse(out, ref)
+    out = sample(run.denoiser, run.x_test, sched)
+    errors = rmse(out, run.ref)
     row = {"nfe": k, "method": method, "solver": solver, "status": "ok", **summarize(errors, ci=True),
            "calib_calls": int(calib_calls), "calib_seconds": round(calib_seconds, 3)}
-    if not hasattr(sched, "sigmas_for"):
+    if not sched.per_sample:
         row["sigmas"] = sched.to_list()
         row["nfe_counted"] = count_nfe(sched)
     return row, sched
 
 
-def _save_schedule(sched, path: Path) -> str:
-    if hasattr(sched, "sigmas_for"):
-        path = path.with_suffix(".pt")
-    sched.save(path)
+def _cell(run: _Run, k: int, method: str, solver: str) -> dict:
+    """One cell's row: scored, or skipped with the reason (an NFE the solver cannot spend, a method that
+    refuses the setting); an optimized schedule is saved under ``schedules/``."""
+    skipped = {"nfe": k, "method": method, "solver": solver, "status": "skipped"}
+    try:
+        plan(solver, k)
+        row, sched = _run_cell(run, method, solver, k)
+    except (ValueError, NotImplementedError) as e:
+        return {**skipped, "reason": str(e)}
+    if run.out is not None and method not in BUILTIN_SCHEDULES:
+        row["schedule_file"] = _save_schedule(sched, run.out / "schedules", _cell_name(k, method, solver))
+    return row
+
+
+def _save_schedule(sched: ScheduleLike, folder: Path, name: str) -> str:
+    path = sched.save(folder / f"{name}{sched.SUFFIX}")
     return path.name
 
 
@@ -98,6 +124,18 @@ def _load_results(path: Path, key: dict) -> dict:
     return {_cell_name(c["nfe"], c["method"], c["solver"]): c for c in data.get("cells", [])}
 
 
+def _checked(methods, solvers) -> tuple[list[str], list[str]]:
+    methods = all_methods() if methods == "all" else list(methods)
+    solvers = list(SOLVERS) if solvers == "all" else list(solvers)
+    unknown = [m for m in methods if m not in BUILTIN_SCHEDULES and m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {all_methods()}")
+    bad = [s for s in solvers if s not in SOLVERS]
+    if bad:
+        raise ValueError(f"unknown solver(s) {bad}; known: {list(SOLVERS)}")
+    return methods, solvers
+
+
 def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str | Path | None = None, *,
          quick: bool = False, n_calib: int | None = None, n_test: int | None = None, shape=None,
          sigma_min: float | None = None, sigma_max: float | None = None, teacher: Teacher | None = None,
@@ -108,52 +146,28 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     Returns ``{"cells": [...], "best": {nfe: cell}, ...}``. With ``outdir``: ``results.json``,
     ``schedules/``, ``best/nfe-<N>.json`` and the report (``report.html``, ``report.md``, ``plots/``).
     """
-    _load_methods()
     sizes = Sizes.quick() if quick else Sizes()
     nfes = [int(v) for v in (nfe or sizes.nfe)]
-    methods = all_methods() if methods == "all" else list(methods)
-    solvers = list(SOLVERS) if solvers == "all" else list(solvers)
-    unknown = [m for m in methods if m not in BUILTIN_SCHEDULES and m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; known: {all_methods()}")
-    bad = [s for s in solvers if s not in SOLVERS]
-    if bad:
-        raise ValueError(f"unknown solver(s) {bad}; known: {list(SOLVERS)}")
+    methods, solvers = _checked(methods, solvers)
     info = model_info(denoiser, shape, sigma_min, sigma_max)
     n_calib, n_test = n_calib or sizes.n_calib, n_test or sizes.n_test
     calib = noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"])
     x_test = noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"])
     teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id or info["name"],
                                  cache_dir=Path(outdir) / "teacher" if outdir else None, progress=progress)
-    ref = teacher.solve(x_test, info["sigma_max"])
-    method_options = {m: {**TUNE_OPTIONS[m], **(QUICK_OPTIONS[m] if quick else {}), **(method_options or {}).get(m, {})}
-                      for m in METHODS}
+    options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
     key = {"model": model_id or info["name"], "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED,
-           "test_seed": TEST_SEED, "teacher_steps": teacher.steps, "method_options": method_options}
+           "test_seed": TEST_SEED, "teacher_steps": teacher.steps, "method_options": options}
     out = Path(outdir) if outdir else None
+    run = _Run(denoiser, info, calib, x_test, teacher.solve(x_test, info["sigma_max"]), teacher, options, out)
     done = _load_results(out / "results.json", key) if out else {}
-    cells = [(k, m, s) for k in nfes for m in methods for s in solvers]
     results: dict[str, dict] = {}
-    bar = tqdm(cells, desc="tune", disable=not progress)
+    bar = tqdm([(k, m, s) for k in nfes for m in methods for s in solvers], desc="tune", disable=not progress)
     for k, method, solver in bar:
         name = _cell_name(k, method, solver)
         bar.set_postfix_str(name)
-        if name in done:
-            results[name] = done[name]
-            continue
-        try:
-            plan(solver, k)
-        except ValueError as e:
-            results[name] = {"nfe": k, "method": method, "solver": solver, "status": "skipped", "reason": str(e)}
-        else:
-            try:
-                row, sched = _run_cell(denoiser, method, solver, k, info, calib, x_test, ref, teacher, method_options)
-            except (ValueError, NotImplementedError) as e:
-                row, sched = {"nfe": k, "method": method, "solver": solver, "status": "skipped", "reason": str(e)}, None
-            if out is not None and sched is not None and method not in BUILTIN_SCHEDULES:
-                row["schedule_file"] = _save_schedule(sched, out / "schedules" / f"{name}.json")
-            results[name] = row
-        if out is not None:
+        results[name] = done[name] if name in done else _cell(run, k, method, solver)
+        if out is not None and name not in done:
             _write_results(out, key, info, results)
     summary = {"version": RESULTS_VERSION, "key": key, "model": info, "cells": list(results.values()),
                "best": _best(results, nfes)}

@@ -21,28 +21,29 @@ so its eta values equal ours times sqrt(dim) (``norm="l2"`` reproduces them).
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..evaluate import noise
-from ..sample import TWO_STAGE, CheckedDenoiser, get_solver, nfe as count_nfe, plan, sample
 from ..metrics import rmse
-from ..schedules import Schedule, polynomial
-from . import Calibration, register
+from ..noises import noise
+from ..sampling import CheckedDenoiser, nfe as count_nfe, sample
+from ..schedules import RHO, Schedule, polynomial
+from ..solvers import get_solver, plan
+from .base import Calibration, register
 
 # The reference's defaults (eta 0.02 / 0.20 with whole-sample L2 norms, used for its 64x64x3 data
 # sets FFHQ and AFHQv2) in per-dimension RMS units: divided by sqrt(3 * 64 * 64).
 REF_DIM = 3 * 64 * 64
 ETA_MIN, ETA_MAX, ETA_P = 0.02 / math.sqrt(REF_DIM), 0.20 / math.sqrt(REF_DIM), 1.0
 GAMMA, C_SHRINK, MAX_EXPAND, MAX_SHRINK = 0.95, 0.5, 2, 2
-POWER, Q, RHO = 0.5, 0.25, 7.0
+POWER, Q = 0.5, 0.25
 # Noises the switch is chosen on (the calibration batch, extended with seeded noises): a switch that
 # keeps long first-order steps at high noise can send ~1% of samples to another mode; 256 noises see
 # such an event with probability 1 - 0.99^256 = 92%, 64 with 47% (docs/methods/sdm.md).
 GATE_SAMPLES = 256
-# Highest order of each solver, the order the gate switches to.
-MAX_ORDER = {"euler": 1, "heun": 2, "dpmpp_2m": 2, "dpmpp_3m": 3, "unipc": 2, "unipc_3": 3, "ipndm": 4, "deis": 3}
+
 
 
 def _norms(v: torch.Tensor, norm: str) -> torch.Tensor:
@@ -63,6 +64,39 @@ def eta_of(sigma: float, sigma_max: float, eta_min: float, eta_max: float, eta_p
     return eta_min + (eta_max - eta_min) * r ** eta_p
 
 
+def _trial(model: Callable, x: torch.Tensor, d: torch.Tensor, sigma: float, sigma_min: float, grid: list[float],
+           eta: float, norm: str, batch: str, c_shrink: float, max_expand: int, max_shrink: int) -> tuple[float, float]:
+    """The trial steps from ``sigma`` (reference: ``sdm_scheduler``): down to the next grid node, expanded
+    (to 2, 4 nodes) while 1/2 h^2 S <= eta, shrunk by ``c_shrink`` while not. Returns (S, h_floor): the
+    secant size of the last accepted trial and its length (a rejected search: the last S and 0)."""
+    k = next((i for i in range(len(grid) - 1) if grid[i + 1] < sigma), len(grid) - 2)
+    delta = min(sigma - sigma_min, sigma - grid[k + 1])  # trial: down to the next grid node
+    best, last, expand, shrink, prev = None, None, 0, 0, None
+    while True:
+        s_try = min(max(sigma - delta, sigma_min), sigma)
+        if s_try == prev:
+            break
+        prev, h = s_try, sigma - s_try
+        d_try = (x - h * d - model(x - h * d, torch.tensor(s_try, dtype=torch.float64))) / s_try
+        s_hat = _batch(_norms(d_try - d, norm), batch) / h  # secant estimate of |dd/dsigma|
+        last = (s_hat, h)
+        if 0.5 * h * h * s_hat <= eta:
+            best = last
+            nxt = k + 2 ** (expand + 1)
+            if expand >= max_expand or shrink or nxt > len(grid) - 1:
+                break
+            new = min(sigma - sigma_min, sigma - grid[nxt])
+            if new <= delta * (1 + 1e-15):
+                break
+            delta, expand = new, expand + 1
+        elif shrink < max_shrink:
+            delta, shrink = c_shrink * delta, shrink + 1
+        else:
+            break
+    return best if best is not None else (last[0], 0.0)
+
+
+@torch.no_grad()
 def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float, *, eta_min: float = ETA_MIN,
            eta_max: float = ETA_MAX, eta_p: float = ETA_P, grid_points: int = 40, rho: float = RHO,
            norm: str = "rms", batch: str = "rms", gamma: float = GAMMA, c_shrink: float = C_SHRINK,
@@ -91,31 +125,8 @@ def search(model: Callable, x: torch.Tensor, sigma_min: float, sigma_max: float,
         if sigma <= sigma_min * (1 + 1e-12):
             break
         eta = eta_of(sigma, sigma_max, eta_min, eta_max, eta_p)
-        k = next((i for i in range(len(grid) - 1) if grid[i + 1] < sigma), len(grid) - 2)
-        delta = min(sigma - sigma_min, sigma - grid[k + 1])  # trial: down to the next grid node
-        best, last, expand, shrink, prev = None, None, 0, 0, None
-        while True:
-            s_try = min(max(sigma - delta, sigma_min), sigma)
-            if s_try == prev:
-                break
-            prev, h = s_try, sigma - s_try
-            d_try = (x - h * d - model(x - h * d, torch.tensor(s_try, dtype=torch.float64))) / s_try
-            s_hat = _batch(_norms(d_try - d, norm), batch) / h  # secant estimate of |dd/dsigma|
-            last = (s_hat, h)
-            if 0.5 * h * h * s_hat <= eta:
-                best = last
-                nxt = k + 2 ** (expand + 1)
-                if expand >= max_expand or shrink or nxt > len(grid) - 1:
-                    break
-                new = min(sigma - sigma_min, sigma - grid[nxt])
-                if new <= delta * (1 + 1e-15):
-                    break
-                delta, expand = new, expand + 1
-            elif shrink < max_shrink:
-                delta, shrink = c_shrink * delta, shrink + 1
-            else:
-                break
-        s_hat, h_floor = best if best is not None else (last[0], 0.0)
+        s_hat, h_floor = _trial(model, x, d, sigma, sigma_min, grid, eta, norm, batch, c_shrink, max_expand,
+                                max_shrink)
         # Step 0.95 sqrt(2 eta / S), never shorter than an accepted trial. The reference also keeps
         # a rejected trial as floor, which breaks the bound; here a rejected search uses S alone.
         h = min(max(gamma * math.sqrt(2 * eta / max(s_hat, 1e-30)), h_floor), sigma - sigma_min)
@@ -195,8 +206,8 @@ def _gate_run(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, solver: st
     The order is 1 until kappa >= tau, then the solver's full order; the last step is first order.
     The solvers read ``orders[i]`` after step i's first call, so the callback decides it in time.
     """
-    fn, defaults = get_solver(solver)
-    high = MAX_ORDER[solver] if solver != "unipc" else int({**defaults, **options}.get("order", 2))
+    spec = get_solver(solver)
+    high = spec.max_order(options)
     steps = len(sigmas) - 1
     orders, kappas, state = [1] * steps, [0.0] * steps, {"d": None, "on": False}
 
@@ -211,10 +222,11 @@ def _gate_run(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, solver: st
         orders[i] = high if state["on"] and i < steps - 1 else 1
         state["d"] = d
 
-    x = fn(model, x, sigmas, callback=gate, **{**defaults, **options, "orders": orders})
+    x = spec.fn(model, x, sigmas, callback=gate, **{**spec.options, **options, "orders": orders})
     return x, orders, kappas
 
 
+@torch.no_grad()
 def sample_adaptive(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None,
                     tau: float | None = None, **options: Any) -> tuple[torch.Tensor, int]:
     """Sample with the online gate (the reference's ``sdm_solver``): the order is decided per step
@@ -251,88 +263,139 @@ def _switch_candidates(kappas: list[float], tau: float | None) -> dict[int, floa
     return out
 
 
-@register("sdm")
-def sdm(ctx: Calibration, solver: str, nfe: int, *, eta_min: float = ETA_MIN, eta_max: float = ETA_MAX,
-        eta_p: float = ETA_P, power: float = POWER, q: float = Q, tau: float | None = None,
-        switch: int | None = None, gate: bool = True, gate_samples: int = GATE_SAMPLES, resampling: str = "both",
-        grid_points: int = 40, rho: float = RHO, norm: str = "rms", batch: str = "rms",
-        **search_options: Any) -> Schedule:
-    """SDM schedule of exactly ``nfe`` calls for ``solver`` (see the module docstring and docs/methods/sdm.md).
+@dataclass(frozen=True)
+class Options:
+    """SDM's options (the module docstring and docs/methods/sdm.md explain each part).
 
-    With ``gate`` (default), the per-step orders of the adaptive solver are measured on the calibration
-    batch and stored; ``tau=None`` picks, among the switches a threshold can make, the one with the
-    lowest calibration error to the teacher, and stores tau = kappa at that step. ``switch``: the step
-    at which the higher order starts, fixed (e.g. 1: first order on the first step only, as the
-    reference's small tau does) instead of chosen by ``tau``.
+    Search: the tolerance eta(sigma) from ``eta_min`` to ``eta_max`` with exponent ``eta_p``, the trial
+    grid of ``grid_points`` polynomial(``rho``) nodes, per-sample ``norm`` 'rms' (per dimension) or 'l2'
+    (whole sample, the reference's), batch aggregate ``batch`` 'rms' (a W2 bound) or 'mean' (the
+    reference's, W1), and the step rule's ``gamma``, ``c_shrink``, ``max_expand``, ``max_shrink``.
+    Resampling: weights eta^``power`` tilted by (sigma_max / sigma)^``q``; ``resampling`` 'euler' (the
+    reference's, every step placed by the first-order error), 'orders' (second-order steps by their own
+    error model) or 'both' (the gate is offered both). Gate: with ``gate`` (default), the per-step
+    orders of the adaptive solver are measured on the calibration batch and stored; ``tau=None`` picks,
+    among the switches a threshold can make, the one with the lowest error to the teacher on
+    ``gate_samples`` noises, and stores tau = kappa at that step; ``switch`` fixes the step at which the
+    higher order starts (e.g. 1: first order on the first step only, as the reference's small tau does).
     """
-    if not 0 < eta_min <= eta_max:
-        raise ValueError(f"need 0 < eta_min <= eta_max, got eta_min={eta_min}, eta_max={eta_max}")
-    if tau is not None and not tau >= 0:
-        raise ValueError(f"tau must be >= 0 (or None to choose it from the calibration batch), got {tau}")
-    if switch is not None and (int(switch) != switch or switch < 0 or tau is not None):
-        raise ValueError(f"switch must be a step index >= 0, and not given with tau; got switch={switch!r}, tau={tau!r}")
-    if resampling not in ("orders", "euler", "both"):
-        raise ValueError(f"resampling must be 'orders', 'euler' (the reference's) or 'both', got {resampling!r}")
-    if int(gate_samples) != gate_samples or gate_samples < 1:
-        raise ValueError(f"gate_samples must be a positive integer, got {gate_samples!r}")
-    if norm not in ("rms", "l2"):
-        raise ValueError(f"norm must be 'rms' (per dimension) or 'l2' (whole sample, the reference's), got {norm!r}")
-    if batch not in ("rms", "mean"):
-        raise ValueError(f"batch must be 'rms' (W2 bound over the batch) or 'mean' (the reference's), got {batch!r}")
-    if int(grid_points) != grid_points or grid_points < 2:
-        raise ValueError(f"grid_points must be an integer >= 2, got {grid_points!r}")
-    if power <= 0 or q < 0 or eta_p <= 0 or rho <= 0:
-        raise ValueError(f"need power > 0, q >= 0, eta_p > 0, rho > 0; got {power}, {q}, {eta_p}, {rho}")
-    if nfe < 2:
-        raise ValueError(f"sdm needs nfe >= 2 (a step to sigma_min and the final step to 0), got {nfe}")
-    two_stage = solver in TWO_STAGE
+
+    eta_min: float = ETA_MIN
+    eta_max: float = ETA_MAX
+    eta_p: float = ETA_P
+    power: float = POWER
+    q: float = Q
+    tau: float | None = None
+    switch: int | None = None
+    gate: bool = True
+    gate_samples: int = GATE_SAMPLES
+    resampling: str = "both"
+    grid_points: int = 40
+    rho: float = RHO
+    norm: str = "rms"
+    batch: str = "rms"
+    gamma: float = GAMMA
+    c_shrink: float = C_SHRINK
+    max_expand: int = MAX_EXPAND
+    max_shrink: int = MAX_SHRINK
+
+    def __post_init__(self):
+        _check(self)
+
+    def search_settings(self) -> dict:
+        """The options the step search depends on (``search``'s keywords)."""
+        keep = ("eta_min", "eta_max", "eta_p", "grid_points", "rho", "norm", "batch", "gamma", "c_shrink",
+                "max_expand", "max_shrink")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def _check(o: Options) -> None:
+    if not 0 < o.eta_min <= o.eta_max:
+        raise ValueError(f"need 0 < eta_min <= eta_max, got eta_min={o.eta_min}, eta_max={o.eta_max}")
+    if o.tau is not None and not o.tau >= 0:
+        raise ValueError(f"tau must be >= 0 (or None to choose it from the calibration batch), got {o.tau}")
+    if o.switch is not None and (int(o.switch) != o.switch or o.switch < 0 or o.tau is not None):
+        raise ValueError(f"switch must be a step index >= 0, and not given with tau; got switch={o.switch!r}, "
+                         f"tau={o.tau!r}")
+    if o.resampling not in ("orders", "euler", "both"):
+        raise ValueError(f"resampling must be 'orders', 'euler' (the reference's) or 'both', got {o.resampling!r}")
+    if int(o.gate_samples) != o.gate_samples or o.gate_samples < 1:
+        raise ValueError(f"gate_samples must be a positive integer, got {o.gate_samples!r}")
+    if o.norm not in ("rms", "l2"):
+        raise ValueError(f"norm must be 'rms' (per dimension) or 'l2' (whole sample, the reference's), got {o.norm!r}")
+    if o.batch not in ("rms", "mean"):
+        raise ValueError(f"batch must be 'rms' (W2 bound over the batch) or 'mean' (the reference's), got {o.batch!r}")
+    if int(o.grid_points) != o.grid_points or o.grid_points < 2:
+        raise ValueError(f"grid_points must be an integer >= 2, got {o.grid_points!r}")
+    if o.power <= 0 or o.q < 0 or o.eta_p <= 0 or o.rho <= 0:
+        raise ValueError(f"need power > 0, q >= 0, eta_p > 0, rho > 0; got {o.power}, {o.q}, {o.eta_p}, {o.rho}")
+
+
+def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, path, etas, second, high: int) -> list:
+    """(sigmas, orders, switch, tau, kappas) of every gated schedule that spends exactly ``nfe`` calls:
+    each step count a two-call solver can spend them on, each switch a threshold can make (or the given
+    one), with the Euler-resampled sigmas and (``resampling``) the order-consistent ones."""
+    two_stage = get_solver(solver).calls_per_step == 2
     lo = (nfe + 2) // 2 if two_stage else nfe  # Heun: fewest steps (first and last steps first order)
-    settings = dict(eta_min=eta_min, eta_max=eta_max, eta_p=eta_p, grid_points=grid_points, rho=rho, norm=norm,
-                    batch=batch, **search_options)
-    # The search depends on neither the solver nor the NFE: shared by every sdm call on this batch.
-    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings),
-                          lambda: search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, **settings))
-    info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
-    high = MAX_ORDER[solver]
-    if not gate or high == 1:
-        steps, opts = plan(solver, nfe)
-        return Schedule(resample(path, etas, steps, power, q, rho), solver=solver, solver_options=opts,
-                        sdm={**info, "tau": None})
-    candidates = []  # (sigmas, orders, switch, tau, kappas) spending exactly nfe calls
+    candidates = []
     for steps in range(lo, nfe + 1) if two_stage else [nfe]:
-        sigmas = resample(path, etas, steps, power, q, rho)
+        sigmas = resample(path, etas, steps, o.power, o.q, o.rho)
         _, _, kappas = _gate_run(ctx.denoiser, ctx.x, sigmas, solver, math.inf)  # kappa before any switch
-        switches = (_switch_candidates(kappas, tau) if switch is None
-                    else {int(switch): kappas[int(switch)] if int(switch) < steps else math.inf})
+        switches = (_switch_candidates(kappas, o.tau) if o.switch is None
+                    else {int(o.switch): kappas[int(o.switch)] if int(o.switch) < steps else math.inf})
         for j, t in switches.items():
             orders = [1] * min(j, steps) + [high] * max(steps - 1 - j, 0) + [1] * (j < steps)
             if count_nfe(Schedule(sigmas), solver, orders=orders) != nfe:
                 continue
-            if two_stage and resampling in ("orders", "both") and tau is None and 0 < steps - 1 - j:
+            if two_stage and o.resampling in ("orders", "both") and o.tau is None and 0 < steps - 1 - j:
                 # the second-order steps placed by their own error model; kept if the gate, measured
                 # on these sigmas, still switches at j (so the online gate reproduces it)
-                mixed = resample_orders(path, etas, second, j, steps - 1 - j, power, q, rho)
+                mixed = resample_orders(path, etas, second, j, steps - 1 - j, o.power, o.q, o.rho)
                 _, _, k_mixed = _gate_run(ctx.denoiser, ctx.x, mixed, solver, math.inf)
-                found = _switch_candidates(k_mixed, None) if switch is None else {j: k_mixed[j]}
+                found = _switch_candidates(k_mixed, None) if o.switch is None else {j: k_mixed[j]}
                 if j in found:
                     candidates.append((mixed, orders, j, found[j], k_mixed))
-                    if resampling == "orders":
+                    if o.resampling == "orders":
                         continue
             candidates.append((sigmas, orders, j, t, kappas))
     if not candidates:
-        raise ValueError(f"with tau={tau}, switch={switch} no {solver} schedule of {lo}..{nfe} steps spends exactly "
-                         f"{nfe} calls; pass another tau or switch, or neither to choose it from the calibration batch")
-    err = None
-    best = candidates[0]
-    if len(candidates) > 1:  # the lowest error to the teacher on the calibration batch, extended
-        x = ctx.x
-        if x.shape[0] < gate_samples:  # fresh noises from the calibration seed's stream, after the batch's own
-            x = torch.cat([x, noise(int(gate_samples), x.shape[1:], ctx.sigma_max, ctx.seed, device=x.device)[x.shape[0]:]])
-        ref = ctx.teacher.solve(x, sigma_max=ctx.sigma_max)
-        errs = [float(rmse(sample(ctx.denoiser, x, Schedule(c[0]), solver, orders=c[1]), ref).mean())
-                for c in candidates]
-        err = min(errs)
-        best = candidates[errs.index(err)]
-    sigmas, orders, j, t, kappas = best
+        raise ValueError(f"with tau={o.tau}, switch={o.switch} no {solver} schedule of {lo}..{nfe} steps spends "
+                         f"exactly {nfe} calls; pass another tau or switch, or neither to choose it from the "
+                         "calibration batch")
+    return candidates
+
+
+def _choose(ctx: Calibration, solver: str, candidates: list, gate_samples: int) -> tuple[tuple, float | None]:
+    """The candidate with the lowest error to the teacher on the calibration batch, extended to
+    ``gate_samples`` noises, and that error (the only candidate: None)."""
+    if len(candidates) == 1:
+        return candidates[0], None
+    x = ctx.x
+    if x.shape[0] < gate_samples:  # fresh noises from the calibration seed's stream, after the batch's own
+        x = torch.cat([x, noise(int(gate_samples), x.shape[1:], ctx.sigma_max, ctx.seed, device=x.device)[x.shape[0]:]])
+    ref = ctx.teacher.solve(x, sigma_max=ctx.sigma_max)
+    errs = [float(rmse(sample(ctx.denoiser, x, Schedule(c[0]), solver, orders=c[1]), ref).mean()) for c in candidates]
+    err = min(errs)
+    return candidates[errs.index(err)], err
+
+
+@register("sdm", Options)
+@torch.no_grad()
+def sdm(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
+    """SDM schedule of exactly ``nfe`` calls for ``solver`` (``Options``; docs/methods/sdm.md)."""
+    if nfe < 2:
+        raise ValueError(f"sdm needs nfe >= 2 (a step to sigma_min and the final step to 0), got {nfe}")
+    settings = opts.search_settings()
+    # The search depends on neither the solver nor the NFE: shared by every sdm call on this batch.
+    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings),
+                                  lambda: search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, **settings))
+    info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
+    high = get_solver(solver).max_order()
+    if not opts.gate or high == 1:
+        steps, sopts = plan(solver, nfe)
+        return Schedule(resample(path, etas, steps, opts.power, opts.q, opts.rho), solver=solver,
+                        solver_options=sopts, sdm={**info, "tau": None})
+    candidates = _candidates(ctx, solver, nfe, opts, path, etas, second, high)
+    (sigmas, orders, j, t, kappas), err = _choose(ctx, solver, candidates, opts.gate_samples)
     info.update(tau=None if math.isinf(t) else t, switch=j, kappa=kappas, calib_rmse=err)
     return Schedule(sigmas, solver=solver, solver_options={"orders": orders}, sdm=info)

@@ -49,18 +49,20 @@ The DP itself is K levels of [G, G] tensor operations per candidate, no model ca
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from functools import partial
+from typing import Callable
 
 import torch
 
 from ..metrics import rmse
-from ..sample import plan, sample
-from ..schedules import Schedule
-from . import Calibration, register
+from ..sampling import sample
+from ..schedules import RHO, Schedule
+from ..solvers import MAX_HISTORY, get_solver, plan
+from .base import Calibration, register
 from .dp import Counter, batch_rmse, chunks, extend, pad_sigmas, per_sample, run_candidates, step_calls
 from .grid import DEFAULT_SIZE, candidate_grid, check_steps, teacher_on_grid
 
-MAX_HISTORY = 3  # path points before i a solver may use: enough for every core solver (iPNDM-4 uses 3)
 AUTO_COEFFS = (0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.35, 1.5)  # around the reference's 1.15 / 1.20
 AUTO_PROPAGATION = (0.5, 1.0, 1.5)  # exponents p of the propagation weight w_j^p
 
@@ -68,6 +70,43 @@ AUTO_PROPAGATION = (0.5, 1.0, 1.5)  # exponents p of the propagation weight w_j^
 def _floats(v) -> list[float]:
     """A number or a list of numbers as a list of floats."""
     return [float(x) for x in (v if isinstance(v, (list, tuple)) else [v])]
+
+
+@dataclass(frozen=True)
+class Options:
+    """GITS's options.
+
+    ``grid``: candidate grid points; ``substeps``: teacher Heun steps per grid interval (None: the
+    teacher's steps spread over the grid); ``coeff``: weight coeff^m of step m in the path cost (> 0;
+    the reference uses 1.15), a list of them, or 'auto' (AUTO_COEFFS); ``propagation``: the exponent p
+    of the propagation weight w_j^p (>= 0; 0 is the reference's unweighted cost), a list, or 'auto'
+    (AUTO_PROPAGATION). Of all the pairs, the schedule with the least error on the warm-up batch is kept.
+    ``history``: 0 costs each step as the solver's first-order step from the teacher (the reference's
+    choice); 1-3 give a multistep solver that many teacher-forced points of the kept path as history.
+    ``warmup``: the number of calibration trajectories used for the cost and the choice (default: all
+    of them; the reference uses 256).
+    """
+
+    grid: int = DEFAULT_SIZE
+    substeps: int | None = None
+    coeff: float | str | list = "auto"
+    propagation: float | str | list = "auto"
+    history: int = 0
+    warmup: int | None = None
+
+    def __post_init__(self):
+        if not all(c > 0 for c in self.coeffs()):
+            raise ValueError(f"coeff must be > 0 or 'auto', got {self.coeff!r}")
+        if not all(p >= 0 for p in self.propagations()):
+            raise ValueError(f"propagation must be >= 0 or 'auto', got {self.propagation!r}")
+        if self.history not in range(MAX_HISTORY + 1):
+            raise ValueError(f"history must be 0..{MAX_HISTORY}, got {self.history!r}")
+
+    def coeffs(self) -> list[float]:
+        return list(AUTO_COEFFS) if self.coeff == "auto" else _floats(self.coeff)
+
+    def propagations(self) -> list[float]:
+        return list(AUTO_PROPAGATION) if self.propagation == "auto" else _floats(self.propagation)
 
 
 def _local_error(model: Counter, solver: str, orders, steps: int, k: int, history: int, traj: torch.Tensor,
@@ -110,46 +149,23 @@ def _dp(steps: int, end: int, coeff: float, weight: torch.Tensor, final: torch.T
     return paths[best].tolist() + [end]
 
 
-@register("gits", tune_options={"grid": 40})
-def gits(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, substeps: int | None = None,
-         coeff: float | str = "auto", propagation: float | str = "auto", history: int = 0,
-         warmup: int | None = None) -> Schedule:
-    """GITS schedule of exactly ``nfe`` calls with ``solver``, picked from a ``grid``-point candidate grid.
-
-    ``coeff``: weight coeff^m of step m in the path cost (> 0; the reference uses 1.15), a list of them,
-    or 'auto' (AUTO_COEFFS); ``propagation``: the exponent p of the propagation weight w_j^p (>= 0; 0 is
-    the reference's unweighted cost), a list, or 'auto' (AUTO_PROPAGATION). Of all the pairs, the
-    schedule with the least error on the warm-up batch is kept. ``history``: 0 costs each step as the
-    solver's first-order step from the teacher (the reference's choice); 1-3 give a multistep solver
-    that many teacher-forced points of the kept path as history. ``warmup``: the number of calibration
-    trajectories used for the cost and the choice (default: all of them; the reference uses 256).
-    ``substeps``: teacher Heun steps per grid interval.
-    """
-    steps, opts = plan(solver, nfe)
-    check_steps(steps, grid)
-    coeffs = AUTO_COEFFS if coeff == "auto" else _floats(coeff)
-    props = AUTO_PROPAGATION if propagation == "auto" else _floats(propagation)
-    if not all(c > 0 for c in coeffs):
-        raise ValueError(f"coeff must be > 0 or 'auto', got {coeff!r}")
-    if not all(p >= 0 for p in props):
-        raise ValueError(f"propagation must be >= 0 or 'auto', got {propagation!r}")
-    if history not in range(MAX_HISTORY + 1):
-        raise ValueError(f"history must be 0..{MAX_HISTORY}, got {history!r}")
-    n = ctx.x.shape[0] if warmup is None else int(warmup)
-    if not 1 <= n <= ctx.x.shape[0]:
-        raise ValueError(f"warmup must be between 1 and the calibration batch size {ctx.x.shape[0]}, got {warmup}")
-    sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, grid)
+def _on_teacher(ctx: Calibration, model: Counter, sig: torch.Tensor, n: int, substeps: int | None):
+    """The teacher on the grid from the first ``n`` calibration states, the model's outputs on its states
+    (the solver's history), the final step's cost at each point, and the propagation weight w_j."""
     traj, substeps = teacher_on_grid(ctx.teacher, ctx.x[:n], sig, substeps)
-    end, orders, model = grid, opts.get("orders"), Counter(ctx.denoiser)
-    # the model's outputs on the teacher states: the solver's history, and the final step's result
+    end = len(sig) - 1
     den = model(traj[:end].flatten(0, 1), per_sample(sig[:end], n)).view_as(traj[:end])
     final = batch_rmse(den, traj[end].expand_as(den))
     # how much of an error at sigma_j reaches the sample: spread(x_0) / spread(x_sigma_j) over the batch,
     # exact for isotropic Gaussian data (x_0 - mu = s / sqrt(s^2 + sigma^2) (x_sigma - mu) along the ODE)
     spread = (traj - traj.mean(1, keepdim=True)).pow(2).flatten(1).mean(1).sqrt()
-    weight = (spread[end] / spread).cpu()
-    history = history if step_calls(solver, None, 0) == 1 else 0  # a two-call solver (Heun) has none
-    per_item, mats = n * traj[0, 0].numel(), {}
+    return traj, substeps, den, final, (spread[end] / spread).cpu()
+
+
+def _level_costs(model: Counter, solver: str, orders, steps: int, history: int, traj: torch.Tensor,
+                 den: torch.Tensor, sig: torch.Tensor) -> Callable:
+    """``level_cost(k, nodes, paths)`` for ``_dp``: step k's cost of (kept path, next point) pairs."""
+    end, per_item, mats = len(sig) - 1, traj.shape[1] * traj[0, 0].numel(), {}
 
     def level_cost(k, nodes, paths):
         if history:
@@ -164,16 +180,34 @@ def gits(ctx: Calibration, solver: str, nfe: int, grid: int = DEFAULT_SIZE, subs
                                     end, 2 * per_item)
         return (lambda a, j: mats[key][nodes[a], j]), 1
 
+    return level_cost
+
+
+@register("gits", Options, tune_options={"grid": 40})
+@torch.no_grad()
+def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
+    """GITS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid:
+    the DP for every (coeff, p) pair (``Options``), and the schedule with the least warm-up error."""
+    steps, sopts = plan(solver, nfe)
+    check_steps(steps, opts.grid)
+    n = ctx.x.shape[0] if opts.warmup is None else int(opts.warmup)
+    if not 1 <= n <= ctx.x.shape[0]:
+        raise ValueError(f"warmup must be between 1 and the calibration batch size {ctx.x.shape[0]}, got {opts.warmup}")
+    sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, opts.grid)
+    end, orders, model = opts.grid, sopts.get("orders"), Counter(ctx.denoiser)
+    traj, substeps, den, final, weight = _on_teacher(ctx, model, sig, n, opts.substeps)
+    history = opts.history if get_solver(solver).calls_per_step == 1 else 0  # a two-call solver (Heun) has none
+    level_cost = _level_costs(model, solver, orders, steps, history, traj, den, sig)
     tried, errors = [], {}
-    for c, p in itertools.product(coeffs, props):
+    for c, p in itertools.product(opts.coeffs(), opts.propagations()):
         path = _dp(steps, end, c, weight ** p, final, level_cost)
         if tuple(path) not in errors:
-            out = sample(model, ctx.x[:n], Schedule(sig[path], solver=solver, solver_options=opts))
+            out = sample(model, ctx.x[:n], Schedule(sig[path], solver=solver, solver_options=sopts))
             errors[tuple(path)] = float(rmse(out, traj[-1]).mean())
         tried.append([c, p, errors[tuple(path)]])
     c, p, calib = min(tried, key=lambda t: t[2])
     path = _dp(steps, end, c, weight ** p, final, level_cost)
-    return Schedule(sig[path], solver=solver, solver_options=opts, method="gits",
-                    provenance={"grid": {"size": grid, "rho": 7.0, "substeps": substeps, "indices": path},
+    return Schedule(sig[path], solver=solver, solver_options=sopts, method="gits",
+                    provenance={"grid": {"size": opts.grid, "rho": RHO, "substeps": substeps, "indices": path},
                                 "coeff": c, "propagation": p, "candidates": tried, "warmup": n,
                                 "evaluations": model.samples, "calib_error": calib})

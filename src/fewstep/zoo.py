@@ -1,4 +1,6 @@
-"""Built-in models by name, and loading a user's model from ``path/to/file.py:factory``."""
+"""Built-in models by name, and loading a user's model from ``path/to/file.py:factory``.
+
+The shipped networks are diffusers models, so this module sits above ``integrations/``."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Callable
 
 import torch
 
-from .device import model_device, to_device
-from .reference import EmpiricalDenoiser, GaussianMixture
+from .models.device import to_device
+from .models.reference import EmpiricalDenoiser, GaussianMixture
 
 
 def digits() -> EmpiricalDenoiser:
@@ -73,7 +75,7 @@ def gmm_scales() -> GaussianMixture:
     return GaussianMixture(means, covs, name="gmm-scales")
 
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def _shipped(name: str) -> Callable:
@@ -82,7 +84,7 @@ def _shipped(name: str) -> Callable:
         from diffusers import UNet2DModel
     except ImportError:
         raise ImportError(f"model {name!r} needs diffusers: pip install 'fewstep[diffusers]'") from None
-    from ..integrations.diffusers import from_diffusers
+    from .integrations.diffusers import from_diffusers
 
     folder = ASSETS / name
     if not (folder / "unet" / "config.json").is_file():
@@ -140,21 +142,3 @@ def load_model(spec: str, device: str | None = None) -> Callable:
         except AttributeError:
             pass
     return to_device(den, device)
-
-
-def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dict:
-    """Shape, sigma range, id and device of a denoiser: explicit values first, then its attributes, then
-    EDM defaults (the device: ``models.device.model_device``)."""
-    shape = shape if shape is not None else getattr(den, "shape", None)
-    if shape is None:
-        raise ValueError("the model has no .shape attribute: give the sample shape, e.g. shape=(3, 32, 32)")
-    info = {
-        "shape": tuple(int(v) for v in shape),
-        "sigma_min": float(sigma_min if sigma_min is not None else getattr(den, "sigma_min", 0.002)),
-        "sigma_max": float(sigma_max if sigma_max is not None else getattr(den, "sigma_max", 80.0)),
-        "name": str(getattr(den, "name", type(den).__name__)),
-        "device": str(model_device(den)),
-    }
-    if not 0 < info["sigma_min"] < info["sigma_max"]:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got {info['sigma_min']} and {info['sigma_max']}")
-    return info

@@ -1,0 +1,83 @@
+"""``fewstep.optimize``: schedules tuned to a model, one module per method, one entry point.
+
+Each method module registers itself (``base.register``); the imports below are the registry's entries,
+so ``METHODS`` is complete on import and a new method is one file plus one line here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import torch
+
+from ..distributed import broadcast
+from ..models.info import model_info
+from ..noises import CALIB_SEED, noise
+from ..sampling import CheckedDenoiser, nfe as count_nfe
+from ..schedules import ScheduleLike
+from ..solvers import get_solver
+from ..teacher import Teacher
+from ..version import __version__
+from .base import METHODS, Calibration, memo_key
+from . import gits, oss, sdm, ld3, instance  # noqa: F401,E402  (the registry's entries)
+
+__all__ = ["METHODS", "Calibration", "optimize"]
+
+
+def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min, sigma_max, teacher, progress):
+    """The Calibration context: the model's facts, the calibration states at sigma_max (given, or drawn from
+    ``seed``) on the denoiser's device, and the teacher."""
+    if shape is None and getattr(denoiser, "shape", None) is None and isinstance(calib, torch.Tensor):
+        shape = tuple(calib.shape[1:])  # the calibration batch gives the shape only if the model has none
+    info = model_info(denoiser, shape, sigma_min, sigma_max)
+    if calib is None:
+        calib = noise(n, info["shape"], info["sigma_max"], seed, device=info["device"])
+    elif not isinstance(calib, torch.Tensor) or tuple(calib.shape[1:]) != info["shape"] or calib.shape[0] < 1:
+        got = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
+        raise ValueError(f"calibration batch must have shape [n, {', '.join(map(str, info['shape']))}], got {got}")
+    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress)
+    ctx = Calibration(CheckedDenoiser(denoiser), calib.to(info["device"], torch.float64), info["sigma_min"],
+                      info["sigma_max"], teacher, seed, progress)
+    return ctx, info
+
+
+def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torch.Tensor | None = None, *,
+             shape=None, n: int = 64, seed: int = CALIB_SEED, sigma_min: float | None = None,
+             sigma_max: float | None = None, teacher: Teacher | None = None, progress: bool = False,
+             **options: Any) -> ScheduleLike:
+    """Optimize a schedule of exactly ``nfe`` denoiser calls with ``solver`` for ``denoiser``.
+
+    ``calib``: initial states at sigma_max (``noise * sigma_max``), or give ``shape``/``n``/``seed``.
+    ``options``: the method's options (its ``Options`` dataclass, e.g. ``fewstep.methods.gits.Options``).
+    Returns a ScheduleLike carrying its solver, solver options and a record of how it was made.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(METHODS))}")
+    get_solver(solver)
+    if int(nfe) != nfe or nfe < 1:
+        raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    entry = METHODS[method]
+    opts = entry.make_options(method, options)
+    ctx, info = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress)
+    teacher_calls0, start = ctx.teacher.calls, time.perf_counter()
+    # The same request on the same denoiser and batch (e.g. a method that starts from another's
+    # schedule, inside fewstep.tune) is answered from memory.
+    result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, opts),
+                      lambda: broadcast(entry.fn(ctx, solver, int(nfe), opts)))
+    record = {
+        "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],
+        "params": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "provenance": {
+            **result.metadata.get("provenance", {}),
+            "calib_n": int(ctx.x.shape[0]), "calib_seed": seed, "seconds": round(time.perf_counter() - start, 3),
+            "denoiser_calls": ctx.denoiser.calls + ctx.teacher.calls - teacher_calls0,
+            "teacher_steps": ctx.teacher.steps, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
+            "fewstep": __version__,
+        },
+    }
+    result = result.with_metadata(**record)
+    got = count_nfe(result, solver)
+    if got != nfe:
+        raise RuntimeError(f"internal error: method {method!r} made a schedule of {got} calls, asked {nfe}")
+    return result

@@ -1,0 +1,96 @@
+"""What every schedule optimizer shares: the calibration context, the method registry, option parsing.
+
+A method is a function ``method(ctx: Calibration, solver: str, nfe: int, opts: Options) -> ScheduleLike``
+registered with ``@register("name", Options)``, where ``Options`` is the method's frozen dataclass of
+options (documented once, validated in ``__post_init__``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..sampling import CheckedDenoiser
+from ..schedules import ScheduleLike
+from ..teacher import Teacher, content_key
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registry entry: the function, its options class, and the options ``fewstep.tune`` passes by default
+    (``tune``: cheaper settings where a method offers them; ``quick``: on top of those for ``tune --quick``;
+    the user's ``method_options`` override both)."""
+
+    fn: Callable
+    options: type
+    tune: dict = field(default_factory=dict)
+    quick: dict = field(default_factory=dict)
+
+    def make_options(self, name: str, given: dict) -> Any:
+        """The options dataclass from keyword options; unknown keys are named."""
+        known = [f.name for f in dataclasses.fields(self.options)]
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for method {name!r}; "
+                             f"known: {', '.join(known)}")
+        try:
+            return self.options(**given)
+        except TypeError as e:
+            raise ValueError(f"method {name!r}: {e}") from None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, options: type, tune_options: dict | None = None,
+             quick_options: dict | None = None) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        METHODS[name] = Method(fn, options, dict(tune_options or {}), dict(quick_options or {}))
+        return fn
+    return deco
+
+
+def option_items(opts: Any) -> list[tuple[str, Any]]:
+    """An options dataclass as sorted (name, value) pairs, schedules by their sigmas (for memo keys)."""
+    items = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    return sorted((k, ("schedule", v.describe()) if isinstance(v, ScheduleLike) else v) for k, v in items.items())
+
+
+# Results shared between calls on the same denoiser and calibration batch (e.g. SDM's step search,
+# which does not depend on the solver or the NFE), dropped with the denoiser.
+_MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Calibration:
+    """What a method may use: the counted denoiser, the calibration states at sigma_max, the teacher."""
+
+    denoiser: CheckedDenoiser
+    x: torch.Tensor
+    sigma_min: float
+    sigma_max: float
+    teacher: Teacher
+    seed: int
+    progress: bool = False
+
+    def memo(self, name: str, settings: Any, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once per (denoiser, calibration batch, ``name``, ``settings``); later calls on
+        the same denoiser and batch reuse the result (denoisers that cannot be weakly referenced: no reuse)."""
+        key = (name, content_key(repr(settings), tuple(self.x.shape), self.x))
+        try:
+            table = _MEMO.setdefault(self.denoiser.denoiser, {})
+        except TypeError:
+            return compute()
+        if key not in table:
+            table[key] = compute()
+        return table[key]
+
+
+def memo_key(ctx: Calibration, method: str, solver: str, nfe: int, opts: Any) -> tuple:
+    """What ``optimize`` files a result under: the request with every option's value, so a method that
+    starts from another's schedule (LD3 from OSS) finds it whichever way it was asked for."""
+    return (method, solver, int(nfe), ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps, option_items(opts))

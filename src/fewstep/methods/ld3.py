@@ -1,0 +1,287 @@
+"""LD3: one global schedule learned by gradient descent through the solver.
+
+Tong et al., "Learning to Discretize Denoising Diffusion ODEs", ICLR 2025 (code: vinhsuhi/LD3).
+The timesteps are a cumulative softmax of logits in lambda = -log sigma, so any logits give a valid,
+strictly decreasing schedule; the few-step student from x_T is trained to land on the teacher's x0,
+where the student may start from x'_T in a small ball around x_T (the "soft teacher", LD3 Sec. 3.3).
+``fit`` (the training loop) is shared with the instance-aware method (``methods/instance.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..corrections import corrected
+from ..schedules import Schedule, karras, logits_from_sigmas, logsnr_uniform, sigmas_from_logits
+from ..solvers import get_solver, plan
+from .base import Calibration, memo_key, option_items, register
+from .grid import DEFAULT_SIZE
+from .oss import Options as OSSOptions, oss as oss_schedule
+
+
+@dataclass(frozen=True)
+class Training:
+    """How ``fit`` trains (LD3's defaults, shared by every gradient-trained method).
+
+    Per-sample ``loss`` 'l2' | 'l1' | 'rmse' (the root of the L2: fewstep's evaluation metric, less
+    dominated by the worst samples); ``radius`` of the soft-teacher ball ||x'_T - x_T|| / sigma_max
+    (None or 0: a hard teacher); AdamW ``lr`` with decoupled ``weight_decay``, at most ``iters`` steps;
+    after ``patience`` steps without a better validation error the best parameters are restored and the
+    learning rate halved, and after ``decays`` such restarts training stops; ``valid``: the fraction of
+    the calibration batch held out for it; ``seed``.
+    """
+
+    loss: str = "rmse"
+    radius: float | None = None
+    lr: float = 0.1
+    iters: int = 50
+    patience: int = 10
+    decays: int = 3
+    valid: float = 0.5
+    seed: int = 0
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in ("l2", "l1", "rmse"):
+            raise ValueError(f"loss must be 'l2', 'l1' or 'rmse', got {self.loss!r}")
+        if not 0 < self.valid < 1:
+            raise ValueError(f"valid must be a fraction in (0, 1), got {self.valid!r}")
+
+    def split(self, n: int) -> tuple[int, int]:
+        """Training and validation sizes of a calibration batch of ``n``."""
+        n_valid = int(round(n * self.valid))
+        if n_valid < 1 or n - n_valid < 1:
+            raise ValueError(f"the calibration batch ({n} samples) is too small to split into train and validation")
+        return n - n_valid, n_valid
+
+
+def n_logits(steps: int, learn_last: bool) -> int:
+    """Logits of a ``steps``-step schedule: one per lambda interval between the positive sigmas, plus
+    (``learn_last``) a slack interval from the last positive sigma down to sigma_min."""
+    return steps if learn_last else steps - 1
+
+
+def per_sample_loss(out: torch.Tensor, ref: torch.Tensor, loss: str) -> torch.Tensor:
+    """Per-sample L2 (mean squared error over all dimensions), L1 (mean absolute error) or RMSE."""
+    diff = (out - ref).reshape(out.shape[0], -1)
+    if loss == "l1":
+        return diff.abs().mean(1)
+    mse = diff.pow(2).mean(1)
+    return mse.sqrt() if loss == "rmse" else mse
+
+
+def default_radius(shape, steps: int) -> float:
+    """LD3's soft-teacher radius, 0.001 * D / steps^2 in standard-normal units (utils.py, prior_bound)."""
+    return 0.001 * math.prod(shape) / steps ** 2
+
+
+class _Best:
+    """The best parameters so far by validation error (the initial ones included), and the patience
+    schedule: after ``patience`` steps without a better one, restore them and halve the learning rate."""
+
+    def __init__(self, params: Sequence[torch.Tensor], err: float, train: Training):
+        self.params, self.train = params, train
+        self.err, self.values, self.bad, self.decays = err, [p.detach().clone() for p in params], 0, 0
+
+    def update(self, err: float, opt: torch.optim.Optimizer) -> bool:
+        """Record a validation error; False when training should stop."""
+        if err < self.err:
+            self.err, self.values, self.bad = err, [p.detach().clone() for p in self.params], 0
+            return True
+        self.bad += 1
+        if self.bad < self.train.patience:
+            return True
+        self.decays += 1
+        if self.decays > self.train.decays:
+            return False
+        self.restore()
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+        self.bad = 0
+        return True
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for p, b in zip(self.params, self.values):
+                p.copy_(b)
+
+
+def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[torch.Tensor], tuple],
+        params: Sequence[torch.Tensor], train: Training, desc: str = "ld3") -> dict:
+    """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
+
+    ``plan_fn(x)`` gives, for initial states x, the sigmas (``[steps + 1]`` or ``[steps + 1, batch]``)
+    and the per-step corrections (shift, scale) of ``corrections.Corrected``, or None for none.
+    AdamW on the training part (full batch); after every step the validation part is solved from its
+    exact x_T (``Training``). The parameters are left at the best validation error seen.
+    """
+    torch.manual_seed(train.seed)
+    spec = get_solver(solver)
+    opts = {**spec.options, **solver_options}
+    n_train, _ = train.split(ctx.x.shape[0])
+    teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
+    target = ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)
+    x_train, x_valid, y_train, y_valid = ctx.x[:n_train], ctx.x[n_train:], target[:n_train], target[n_train:]
+    teacher_calls = ctx.teacher.calls - teacher_calls0
+
+    def student(x_start: torch.Tensor, x_phi: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
+        sig, corrections = plan_fn(x_phi)
+        return spec.fn(corrected(ctx.denoiser, corrections), x_start, sig, **opts)
+
+    def valid_error() -> float:
+        with torch.no_grad():
+            return float(per_sample_loss(student(x_valid, x_valid), y_valid, train.loss).mean())
+
+    delta = torch.zeros_like(x_train, requires_grad=bool(train.radius))  # x'_T = x_T + sigma_max * delta
+    shift_lr = 12.0 / (len(plan_fn(x_train[:1])[0]) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
+    best = _Best(params, valid_error(), train)
+    init_err, it = best.err, 0
+    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    bar = tqdm(range(train.iters), desc=desc, leave=False, disable=not ctx.progress)
+    for it in bar:
+        err = per_sample_loss(student(x_train + ctx.sigma_max * delta, x_train), y_train, train.loss)
+        opt.zero_grad()
+        err.mean().backward()
+        opt.step()
+        if train.radius:
+            _project(delta, shift_lr * n_train, train.radius)
+        val = valid_error()
+        bar.set_postfix(train=f"{float(err.detach().mean()):.3g}", valid=f"{val:.3g}", best=f"{best.err:.3g}")
+        if not best.update(val, opt):
+            break
+    best.restore()
+    return {
+        "teacher_calls": teacher_calls, "student_calls": ctx.denoiser.calls - student_calls0,
+        "seconds": round(time.perf_counter() - start, 3), "iters": it + 1, "n_train": n_train,
+        "n_valid": ctx.x.shape[0] - n_train, "loss": train.loss, "radius": train.radius,
+        "valid_init": init_err, "valid_best": best.err,
+    }
+
+
+def _project(delta: torch.Tensor, step: float, radius: float) -> None:
+    """A projected SGD step on each sample's own start, back into the ball of ``radius`` (LD3, trainer.py)."""
+    with torch.no_grad():
+        delta -= step * delta.grad
+        norm = delta.reshape(delta.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (delta.ndim - 1)))
+        delta *= (radius / norm.clamp_min(radius)).clamp(max=1.0)
+        delta.grad = None
+
+
+@dataclass(frozen=True)
+class Options:
+    """LD3's options: the ``Training`` ones (``loss``, ``radius``, default 0.001 D / steps^2, 0 for a hard
+    teacher; ``lr``, ``iters``, ``patience``, ``valid``, ``seed``), and ``learn_last`` (learn the last
+    positive sigma, else it is sigma_min); ``starts``: how many schedules to start from (the OSS
+    schedule when ``oss``, on an ``oss_grid``-point grid, then the best baselines; the best result is kept).
+    """
+
+    loss: str = Training.loss
+    radius: float | None = None
+    learn_last: bool = True
+    starts: int = 1
+    oss: bool = True
+    oss_grid: int = DEFAULT_SIZE
+    lr: float = Training.lr
+    iters: int = Training.iters
+    patience: int = Training.patience
+    valid: float = Training.valid
+    seed: int = Training.seed
+
+    def __post_init__(self):
+        self.training(None)  # checks loss and valid
+        if int(self.starts) != self.starts or self.starts < 1:
+            raise ValueError(f"starts must be a positive integer, got {self.starts!r}")
+
+    def training(self, radius: float | None) -> Training:
+        return Training(loss=self.loss, radius=radius, lr=self.lr, iters=self.iters, patience=self.patience,
+                        valid=self.valid, seed=self.seed)
+
+
+def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict, steps: int, opts: Options,
+                   n_train: int) -> list[tuple[float, str, torch.Tensor]]:
+    """Starting schedules as logits, (train error, name, logits), best first: karras rho=7 and
+    logSNR-uniform, each ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
+    positive sigma is one grid step up; with ``oss``, the OSS schedule (``methods/oss.py``: the dynamic
+    programming optimum of the batch's error over a fine grid, for this solver), taken from
+    ``fewstep.optimize``'s memo when the ``oss`` method already ran on this model and batch."""
+    spec, learn_last = get_solver(solver), opts.learn_last
+    x, y = ctx.x[:n_train], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[:n_train]
+    candidates = {}
+    for name, make in (("karras", karras), ("logsnr_uniform", logsnr_uniform)):
+        candidates[name] = make(steps, ctx.sigma_min, ctx.sigma_max).sigmas
+        if learn_last:
+            longer = make(steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
+            candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
+    if opts.oss:
+        oss_opts = OSSOptions(grid=opts.oss_grid)  # filed as fewstep.optimize(den, "oss", ...) files it
+        candidates["oss"] = ctx.memo("optimize", memo_key(ctx, "oss", solver, nfe, oss_opts),
+                                     lambda: oss_schedule(ctx, solver, nfe, oss_opts)).sigmas
+    ranked = []
+    with torch.no_grad():
+        for name, sig in candidates.items():
+            logits = logits_from_sigmas(sig, ctx.sigma_min, learn_last)
+            sig = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
+            out = spec.fn(ctx.denoiser, x, sig, **{**spec.options, **solver_options})
+            ranked.append((float(per_sample_loss(out, y, opts.loss).mean()), name, logits))
+    return sorted(ranked, key=lambda r: r[0])
+
+
+def _train_starts(ctx: Calibration, solver: str, nfe: int, sopts: dict, steps: int, opts: Options) -> tuple:
+    """Train from the OSS schedule and the best baselines (``opts.starts`` in all); the best by validation."""
+    train = opts.training(opts.radius)
+    teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
+    ranked = initial_logits(ctx, solver, nfe, sopts, steps, opts, train.split(ctx.x.shape[0])[0])
+    chosen = [r for r in ranked if r[1] == "oss"]
+    chosen += [r for r in ranked if r[1] != "oss"][:opts.starts - len(chosen)]
+    best = None
+    for _, init, logits in chosen:
+        logits.requires_grad_(True)
+        record = fit(ctx, solver, sopts,
+                     lambda x, logits=logits: (sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min,
+                                                                  opts.learn_last), None),
+                     [logits], train, desc=f"ld3 {solver} nfe={nfe} from {init}")
+        if best is None or record["valid_best"] < best[1]["valid_best"]:
+            best = logits.detach(), {**record, "init": init}
+    logits, record = best
+    record.update(learn_last=opts.learn_last, starts=[name for _, name, _ in chosen],
+                  teacher_calls=ctx.teacher.calls - teacher_calls0,
+                  student_calls=ctx.denoiser.calls - student_calls0, seconds=round(time.perf_counter() - start, 3))
+    return logits, record
+
+
+def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tuple[torch.Tensor, int, dict, dict]:
+    """LD3's global logits for ``solver`` at ``nfe`` calls: (logits, steps, solver_options, training record).
+
+    Training starts from the OSS schedule (``oss``) and the best of the baselines by training error,
+    ``starts`` in all, and keeps the best validation error: the loss is not convex in the sigmas (a last
+    sigma near sigma_min sits in a flat region, where a start stays). Memoized (``ctx.memo``): the same
+    calibration batch, model, solver, nfe and options give the stored result (``reused`` in its record),
+    so ``ld3`` and ``instance`` (whose global stage this is) train once between them.
+    """
+    steps, sopts = plan(solver, nfe)
+    opts.training(None).split(ctx.x.shape[0])
+    if n_logits(steps, opts.learn_last) < 2:
+        raise ValueError(f"{solver} at nfe={nfe} has {steps} step(s): no interior sigma to learn")
+    if opts.radius is None:
+        opts = replace(opts, radius=default_radius(ctx.x.shape[1:], steps))
+    calls0 = ctx.denoiser.calls + ctx.teacher.calls
+    logits, record = ctx.memo("ld3.learn_global", (solver, nfe, ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps,
+                                                   option_items(opts)),
+                              lambda: _train_starts(ctx, solver, nfe, sopts, steps, opts))
+    reused = ctx.denoiser.calls + ctx.teacher.calls == calls0
+    return logits.clone(), steps, sopts, {**record, "reused": reused}
+
+
+# tune: the OSS grid of tune's own oss cells, and (quick) the iters instance's global stage uses: both reused
+@register("ld3", Options, tune_options={"oss_grid": 40}, quick_options={"iters": 10})
+def ld3(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
+    """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver."""
+    logits, steps, sopts, record = learn_global(ctx, solver, nfe, opts)
+    sigmas = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, opts.learn_last)
+    return Schedule(sigmas, solver=solver, solver_options=sopts, training=record)

@@ -1,0 +1,111 @@
+"""``fewstep.sample``: run a schedule with a solver; ``fewstep.nfe``: what it costs in denoiser calls."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from .corrections import corrected
+from .schedules import ScheduleError, ScheduleLike, as_schedule
+from .solvers import get_solver, stepped
+
+
+class DenoiserError(RuntimeError):
+    """The denoiser returned something unusable (wrong shape, NaN or inf)."""
+
+
+def _solver_name(sched: ScheduleLike, solver: str | None) -> str:
+    name = solver or sched.solver
+    if name is None:
+        raise ValueError("no solver given and the schedule names none: pass solver=..., e.g. solver='dpmpp_2m'")
+    return name
+
+
+def _orders(sched: ScheduleLike, options: dict) -> list | None:
+    """The per-step order caps in effect (the schedule's, overridden by ``options``), checked against its steps."""
+    orders = {**sched.solver_options, **options}.get("orders")
+    if orders is not None and len(orders) != sched.steps:
+        raise ScheduleError(f"solver option 'orders' has {len(orders)} entries for {sched.steps} steps")
+    return orders
+
+
+def nfe(schedule: Any, solver: str | None = None, **options: Any) -> int:
+    """Exact number of denoiser calls ``fewstep.sample`` makes for ``schedule`` with ``solver``."""
+    sched = as_schedule(schedule)
+    spec = get_solver(_solver_name(sched, solver))
+    orders, last = _orders(sched, options), sched.steps - 1
+    return sum(spec.step_calls(None if orders is None else orders[i], to_zero=sched.final_zero and i == last)
+               for i in range(sched.steps))
+
+
+class CheckedDenoiser:
+    """Calls the user's denoiser with sigma of shape [batch] (and the step, if it takes one: ``solvers.stepped``),
+    checks and counts what comes back."""
+
+    takes_step = True
+
+    def __init__(self, denoiser: Callable):
+        self.denoiser, self._call = denoiser, stepped(denoiser)
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        sig = sigma.to(device=x.device, dtype=x.dtype)
+        sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
+        out = self._call(x, sig, step)
+        self.calls += 1
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise DenoiserError(f"denoiser returned shape {got} for input of shape {tuple(x.shape)}")
+        # A sum of finite values is finite unless it overflows: only then check every element.
+        if not math.isfinite(float(out.detach().sum())) and not torch.isfinite(out).all():
+            raise DenoiserError(
+                f"denoiser returned NaN or inf at sigma={float(sig.detach().flatten()[0]):.6g} (call {self.calls})"
+            )
+        return out.to(x.dtype)
+
+
+@contextlib.contextmanager
+def _progress(show: bool, total: int, name: str, callback: Callable | None) -> Iterator[Callable | None]:
+    """The solver's callback, with a progress bar ticking once per step when ``show``."""
+    if not show:
+        yield callback
+        return
+    bar = tqdm(total=total, desc=f"sample ({name})", leave=False)
+
+    def tick(info: dict) -> None:
+        bar.update(1)
+        if callback is not None:
+            callback(info)
+
+    try:
+        yield tick
+    finally:
+        bar.close()
+
+
+def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None, *,
+           callback: Callable[[dict], None] | None = None, progress: bool = False, **options: Any) -> torch.Tensor:
+    """Solve the probability-flow ODE from ``x`` (the state at sigma_max: ``noise * sigmas[0]``).
+
+    ``schedule``: any ``ScheduleLike`` (a Schedule, a per-sample policy), or a list/tensor of sigmas.
+    ``solver`` defaults to the one the schedule was made for; ``options`` override the schedule's
+    ``solver_options``. Gradients flow only when x, the sigmas or the corrections require them (a
+    network whose weights require grad builds no graph here).
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
+    sched = as_schedule(schedule)
+    name = _solver_name(sched, solver)
+    spec = get_solver(name)
+    _orders(sched, options)
+    sigmas, corrections = sched.for_batch(x)
+    sigmas = sigmas.to(x.device)
+    model = corrected(CheckedDenoiser(denoiser), corrections)
+    grad = any(t.requires_grad for t in (x, sigmas, *(corrections or ())))
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
+            _progress(progress, len(sigmas) - 1, name, callback) as cb:
+        return spec.fn(model, x, sigmas, callback=cb, **{**spec.options, **sched.solver_options, **options})

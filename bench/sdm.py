@@ -12,33 +12,24 @@ the teacher on the gate's noises, which is computed once per model and shared by
         [--solvers heun,dpmpp_2m,unipc] [--n 1024] [--dp-max 10]
 """
 
-import argparse
 import math
 import sys
 import time
 
 from pathlib import Path
 
-import torch
 
 import fewstep
 from fewstep.schedules import karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import header, held_out  # noqa: E402
+from heldout import arguments, begin, held_out  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="gmm64,gmm2d,gmm-scales,digits")
-    ap.add_argument("--nfe", default="5,6,8,10,20,40")
-    ap.add_argument("--solvers", default="heun,dpmpp_2m,unipc")
-    ap.add_argument("--n", type=int, default=1024, help="held-out samples")
-    ap.add_argument("--calib", type=int, default=64, help="calibration samples")
+    ap = arguments("gmm64,gmm2d,gmm-scales,digits", 1024, 64, nfe="5,6,8,10,20,40", solvers="heun,dpmpp_2m,unipc")
     ap.add_argument("--dp-max", type=int, default=10, help="GITS and OSS columns up to this NFE (0: none)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    print(header(args.n, args.calib))
+    args = begin(ap)
     print(f"{'model':10} {'nfe':>3} {'solver':8} | {'sdm':>7} {'median':>7} {'switch':>6} | {'K-same':>7} {'K-heun':>7} "
           f"{'K-euler':>7} | {'/K-same':>7} {'/K-heun':>7} {'/K-euler':>8} {'-K-heun':>8} {'+-se':>6} | "
           f"{'gits':>7} {'oss':>7} | {'calls':>5} {'sec':>5}")

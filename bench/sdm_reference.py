@@ -13,34 +13,25 @@ with its standard error (negative: fewstep better).
     OMP_NUM_THREADS=1 python bench/sdm_reference.py [--models gmm64,gmm2d,digits] [--steps 5,10,20] [--n 1024]
 """
 
-import argparse
 import math
 import sys
 
 from pathlib import Path
 
-import torch
 
 import fewstep
 from fewstep.methods.sdm import sample_adaptive
 from fewstep.schedules import karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import header, held_out  # noqa: E402
+from heldout import arguments, begin, held_out  # noqa: E402
 
 REFERENCE = dict(norm="l2", batch="mean", eta_min=0.02, eta_max=0.20, eta_p=1.0, power=0.5, q=0.25, gate=False)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="gmm64,gmm2d,digits")
-    ap.add_argument("--steps", default="5,10,20", help="the reference's N (resampled steps)")
-    ap.add_argument("--taus", default="1e-4,1e-3")
-    ap.add_argument("--n", type=int, default=1024, help="held-out samples")
-    ap.add_argument("--calib", type=int, default=64, help="calibration samples (both methods)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    print(header(args.n, args.calib))
+    ap = arguments("gmm64,gmm2d,digits", 1024, 64, steps="5,10,20", taus="1e-4,1e-3")  # steps: the reference's N
+    args = begin(ap)
     print(f"{'model':7} {'N':>3} {'tau':>7} | {'nfe':>3} {'reference':>9} | {'fewstep':>8} {'diff':>8} {'+-se':>7} | "
           f"{'K-heun':>7}")
     for name in args.models.split(","):

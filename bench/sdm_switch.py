@@ -14,7 +14,6 @@ switches a threshold tau can make).
     OMP_NUM_THREADS=1 python bench/sdm_switch.py [--models gmm64] [--nfe 10,20,40] [--n 2048]
 """
 
-import argparse
 import math
 import sys
 
@@ -28,7 +27,7 @@ from fewstep.sampling import CheckedDenoiser
 from fewstep.schedules import Schedule, karras
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heldout import header, held_out  # noqa: E402
+from heldout import arguments, begin, held_out  # noqa: E402
 
 
 def local_errors(den, teacher, x, sigmas, orders):
@@ -48,14 +47,8 @@ def local_errors(den, teacher, x, sigmas, orders):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="gmm64")
-    ap.add_argument("--nfe", default="10,20,40")
-    ap.add_argument("--n", type=int, default=2048, help="held-out samples")
-    ap.add_argument("--calib", type=int, default=64, help="calibration samples")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    print(header(args.n, args.calib))
+    ap = arguments("gmm64", 2048, 64, nfe="10,20,40")
+    args = begin(ap)
     print(f"{'model':7} {'nfe':>3} {'N':>3} {'j':>3} | {'cal-mean':>8} {'cal-rms':>7} {'cal-max':>7} {'bound':>7} | "
           f"{'held':>7} {'far':>4} {'-K-heun':>8} {'+-se':>6}")
     for name in args.models.split(","):

@@ -119,3 +119,24 @@ def test_registries_complete_on_import():
     registered = sorted(f.stem for f in (SRC / "methods").glob("*.py") if re.search(r"^@register\(", f.read_text(), re.M))
     assert out[0].split(",") == registered == ["gits", "instance", "ld3", "oss", "sdm"]
     assert set(out[1].split(",")) >= {"euler", "heun", "dpmpp_2m", "unipc", "ipndm", "deis"}
+
+
+def test_no_graph_through_a_network_outside_training(small_gmm):
+    """A network whose weights require grad builds no graph in the teacher, sample or a DP method."""
+    import torch
+
+    class Net(torch.nn.Module):  # the exact denoiser times a trainable scale of 1
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+            self.shape, self.sigma_min, self.sigma_max = (4,), 0.002, 80.0
+
+        def forward(self, x, sigma):
+            return small_gmm(x, sigma) * self.scale
+
+    net = Net()
+    x = fewstep.noise(3, (4,), 80.0, seed=0)
+    assert not fewstep.Teacher(net, steps=16).solve(x).requires_grad
+    assert not fewstep.sample(net, x, fewstep.schedules.karras(4), "dpmpp_2m").requires_grad
+    sched = fewstep.optimize(net, "oss", "euler", 3, n=4, grid=8, teacher=fewstep.Teacher(net, steps=16))
+    assert not sched.sigmas.requires_grad and net.scale.grad is None

@@ -11,7 +11,7 @@ from .models.info import model_info
 from .models.reference import GaussianMixture
 from .noises import TEST_SEED, noise
 from .sampling import nfe, sample
-from .schedules import as_schedule
+from .schedules import SIGMA_MAX, SIGMA_MIN, as_schedule
 from .teacher import Teacher
 
 
@@ -22,11 +22,11 @@ def evaluate(denoiser: Callable, schedule: Any, solver: str | None = None, x: to
     """Per-sample RMSE to the teacher (mean, median, p90) and the NFE, on held-out noises; for a
     GaussianMixture also the exact W2 between the samples and as many exact data samples (``w2``, ``w2_n``)."""
     sched = as_schedule(schedule)
-    sigma_max = float(sched.sigma_max or getattr(denoiser, "sigma_max", 80.0))
+    sigma_max = float(sched.sigma_max or getattr(denoiser, "sigma_max", SIGMA_MAX))
     if x is None:
         info = model_info(denoiser, shape)
         x = noise(n, info["shape"], sigma_max, seed, device=info["device"])
-    teacher = teacher or Teacher(denoiser, sigma_min=float(getattr(denoiser, "sigma_min", 0.002)))
+    teacher = teacher or Teacher(denoiser, sigma_min=float(getattr(denoiser, "sigma_min", SIGMA_MIN)))
     ref = teacher.solve(x, sigma_max=sigma_max)
     out = sample(denoiser, x, sched, solver)
     result = summarize(rmse(out, ref), ci=ci)

@@ -132,13 +132,8 @@ class SchedulePolicy(ScheduleLike):
         if state is not None:
             self.net.load_state_dict(state)
 
-    @property
-    def solver(self) -> str | None:
-        return self.config.get("solver")
-
-    @property
-    def solver_options(self) -> dict:
-        return dict(self.config.get("solver_options") or {})
+    def _run_settings(self) -> dict:
+        return self.config
 
     @property
     def steps(self) -> int:

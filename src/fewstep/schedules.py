@@ -27,6 +27,7 @@ from .files import write_atomic
 FORMAT = "fewstep.schedule"
 FORMAT_VERSION = 1
 RHO = 7.0  # EDM's polynomial exponent (Karras et al. 2022, eq. 5), also GITS's candidate grid's
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's sigma range (Karras et al. 2022, Sec. 5): the default for a model without one
 
 
 class ScheduleError(ValueError):
@@ -75,8 +76,9 @@ class ScheduleLike(abc.ABC):
     """A schedule as the rest of fewstep sees it.
 
     ``for_batch(x)`` gives the sigmas (and any per-step corrections) for initial states x; ``solver`` and
-    ``solver_options`` say how to run them; ``steps``, ``sigma_max`` and ``final_zero`` (ends at sigma 0)
-    are the same for every batch, so ``fewstep.nfe`` needs no batch. ``per_sample``: whether the sigmas
+    ``solver_options`` say how to run them (read from ``_run_settings()``: the metadata, unless a subclass
+    keeps them elsewhere); ``steps``, ``sigma_max`` and ``final_zero`` (ends at sigma 0) are the same for
+    every batch, so ``fewstep.nfe`` needs no batch. ``per_sample``: whether the sigmas
     depend on x. Files: ``save(path)``, and ``load_schedule(path)`` dispatching on the ``format`` field
     (each subclass names its ``FORMAT`` and implements ``from_payload``).
     """
@@ -91,25 +93,21 @@ class ScheduleLike(abc.ABC):
         if "FORMAT" in cls.__dict__:
             _FORMATS[cls.FORMAT] = cls
 
-    @property
-    @abc.abstractmethod
-    def solver(self) -> str | None: ...
+    steps: int  # a property in each subclass, like the two below
+    sigma_max: float
+    final_zero: bool
+
+    def _run_settings(self) -> dict:
+        """Where this kind of schedule keeps ``solver`` and ``solver_options``."""
+        return self.metadata
 
     @property
-    @abc.abstractmethod
-    def solver_options(self) -> dict: ...
+    def solver(self) -> str | None:
+        return self._run_settings().get("solver")
 
     @property
-    @abc.abstractmethod
-    def steps(self) -> int: ...
-
-    @property
-    @abc.abstractmethod
-    def sigma_max(self) -> float: ...
-
-    @property
-    @abc.abstractmethod
-    def final_zero(self) -> bool: ...
+    def solver_options(self) -> dict:
+        return dict(self._run_settings().get("solver_options") or {})
 
     @abc.abstractmethod
     def for_batch(self, x: torch.Tensor) -> BatchPlan: ...
@@ -170,11 +168,20 @@ class _SigmasFor(ScheduleLike):
     def __init__(self, obj: Any):
         self.obj, self.metadata = obj, dict(getattr(obj, "metadata", None) or {})
 
-    solver = property(lambda self: getattr(self.obj, "solver", None))
-    solver_options = property(lambda self: dict(getattr(self.obj, "solver_options", None) or {}))
-    steps = property(lambda self: int(self.obj.steps))
-    sigma_max = property(lambda self: float(self.obj.sigma_max))
-    final_zero = property(lambda self: True)
+    final_zero = True
+
+    def _run_settings(self) -> dict:
+        return {"solver": getattr(self.obj, "solver", None), "solver_options": getattr(self.obj, "solver_options", None)}
+
+    @property
+    def steps(self) -> int:
+        if not hasattr(self.obj, "steps"):
+            raise ScheduleError(f"{type(self.obj).__name__} has sigmas_for but no .steps: fewstep cannot count its NFE")
+        return int(self.obj.steps)
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.obj.sigma_max)
 
     def for_batch(self, x: torch.Tensor) -> BatchPlan:
         return BatchPlan(*self.obj.plan_for(x)) if hasattr(self.obj, "plan_for") else BatchPlan(self.obj.sigmas_for(x))
@@ -219,14 +226,6 @@ class Schedule(ScheduleLike):
     def __init__(self, sigmas: Any, **metadata: Any):
         self.sigmas = check_sigmas(sigmas)
         self.metadata = dict(metadata)
-
-    @property
-    def solver(self) -> str | None:
-        return self.metadata.get("solver")
-
-    @property
-    def solver_options(self) -> dict:
-        return dict(self.metadata.get("solver_options") or {})
 
     @property
     def steps(self) -> int:
@@ -339,7 +338,7 @@ def _points(steps: int, final_zero: bool) -> int:
     return steps if final_zero else steps + 1
 
 
-def polynomial(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = RHO,
+def polynomial(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                final_zero: bool = True) -> Schedule:
     """Uniform in sigma^(1/rho) (Karras et al. 2022, eq. 5)."""
     _check_range(steps, sigma_min, sigma_max)
@@ -351,14 +350,14 @@ def polynomial(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rh
     return _finish(s, final_zero, "polynomial", rho=rho)
 
 
-def karras(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = RHO,
+def karras(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
            final_zero: bool = True) -> Schedule:
     """EDM / Karras schedule (rho = RHO = 7 by default); same formula as k-diffusion's get_sigmas_karras."""
     s = polynomial(steps, sigma_min, sigma_max, rho, final_zero)
     return s.with_metadata(method="karras")
 
 
-def logsnr_uniform(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True) -> Schedule:
+def logsnr_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, final_zero: bool = True) -> Schedule:
     """Uniform in log sigma, i.e. uniform in logSNR = -2 log sigma (DPM-Solver's 'logSNR' schedule)."""
     _check_range(steps, sigma_min, sigma_max)
     n = _points(steps, final_zero)
@@ -388,13 +387,13 @@ def _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, power, method, be
     return _finish(vp_sigma(t, beta_d, beta_min), final_zero, method, beta_d=beta_d, beta_min=beta_min)
 
 
-def time_uniform(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True,
+def time_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, final_zero: bool = True,
                  beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> Schedule:
     """Uniform in the continuous-VP time t (DDIM's 'uniform' skip for VP models)."""
     return _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, 1.0, "time_uniform", beta_d, beta_min)
 
 
-def time_quadratic(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, final_zero: bool = True,
+def time_quadratic(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, final_zero: bool = True,
                    beta_d: float = VP_BETA_D, beta_min: float = VP_BETA_MIN) -> Schedule:
     """Uniform in sqrt(t) of the continuous-VP time (DDIM's 'quadratic' skip)."""
     return _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, 2.0, "time_quadratic", beta_d, beta_min)
@@ -405,7 +404,7 @@ def flow_shift(t: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def flow_uniform(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, shift: float = 1.0,
+def flow_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, shift: float = 1.0,
                  final_zero: bool = True) -> Schedule:
     """Uniform in flow-matching time t = sigma / (1 + sigma), after the SD3/Flux shift.
 
@@ -478,7 +477,7 @@ BUILTIN_SCHEDULES = {
 }
 
 
-def builtin(name: str, steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, **params: Any) -> Schedule:
+def builtin(name: str, steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, **params: Any) -> Schedule:
     """A built-in schedule by name; see ``BUILTIN_SCHEDULES``."""
     if name not in BUILTIN_SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; known: {sorted(BUILTIN_SCHEDULES)}")

@@ -57,9 +57,12 @@ def _cap(orders: Sequence[int] | None, i: int, order: int) -> int:
     return order if orders is None else min(order, int(orders[i]))
 
 
-def _report(callback: Callback, x, i, sigmas, denoised) -> None:
+def _denoised(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, i: int, callback: Callback) -> torch.Tensor:
+    """D(x, sigma_i) at step i, reported to the callback (x, i, sigma, sigma_next, denoised)."""
+    denoised = model(x, sigmas[i], i)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+    return denoised
 
 
 def euler(model, x, sigmas, callback: Callback = None, orders=None):
@@ -67,8 +70,7 @@ def euler(model, x, sigmas, callback: Callback = None, orders=None):
     model = stepped(model)
     sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, denoised)
+        denoised = _denoised(model, x, sigmas, i, callback)
         d = (x - denoised) / sig[i]
         x = x + d * dt[i]
     return x
@@ -77,11 +79,10 @@ def euler(model, x, sigmas, callback: Callback = None, orders=None):
 def heun(model, x, sigmas, callback: Callback = None, orders=None):
     """EDM 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on a step to sigma = 0 or where orders[i] == 1."""
     model = stepped(model)
-    zero = _zeros(sigmas)
     sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
+    zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, denoised)
+        denoised = _denoised(model, x, sigmas, i, callback)
         d = (x - denoised) / sig[i]
         x_next = x + d * dt[i]
         if not zero[i + 1] and _cap(orders, i, 2) >= 2:
@@ -102,8 +103,7 @@ def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     w_new, w_old = _per_step(1 + 1 / (2 * r), x), _per_step(1 / (2 * r), x)
     old_denoised = None
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, denoised)
+        denoised = _denoised(model, x, sigmas, i, callback)
         if zero[i + 1]:
             x = denoised
         else:
@@ -136,8 +136,7 @@ def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: b
     c_phi_2, c_phi_3 = _per_step(phi_2, x), _per_step(phi_3 * (2 if exact3 else 1), x)
     den_1 = den_2 = None  # denoised estimates of the last two steps
     for i in range(len(sigmas) - 1):
-        denoised = model(x, sigmas[i], i)
-        _report(callback, x, i, sigmas, denoised)
+        denoised = _denoised(model, x, sigmas, i, callback)
         if zero[i + 1]:
             x = denoised
             break
@@ -206,8 +205,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
     zero = _zeros(sigmas)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        m, lam = model(x, s, i), -s.log()
-        _report(callback, x, i, sigmas, m)
+        m, lam = _denoised(model, x, sigmas, i, callback), -s.log()
         if corrector and x_prev is not None:
             x = _unipc_update(x_prev, hist[0][0], hist[0][1], lam, hist[1:p_prev], m_new=m)
         hist = [(m, lam)] + hist[: order - 1]
@@ -235,8 +233,7 @@ def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: i
     zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s, i)
-        _report(callback, x, i, sigmas, denoised)
+        denoised = _denoised(model, x, sigmas, i, callback)
         ds = [(x - denoised) / _b(s, x)] + ds[: max_order - 1]
         if zero[i + 1]:
             x = denoised
@@ -282,8 +279,7 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
     zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, s, i)
-        _report(callback, x, i, sigmas, denoised)
+        denoised = _denoised(model, x, sigmas, i, callback)
         eps = (x - denoised) / _b(s, x)
         hist = [(eps, s.log())] + hist[: order - 1]
         if zero[i + 1]:

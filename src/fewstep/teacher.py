@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .distributed import shard_map
 from .files import write_atomic
 from .sampling import CheckedDenoiser
-from .schedules import RHO, check_sigmas
+from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, check_sigmas
 from .solvers import heun
 
 DEFAULT_STEPS = 512
@@ -53,7 +53,7 @@ class Teacher:
     ``model_id`` names the model in the disk cache key (with the initial states and the settings).
     """
 
-    def __init__(self, denoiser: Callable, steps: int | None = None, sigma_min: float = 0.002,
+    def __init__(self, denoiser: Callable, steps: int | None = None, sigma_min: float = SIGMA_MIN,
                  cache_dir: str | Path | None = None, model_id: str | None = None, batch_size: int = 512,
                  progress: bool = False):
         steps = steps if steps is not None else getattr(denoiser, "teacher_steps", DEFAULT_STEPS)
@@ -107,6 +107,6 @@ class Teacher:
 
     def solve(self, x: torch.Tensor, sigma_max: float | None = None) -> torch.Tensor:
         """x0 from initial states ``x`` at ``sigma_max`` (default: the denoiser's sigma_max, else 80)."""
-        sigma_max = float(sigma_max if sigma_max is not None else getattr(self.denoiser, "sigma_max", 80.0))
+        sigma_max = float(sigma_max if sigma_max is not None else getattr(self.denoiser, "sigma_max", SIGMA_MAX))
         grid = torch.tensor([sigma_max, self.sigma_min, 0.0], dtype=torch.float64)
         return self.trajectory(x, grid, substeps=self.steps)[-1]

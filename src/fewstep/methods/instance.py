@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 import torch
@@ -28,7 +28,6 @@ from ..policy import SchedulePolicy
 from ..schedules import Schedule, as_schedule, logits_from_sigmas, sigmas_from_logits
 from ..solvers import get_solver, plan
 from .base import Calibration, register
-from .grid import DEFAULT_SIZE
 from . import ld3
 from .ld3 import Training, default_radius, fit, learn_global, n_logits, per_sample_loss
 
@@ -181,8 +180,8 @@ def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePoli
 
 
 @dataclass(frozen=True)
-class Options:
-    """The instance method's options.
+class Options(ld3.GlobalStage):
+    """The instance method's options: ``ld3.GlobalStage``'s (its first stage), and these.
 
     ``policy``: 'route' (cluster the training samples by their teacher endpoints, one LD3 schedule per
     cluster, a linear classifier x_T -> cluster; the number of clusters is the one of ``clusters`` with
@@ -191,8 +190,8 @@ class Options:
     the gate, the lower validation error); 'global' is the baseline with no per-sample part: the LD3
     schedule with corrections learned for the whole batch.
     ``init``: a global schedule to start from (e.g. an ``ld3`` result for the same solver and nfe,
-    ending at 0) instead of learning one here (with the ld3 defaults and these ``loss``, ``radius``,
-    ``learn_last``, ``starts``, ``oss_grid``, ``valid``, ``seed``, and ``ld3_iters`` as its ``iters``);
+    ending at 0) instead of learning one here (with the ld3 defaults, these ``GlobalStage`` options and
+    ``ld3_iters`` as its ``iters``);
     ``samples``: phi trains on the calibration batch extended with fresh seeded noises to at least this
     many (the teacher solves them); ``max_inputs`` (x_T is average-pooled to at most this many
     features), ``components`` (principal directions phi's features are projected on); ``gate``: phi is
@@ -205,11 +204,6 @@ class Options:
 
     policy: str = POLICY
     clusters: Sequence[int] | int = CLUSTERS
-    loss: str = Training.loss
-    radius: float | None = None
-    learn_last: bool = True
-    starts: int = 1
-    oss_grid: int = DEFAULT_SIZE
     ld3_iters: int = Training.iters
     init: Schedule | None = None
     hidden: int = HIDDEN
@@ -223,10 +217,9 @@ class Options:
     gate: float = GATE
     corrections: bool = True
     corrections_iters: int = Training.iters
-    valid: float = Training.valid
-    seed: int = Training.seed
 
     def __post_init__(self):
+        super().__post_init__()
         if int(self.corrections_iters) != self.corrections_iters or self.corrections_iters < 1:
             raise ValueError(f"corrections_iters must be a positive integer, got {self.corrections_iters!r}")
         if int(self.samples) != self.samples or self.samples < 0:
@@ -237,7 +230,6 @@ class Options:
             raise ValueError("policy='global' is LD3's schedule with global corrections: it needs corrections=True")
         if self.policy != "residual" and (not self.cluster_counts() or min(self.cluster_counts()) < 2):
             raise ValueError(f"clusters must be numbers of clusters >= 2, got {self.clusters!r}")
-        Training(loss=self.loss, valid=self.valid)  # checks loss and valid
 
     def cluster_counts(self) -> list[int]:
         return [int(k) for k in ([self.clusters] if isinstance(self.clusters, int) else self.clusters)]
@@ -247,8 +239,8 @@ class Options:
         return Training(loss=self.loss, radius=radius, valid=self.valid, seed=self.seed, **kw)
 
     def ld3_options(self) -> ld3.Options:
-        return ld3.Options(loss=self.loss, radius=self.radius, learn_last=self.learn_last, starts=self.starts,
-                           oss_grid=self.oss_grid, iters=self.ld3_iters, valid=self.valid, seed=self.seed)
+        stage = {f.name: getattr(self, f.name) for f in fields(ld3.GlobalStage)}
+        return ld3.Options(**stage, iters=self.ld3_iters)
 
 
 @dataclass

@@ -174,29 +174,36 @@ def _project(delta: torch.Tensor, step: float, radius: float) -> None:
 
 
 @dataclass(frozen=True)
-class Options:
-    """LD3's options: the ``Training`` ones (``loss``, ``radius``, default 0.001 D / steps^2, 0 for a hard
-    teacher; ``lr``, ``iters``, ``patience``, ``valid``, ``seed``), and ``learn_last`` (learn the last
-    positive sigma, else it is sigma_min); ``starts``: how many schedules to start from (the OSS
-    schedule when ``oss``, on an ``oss_grid``-point grid, then the best baselines; the best result is kept).
-    """
+class GlobalStage:
+    """The options of LD3's global schedule, shared by ``ld3`` and ``instance`` (its first stage): the
+    ``Training`` ones ``loss``, ``radius`` (default 0.001 D / steps^2, 0 for a hard teacher), ``valid``
+    and ``seed``; ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
+    many schedules to start from (the OSS schedule, on an ``oss_grid``-point grid, then the best
+    baselines; the best result is kept)."""
 
     loss: str = Training.loss
     radius: float | None = None
     learn_last: bool = True
     starts: int = 1
-    oss: bool = True
     oss_grid: int = DEFAULT_SIZE
-    lr: float = Training.lr
-    iters: int = Training.iters
-    patience: int = Training.patience
     valid: float = Training.valid
     seed: int = Training.seed
 
     def __post_init__(self):
-        self.training(None)  # checks loss and valid
+        Training(loss=self.loss, valid=self.valid)  # checks loss and valid
         if int(self.starts) != self.starts or self.starts < 1:
             raise ValueError(f"starts must be a positive integer, got {self.starts!r}")
+
+
+@dataclass(frozen=True)
+class Options(GlobalStage):
+    """LD3's options: ``GlobalStage``'s, ``oss`` (start from the OSS schedule), and the ``Training`` ones
+    ``lr``, ``iters``, ``patience``."""
+
+    oss: bool = True
+    lr: float = Training.lr
+    iters: int = Training.iters
+    patience: int = Training.patience
 
     def training(self, radius: float | None) -> Training:
         return Training(loss=self.loss, radius=radius, lr=self.lr, iters=self.iters, patience=self.patience,

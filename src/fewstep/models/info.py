@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..schedules import SIGMA_MAX, SIGMA_MIN
 from .device import model_device
 
 
@@ -15,8 +16,8 @@ def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dic
         raise ValueError("the model has no .shape attribute: give the sample shape, e.g. shape=(3, 32, 32)")
     info = {
         "shape": tuple(int(v) for v in shape),
-        "sigma_min": float(sigma_min if sigma_min is not None else getattr(den, "sigma_min", 0.002)),
-        "sigma_max": float(sigma_max if sigma_max is not None else getattr(den, "sigma_max", 80.0)),
+        "sigma_min": float(sigma_min if sigma_min is not None else getattr(den, "sigma_min", SIGMA_MIN)),
+        "sigma_max": float(sigma_max if sigma_max is not None else getattr(den, "sigma_max", SIGMA_MAX)),
         "name": str(getattr(den, "name", type(den).__name__)),
         "device": str(model_device(den)),
     }

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from ..schedules import SIGMA_MAX, SIGMA_MIN
+
 
 class GaussianMixture:
     """Mixture of full-covariance Gaussians with an exact denoiser at every sigma.
@@ -15,7 +17,7 @@ class GaussianMixture:
     under N(mu_k, C_k + sigma^2 I). Computed in the eigenbasis of each C_k, in float64.
     """
 
-    def __init__(self, means, covs, weights=None, shape=None, sigma_min: float = 0.002, sigma_max: float = 80.0,
+    def __init__(self, means, covs, weights=None, shape=None, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  name: str = "gmm"):
         self.means = torch.as_tensor(means, dtype=torch.float64)
         covs = torch.as_tensor(covs, dtype=torch.float64)
@@ -90,7 +92,7 @@ class EmpiricalDenoiser:
     O(batch x chunk) however large the data set.
     """
 
-    def __init__(self, data, sigma_min: float = 0.002, sigma_max: float = 80.0, name: str = "empirical",
+    def __init__(self, data, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, name: str = "empirical",
                  chunk_elems: int = 2 ** 24):
         data = torch.as_tensor(data, dtype=torch.float64)
         if data.ndim < 2 or data.shape[0] < 1:

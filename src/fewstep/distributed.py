@@ -3,6 +3,7 @@
 Only the teacher's work is sharded: each rank solves its slice of the calibration batch and the
 slices are gathered, so every rank holds the same teacher states. The method then runs on every rank
 on identical inputs, and rank 0's schedule is broadcast so all ranks return exactly the same one.
+A rank whose share fails reports it in the gather, and every rank raises ``RankFailure`` naming it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """A rank's share of the work failed: raised on every rank, so none waits for it."""
 
 
 def active() -> bool:
@@ -46,16 +51,35 @@ def shard_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: 
     along ``dim`` of the output, identical on every rank. Without a process group: ``fn(x)``."""
     if not active():
         return fn(x)
-    mine = fn(x.tensor_split(dist.get_world_size())[dist.get_rank()])
+    try:
+        mine, failure = fn(x.tensor_split(dist.get_world_size())[dist.get_rank()]), None
+    except Exception as e:  # every rank must reach the gather, or the others wait on it forever
+        mine, failure = None, f"{type(e).__name__}: {e}"
+    _raise_failures(failure)
     parts: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, mine.cpu())
     return torch.cat(parts, dim=dim).to(mine.device)
 
 
-def broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+def _raise_failures(failure: str | None) -> None:
+    """Gather every rank's failure (None: it succeeded); raise on every rank if any failed."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, failure)
+    failed = [(r, f) for r, f in enumerate(parts) if f is not None]
+    if failed:
+        raise RankFailure("; ".join(f"rank {r} failed: {f}" for r, f in failed))
+
+
+def on_every_rank(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on every rank, rank 0's result returned on all of them; a failure on any rank is raised on
+    every rank (none waits for a rank that left). Without a process group: ``fn()``."""
     if not active():
-        return obj
-    box = [obj]
+        return fn()
+    try:
+        result, failure = fn(), None
+    except Exception as e:
+        result, failure = None, f"{type(e).__name__}: {e}"
+    _raise_failures(failure)
+    box = [result]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -25,19 +25,21 @@ def _solver_name(sched: ScheduleLike, solver: str | None) -> str:
     return name
 
 
-def _orders(sched: ScheduleLike, options: dict) -> list | None:
-    """The per-step order caps in effect (the schedule's, overridden by ``options``), checked against its steps."""
-    orders = {**sched.solver_options, **options}.get("orders")
-    if orders is not None and len(orders) != sched.steps:
-        raise ScheduleError(f"solver option 'orders' has {len(orders)} entries for {sched.steps} steps")
-    return orders
+def _options(sched: ScheduleLike, spec, options: dict, steps: int) -> dict:
+    """The solver options in effect (its defaults, the schedule's, then ``options``), checked for ``steps``."""
+    opts = {**spec.options, **sched.solver_options, **options}
+    try:
+        spec.check_options(opts, steps)
+    except ValueError as e:
+        raise ScheduleError(str(e)) from None
+    return opts
 
 
 def nfe(schedule: Any, solver: str | None = None, **options: Any) -> int:
     """Exact number of denoiser calls ``fewstep.sample`` makes for ``schedule`` with ``solver``."""
     sched = as_schedule(schedule)
     spec = get_solver(_solver_name(sched, solver))
-    orders, last = _orders(sched, options), sched.steps - 1
+    orders, last = _options(sched, spec, options, sched.steps).get("orders"), sched.steps - 1
     return sum(spec.step_calls(None if orders is None else orders[i], to_zero=sched.final_zero and i == last)
                for i in range(sched.steps))
 
@@ -98,14 +100,16 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
         raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
+    if not torch.isfinite(x).all():
+        raise ValueError("the initial states x contain NaN or inf")
     sched = as_schedule(schedule)
     name = _solver_name(sched, solver)
     spec = get_solver(name)
-    _orders(sched, options)
     sigmas, corrections = sched.for_batch(x)
+    opts = _options(sched, spec, options, len(sigmas) - 1)
     sigmas = sigmas.to(x.device)
     model = corrected(CheckedDenoiser(denoiser), corrections)
     grad = any(t.requires_grad for t in (x, sigmas, *(corrections or ())))
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
             _progress(progress, len(sigmas) - 1, name, callback) as cb:
-        return spec.fn(model, x, sigmas, callback=cb, **{**spec.options, **sched.solver_options, **options})
+        return spec.fn(model, x, sigmas, callback=cb, **opts)

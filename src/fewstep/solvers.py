@@ -15,6 +15,7 @@ A step that lands on sigma = 0 returns the denoised estimate (first order), as k
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -321,6 +322,22 @@ class Solver:
 
     def __iter__(self):
         return iter((self.fn, dict(self.options)))
+
+    def check_options(self, options: dict, steps: int) -> None:
+        """Raise ValueError naming any option this solver does not take, and a bad ``orders``."""
+        known = [p for p in inspect.signature(self.fn).parameters if p not in ("model", "x", "sigmas", "callback")]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"solver option(s) {', '.join(map(repr, unknown))} are not taken by "
+                             f"{self.fn.__name__}; it takes {', '.join(known)}")
+        orders = options.get("orders")
+        if orders is None:
+            return
+        if not isinstance(orders, (list, tuple)) or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 1
+                                                            for o in orders):
+            raise ValueError(f"solver option 'orders' must be a list of integers >= 1 (one per step), got {orders!r}")
+        if len(orders) != steps:
+            raise ValueError(f"solver option 'orders' has {len(orders)} entries for {steps} steps")
 
 
 # The registry. "unipc_3" and friends are the same function at another order.

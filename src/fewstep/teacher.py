@@ -7,8 +7,6 @@ EDM Heun (2nd order) on a fine rho = 7 grid, then a final step to sigma = 0 (x0 
 from __future__ import annotations
 
 import hashlib
-import io
-import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import shard_map
-from .files import write_atomic
+from .files import load_cached, save_cached
+from .models.info import fingerprint
 from .sampling import CheckedDenoiser
 from .schedules import RHO, SIGMA_MAX, SIGMA_MIN, check_sigmas
 from .solvers import heun
@@ -50,7 +49,10 @@ class Teacher:
 
     ``steps``: Heun steps from sigma_max to sigma_min (default: the denoiser's ``teacher_steps``
     attribute if it has one, else 512).
-    ``model_id`` names the model in the disk cache key (with the initial states and the settings).
+    ``model_id`` names the model in the disk cache key (with the initial states and the settings;
+    default: its name and ``models.info.fingerprint``, which changes with its weights). Cache entries carry
+    a format version, their key and a checksum (``files.load_cached``): a damaged or foreign file is
+    recomputed with a warning naming it, and a cache that cannot be written is a warning.
     """
 
     def __init__(self, denoiser: Callable, steps: int | None = None, sigma_min: float = SIGMA_MIN,
@@ -62,7 +64,8 @@ class Teacher:
         self.denoiser = denoiser
         self.steps, self.sigma_min = int(steps), float(sigma_min)
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.model_id = model_id or str(getattr(denoiser, "name", type(denoiser).__name__))
+        name = str(getattr(denoiser, "name", type(denoiser).__name__))
+        self.model_id = model_id or (f"{name}@{fingerprint(denoiser)}" if self.cache_dir else name)
         self.batch_size, self.progress = batch_size, progress
         self._memory: dict[str, torch.Tensor] = {}
         self.calls = 0
@@ -71,26 +74,20 @@ class Teacher:
         """Teacher states at every sigma of ``grid`` (which starts at the sigma of ``x``):
         ``[len(grid), batch, ...]`` float64, solved with ``substeps`` Heun steps per interval."""
         grid = check_sigmas(grid)
+        if not torch.isfinite(x).all():
+            raise ValueError("the initial states x contain NaN or inf")
         substeps = substeps or max(1, self.steps // max(1, len(grid) - 1))
         key = content_key(self.model_id, x.to(torch.float64), grid, substeps)
         if key in self._memory:
             return self._memory[key]
         file = self.cache_dir / f"teacher-{key}.pt" if self.cache_dir else None
-        if file is not None and file.exists():
-            try:
-                traj = torch.load(file, weights_only=True).to(x.device)
-                if traj.shape == (len(grid), *x.shape):
-                    self._memory[key] = traj
-                    return traj
-            except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError):
-                pass  # a corrupt cache entry is recomputed and overwritten
-        traj = shard_map(lambda xs: torch.cat([self._solve_chunk(c, grid, substeps) for c in xs.split(self.batch_size)],
-                                              dim=1), x, dim=1)
-        self._memory[key] = traj
-        if file is not None:
-            buf = io.BytesIO()
-            torch.save(traj.cpu(), buf)
-            write_atomic(file, buf.getvalue())
+        traj = load_cached(file, key, (len(grid), *x.shape)) if file is not None else None
+        if traj is None:
+            traj = shard_map(lambda xs: torch.cat([self._solve_chunk(c, grid, substeps)
+                                                   for c in xs.split(self.batch_size)], dim=1), x, dim=1)
+            if file is not None:
+                save_cached(file, traj, key)
+        self._memory[key] = traj = traj.to(x.device)
         return traj
 
     @torch.no_grad()

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..distributed import broadcast
+from ..distributed import on_every_rank
 from ..models.info import model_info
 from ..noises import CALIB_SEED, noise
 from ..sampling import CheckedDenoiser, nfe as count_nfe
@@ -64,7 +64,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     # The same request on the same denoiser and batch (e.g. a method that starts from another's
     # schedule, inside fewstep.tune) is answered from memory.
     result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, opts),
-                      lambda: broadcast(entry.fn(ctx, solver, int(nfe), opts)))
+                      lambda: on_every_rank(lambda: entry.fn(ctx, solver, int(nfe), opts)))
     record = {
         "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],
         "params": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list, type(None)))},

@@ -354,7 +354,13 @@ def _setup(ctx: Calibration, solver: str, nfe: int, o: Options) -> tuple[_Traine
           quick_options={"ld3_iters": 10, "iters": 10, "patience": 5, "corrections_iters": 10})
 def instance(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top
-    (``Options``); phi is kept only where its validation gain passes the gate."""
+    (``Options``); phi is kept only where its validation gain passes the gate. phi's initialisation is
+    seeded by ``o.seed``; the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        return _train(ctx, solver, nfe, o)
+
+
+def _train(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePolicy:
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     t, global_record = _setup(ctx, solver, nfe, o)
     stages = (("route", t.train_route), ("residual", t.train_residual),

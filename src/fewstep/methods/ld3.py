@@ -73,7 +73,8 @@ def per_sample_loss(out: torch.Tensor, ref: torch.Tensor, loss: str) -> torch.Te
     if loss == "l1":
         return diff.abs().mean(1)
     mse = diff.pow(2).mean(1)
-    return mse.sqrt() if loss == "rmse" else mse
+    # the root's gradient is infinite at 0, where a memorizing denoiser lands exactly on the teacher: 0 there
+    return mse.clamp_min(1e-300).sqrt() if loss == "rmse" else mse
 
 
 def default_radius(shape, steps: int) -> float:
@@ -81,13 +82,32 @@ def default_radius(shape, steps: int) -> float:
     return 0.001 * math.prod(shape) / steps ** 2
 
 
+MAX_NONFINITE = 5  # training steps with a non-finite loss or gradient before training stops
+
+
+class NoGradientError(ValueError):
+    """A method that trains through the denoiser got a denoiser whose output carries no gradient."""
+
+
 class _Best:
     """The best parameters so far by validation error (the initial ones included), and the patience
-    schedule: after ``patience`` steps without a better one, restore them and halve the learning rate."""
+    schedule: after ``patience`` steps without a better one, restore them and halve the learning rate.
+    A step whose loss or gradient is not finite is not taken: the best parameters are restored and the
+    learning rate halved (``setback``), at most ``MAX_NONFINITE`` times."""
 
     def __init__(self, params: Sequence[torch.Tensor], err: float, train: Training):
         self.params, self.train = params, train
         self.err, self.values, self.bad, self.decays = err, [p.detach().clone() for p in params], 0, 0
+        self.nonfinite = 0
+
+    def setback(self, opt: torch.optim.Optimizer) -> bool:
+        """After a non-finite loss or gradient; False when training should stop."""
+        self.nonfinite += 1
+        opt.zero_grad()
+        self.restore()
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+        return self.nonfinite < MAX_NONFINITE
 
     def update(self, err: float, opt: torch.optim.Optimizer) -> bool:
         """Record a validation error; False when training should stop."""
@@ -121,7 +141,6 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
     AdamW on the training part (full batch); after every step the validation part is solved from its
     exact x_T (``Training``). The parameters are left at the best validation error seen.
     """
-    torch.manual_seed(train.seed)
     spec = get_solver(solver)
     opts = {**spec.options, **solver_options}
     n_train, _ = train.split(ctx.x.shape[0])
@@ -132,7 +151,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
 
     def student(x_start: torch.Tensor, x_phi: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
         sig, corrections = plan_fn(x_phi)
-        return spec.fn(corrected(ctx.denoiser, corrections), x_start, sig, **opts)
+        return spec.fn(corrected(_NeedsGrad(ctx.denoiser, desc), corrections), x_start, sig, **opts)
 
     def valid_error() -> float:
         with torch.no_grad():
@@ -148,6 +167,10 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
         err = per_sample_loss(student(x_train + ctx.sigma_max * delta, x_train), y_train, train.loss)
         opt.zero_grad()
         err.mean().backward()
+        if not _finite(err, params, delta):  # not taken: back to the best parameters, smaller steps
+            if not best.setback(opt):
+                break
+            continue
         opt.step()
         if train.radius:
             _project(delta, shift_lr * n_train, train.radius)
@@ -160,8 +183,33 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
         "teacher_calls": teacher_calls, "student_calls": ctx.denoiser.calls - student_calls0,
         "seconds": round(time.perf_counter() - start, 3), "iters": it + 1, "n_train": n_train,
         "n_valid": ctx.x.shape[0] - n_train, "loss": train.loss, "radius": train.radius,
-        "valid_init": init_err, "valid_best": best.err,
+        "valid_init": init_err, "valid_best": best.err, "nonfinite_steps": best.nonfinite,
     }
+
+
+def _finite(err: torch.Tensor, params: Sequence[torch.Tensor], delta: torch.Tensor) -> bool:
+    """Whether the loss and every gradient (the soft teacher's too) are finite: one host sync."""
+    grads = [p.grad for p in (*params, delta) if p.grad is not None]
+    return bool(torch.stack([err.detach().sum(), *(g.sum() for g in grads)]).isfinite().all())
+
+
+class _NeedsGrad:
+    """The denoiser while training: an input that requires grad must give an output that does, else the
+    denoiser runs under ``torch.no_grad()`` (or detaches) and its gradient would be silently zero."""
+
+    takes_step = True
+
+    def __init__(self, model, method: str):
+        self.model, self.method = model, method
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        out = self.model(x, sigma, step)
+        if torch.is_grad_enabled() and (x.requires_grad or sigma.requires_grad) and not out.requires_grad:
+            raise NoGradientError(
+                f"{self.method}: the denoiser's output carries no gradient (it runs under torch.no_grad() or "
+                "detaches its output), and this method trains its schedule by gradient through the denoiser; "
+                "use gits, oss or sdm, or let gradients flow through the denoiser")
+        return out
 
 
 def _project(delta: torch.Tensor, step: float, radius: float) -> None:

@@ -1,8 +1,13 @@
-"""What fewstep needs to know of a denoiser: sample shape, sigma range, name and device."""
+"""What fewstep needs to know of a denoiser: sample shape, sigma range, name, device, and its identity
+(``fingerprint``: what caches and resume keys are filed under)."""
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
 
 from ..schedules import SIGMA_MAX, SIGMA_MIN
 from .device import model_device
@@ -24,3 +29,42 @@ def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dic
     if not 0 < info["sigma_min"] < info["sigma_max"]:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {info['sigma_min']} and {info['sigma_max']}")
     return info
+
+
+def _tensors(obj: Any, prefix: str, depth: int, seen: set) -> Iterator[tuple[str, torch.Tensor]]:
+    """(path, tensor) for the tensors a denoiser holds: torch modules' state, tensor attributes, and those
+    of the objects and closures it holds, ``depth`` levels down."""
+    if id(obj) in seen or depth < 0:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, nn.Module):
+        yield from ((f"{prefix}.{k}", v) for k, v in obj.state_dict().items())
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}[{i}]", depth - 1, seen)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}[{k!r}]", depth - 1, seen)
+    elif not isinstance(obj, (type, str, bytes, int, float, bool)) and obj is not None:
+        cells = getattr(obj, "__closure__", None) or ()
+        attrs = {**getattr(obj, "__dict__", {}), **{f"<cell {i}>": c.cell_contents for i, c in enumerate(cells)}}
+        for k, v in attrs.items():
+            yield from _tensors(v, f"{prefix}.{k}", depth - 1, seen)
+
+
+def fingerprint(den: Any, depth: int = 4, sample: int = 4096) -> str:
+    """A short hash of what the denoiser computes with: its class and name, and every tensor it holds
+    (``_tensors``), each by its path, shape, dtype and up to ``sample`` evenly spaced values, so a
+    checkpoint changed in place changes it. A ``model_id`` attribute, if the denoiser has one, is used
+    instead (a user's own name for exactly these weights)."""
+    if getattr(den, "model_id", None):
+        return str(den.model_id)
+    h = hashlib.sha1(f"{type(den).__qualname__}:{getattr(den, 'name', '')}".encode())
+    for path, t in _tensors(den, "", depth, set()):
+        flat = t.detach().reshape(-1)
+        flat = flat[:: max(1, flat.numel() // sample)][:sample]
+        h.update(f"{path}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(flat.to("cpu", torch.float64).numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -72,11 +72,15 @@ def test_unknown_method_is_named():
         tune(fewstep.load_model("gmm2d"), methods=["nope"], progress=False)
 
 
-def test_tune_refuses_impossible_nfe_by_skipping():
-    summary = tune(fewstep.load_model("gmm2d"), nfe=[0], methods=["karras"], solvers=["euler"], n_calib=4,
+def test_tune_names_bad_budgets_and_skips_refused_cells():
+    """An NFE that is no positive integer is named before any work; a cell a method refuses is skipped."""
+    for bad in ([0], [2.5], [-1], []):
+        with pytest.raises(ValueError, match="nfe must be positive integers"):
+            tune(fewstep.load_model("gmm2d"), nfe=bad, methods=["karras"], solvers=["euler"], progress=False)
+    summary = tune(fewstep.load_model("gmm2d"), nfe=[1], methods=["oss"], solvers=["euler"], n_calib=4,
                    n_test=8, progress=False, report=False)
     (cell,) = summary["cells"]
-    assert cell["status"] == "skipped" and "nfe must be a positive integer" in cell["reason"]
+    assert cell["status"] == "skipped" and "nothing to optimize" in cell["reason"]
 
 
 SCRIPT = """

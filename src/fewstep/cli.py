@@ -18,7 +18,7 @@ from . import distributed
 from .evaluation import evaluate
 from .files import write_atomic
 from .methods import METHODS, optimize
-from .models.info import model_info
+from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import DenoiserError, sample
 from .schedules import BUILTIN_SCHEDULES, ScheduleLike, load_schedule
@@ -32,10 +32,35 @@ DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
 
 def _ints(text: str) -> list[int]:
+    """Comma-separated positive integers."""
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    """One positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object of options, got {text!r}")
+    return value
 
 
 def _names(known):
@@ -51,15 +76,15 @@ def _names(known):
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEWSTEP_CACHE", Path.home() / ".cache" / "fewstep"))
+    """``$FEWSTEP_CACHE`` if set and not empty, else ~/.cache/fewstep."""
+    return Path(os.environ.get("FEWSTEP_CACHE") or Path.home() / ".cache" / "fewstep")
 
 
-def _model_id(spec: str) -> str:
-    """A stable id for the teacher's disk cache: the built-in name, or the file's content hash."""
-    if spec in BUILTIN_MODELS:
-        return f"{spec}@{__version__}"
-    file = Path(spec.rpartition(":")[0])
-    return f"{spec}@{hashlib.sha1(file.read_bytes()).hexdigest()[:12]}"
+def _model_id(spec: str, den) -> str:
+    """The model's identity for the teacher cache and tune's resume key: the built-in name or the model
+    file's content hash, and the weights' fingerprint (``models.info.fingerprint``)."""
+    code = __version__ if spec in BUILTIN_MODELS else hashlib.sha1(Path(spec.rpartition(":")[0]).read_bytes()).hexdigest()[:12]
+    return f"{spec}@{code}:{fingerprint(den)}"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +94,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", type=_ints, help="sample shape for a user model without .shape, e.g. 3,32,32")
     p.add_argument("--sigma-min", type=float, help="smallest positive sigma (default: the model's, else 0.002)")
     p.add_argument("--sigma-max", type=float, help="largest sigma (default: the model's, else 80)")
-    p.add_argument("--teacher-steps", type=int,
+    p.add_argument("--teacher-steps", type=_positive,
                    help="Heun steps of the reference solve (default: the model's teacher_steps, else 512)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (default: a built-in model on CUDA when available; a user "
@@ -82,7 +107,7 @@ def _load(args):
     den = load_model(args.model, None if user_auto else args.device)
     info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
     teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
-                      model_id=_model_id(args.model), progress=True)
+                      model_id=_model_id(args.model, den), progress=True)
     return den, info, teacher
 
 
@@ -134,7 +159,7 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
                                       "per-sample policy .pt file (from `fewstep optimize --method instance`)")
     p.add_argument("--builtin", default="karras", choices=sorted(BUILTIN_SCHEDULES),
                    help="a built-in schedule when no --schedule is given (default karras)")
-    p.add_argument("--nfe", type=int, help="denoiser calls, with --builtin")
+    p.add_argument("--nfe", type=_positive, help="denoiser calls, with --builtin")
     p.add_argument("--solver", choices=list(SOLVERS), help="solver (default: the one the schedule was made for)")
 
 
@@ -171,7 +196,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_optimize(args) -> int:
     den, info, teacher = _load(args)
-    options = json.loads(args.options) if args.options else {}
+    options = args.options or {}
     sched = optimize(den, args.method, args.solver, args.nfe, n=args.n_calib, seed=args.seed, shape=info["shape"],
                      sigma_min=info["sigma_min"], sigma_max=info["sigma_max"], teacher=teacher, progress=True,
                      **options)
@@ -194,7 +219,7 @@ def cmd_tune(args) -> int:
     summary = tune(den, nfe=args.nfe, methods=args.methods or "all", solvers=args.solvers or "all",
                    outdir=args.output, quick=args.quick, n_calib=args.n_calib, n_test=args.n_test,
                    shape=info["shape"], sigma_min=info["sigma_min"], sigma_max=info["sigma_max"],
-                   teacher=teacher, progress=not args.json, model_id=_model_id(args.model))
+                   teacher=teacher, progress=not args.json, model_id=teacher.model_id, retry_failed=args.retry_failed)
     rows = improvement_rows(summary)
     if args.json:
         print(json.dumps({"output": str(args.output), "best": rows}, indent=2))
@@ -220,13 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--solvers", type=_names(list(SOLVERS)), default=list(SOLVERS), help="comma-separated, or all")
     d.add_argument("--schedules", type=_names(list(BUILTIN_SCHEDULES)), default=DEMO_SCHEDULES,
                    help=f"comma-separated built-in schedules (default {','.join(DEMO_SCHEDULES)})")
-    d.add_argument("--n", type=int, default=128, help="held-out noises (default 128)")
+    d.add_argument("--n", type=_positive, default=128, help="held-out noises (default 128)")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("sample", help="generate samples with a schedule and save them (torch .pt)")
     _add_model_args(s)
     _add_schedule_args(s)
-    s.add_argument("--n", type=int, default=16)
+    s.add_argument("--n", type=_positive, default=16)
     s.add_argument("--seed", type=int, default=TEST_SEED)
     s.add_argument("-o", "--output", default="samples.pt")
     s.set_defaults(func=cmd_sample)
@@ -234,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="held-out RMSE of a schedule against the teacher")
     _add_model_args(e)
     _add_schedule_args(e)
-    e.add_argument("--n", type=int, default=256, help="held-out noises (default 256)")
+    e.add_argument("--n", type=_positive, default=256, help="held-out noises (default 256)")
     e.add_argument("--seed", type=int, default=TEST_SEED, help=f"noise seed (default {TEST_SEED}; optimizers use {CALIB_SEED})")
     e.set_defaults(func=cmd_evaluate)
 
@@ -242,10 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(o)
     o.add_argument("--method", required=True, choices=sorted(METHODS))
     o.add_argument("--solver", required=True, choices=list(SOLVERS))
-    o.add_argument("--nfe", type=int, required=True)
-    o.add_argument("--n-calib", type=int, default=64, help="calibration noises (default 64)")
+    o.add_argument("--nfe", type=_positive, required=True)
+    o.add_argument("--n-calib", type=_positive, default=64, help="calibration noises (default 64)")
     o.add_argument("--seed", type=int, default=CALIB_SEED, help=f"calibration seed (default {CALIB_SEED})")
-    o.add_argument("--options", help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
+    o.add_argument("--options", type=_json_object, help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
     o.add_argument("-o", "--output", default="schedule.json")
     o.set_defaults(func=cmd_optimize)
 
@@ -254,9 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nfe", type=_ints, help="comma-separated NFE budgets (default 4,5,6,8,10; --quick: 5,10)")
     t.add_argument("--methods", type=_names(all_methods()), help="comma-separated methods and baselines (default all)")
     t.add_argument("--solvers", type=_names(list(SOLVERS)), help="comma-separated solvers (default all)")
-    t.add_argument("--n-calib", type=int, help="calibration noises (default 32; --quick 16)")
-    t.add_argument("--n-test", type=int, help="held-out test noises (default 128; --quick 64)")
+    t.add_argument("--n-calib", type=_positive, help="calibration noises (default 32; --quick 16)")
+    t.add_argument("--n-test", type=_positive, help="held-out test noises (default 128; --quick 64)")
     t.add_argument("--quick", action="store_true", help="smaller sizes: NFE 5,10 and fewer noises")
+    t.add_argument("--retry-failed", action="store_true", help="on a resumed run, compute the failed cells again")
     t.add_argument("-o", "--output", default="fewstep-out", help="output folder (default fewstep-out); a rerun resumes")
     t.set_defaults(func=cmd_tune)
     return p
@@ -267,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed.init_from_env()
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DenoiserError) as e:
+    except (ValueError, OSError, DenoiserError, distributed.RankFailure) as e:
         print(f"fewstep: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -24,6 +24,8 @@ def evaluate(denoiser: Callable, schedule: Any, solver: str | None = None, x: to
     sched = as_schedule(schedule)
     sigma_max = float(sched.sigma_max or getattr(denoiser, "sigma_max", SIGMA_MAX))
     if x is None:
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"n (held-out noises) must be a positive integer, got {n!r}")
         info = model_info(denoiser, shape)
         x = noise(n, info["shape"], sigma_max, seed, device=info["device"])
     teacher = teacher or Teacher(denoiser, sigma_min=float(getattr(denoiser, "sigma_min", SIGMA_MIN)))

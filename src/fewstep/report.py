@@ -186,6 +186,12 @@ def _markdown(summary: dict, images: dict[str, str]) -> str:
         lines += [f"## {title}", "", f"![{title}](plots/{name})", ""]
     if skipped:
         lines += ["## Skipped cells", ""] + [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: {c['reason']}" for c in skipped]
+    failed = [c for c in summary["cells"] if c["status"] == "failed"]
+    if failed:
+        lines += ["", "## Failed cells", "", "Each failed with the error below and was not scored; the run went on "
+                  "(`fewstep tune --retry-failed` tries them again).", ""]
+        lines += [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: {c['error']}: {c['reason']} ({c['seconds']} s)"
+                  for c in failed]
     return "\n".join(lines) + "\n"
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from .corrections import corrected
+from .files import FewstepWarning
+from .noises import noise
 from .schedules import ScheduleError, ScheduleLike, as_schedule
 from .solvers import get_solver, stepped
 
@@ -68,6 +72,44 @@ class CheckedDenoiser:
                 f"denoiser returned NaN or inf at sigma={float(sig.detach().flatten()[0]):.6g} (call {self.calls})"
             )
         return out.to(x.dtype)
+
+
+_PROBED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def probe_denoiser(denoiser: Callable, info: dict) -> int:
+    """Call the denoiser on 2 rows at two sigmas, then on row 1 alone at each: a named error if it fails on
+    a batch of this sample shape, returns another shape or NaN; a warning if it answers row 1 at row 0's
+    sigma (it reads only sigma[0]; fewstep passes one sigma per row). Once per denoiser object (weakly
+    held). Returns the rows it evaluated (4, or 0 when already probed)."""
+    try:
+        if _PROBED.get(denoiser):
+            return 0
+    except TypeError:  # not weakly referenceable: probed every time
+        pass
+    lo, hi = info["sigma_min"], info["sigma_max"]
+    mid = math.sqrt(lo * hi)
+    s = torch.tensor([mid, min(hi, 4 * mid)], dtype=torch.float64, device=info["device"])
+    x = noise(2, info["shape"], 1.0, seed=2 ** 31 - 1, device=info["device"]) * s.reshape(-1, *[1] * len(info["shape"]))
+    model = CheckedDenoiser(denoiser)
+    try:
+        with torch.no_grad():
+            both, alone, at_first = model(x, s), model(x[1:], s[1:]), model(x[1:], s[:1])
+    except DenoiserError:
+        raise
+    except Exception as e:
+        raise DenoiserError(f"the denoiser failed on a batch of shape {tuple(x.shape)} (sample shape "
+                            f"{tuple(info['shape'])}): {type(e).__name__}: {e}") from e
+    own, first = float((both[1] - alone[0]).abs().max()), float((both[1] - at_first[0]).abs().max())
+    if own > 1e-6 * float(alone.abs().max().clamp_min(1e-12)) and first < 1e-3 * own:
+        warnings.warn("the denoiser answered row 1 of a batch at row 0's sigma: it seems to read only sigma[0]. "
+                      "fewstep passes one sigma per row (per-sample schedules and the DP's candidate batches "
+                      "need that): read the whole [batch] tensor", FewstepWarning, stacklevel=3)
+    try:
+        _PROBED[denoiser] = True
+    except TypeError:
+        pass
+    return 4
 
 
 @contextlib.contextmanager

@@ -477,6 +477,10 @@ BUILTIN_SCHEDULES = {
 }
 
 
+# The built-in schedules a tune scores as baselines (and LD3 may start from), each for any sigma range.
+BASELINES = ["karras", "logsnr_uniform", "time_uniform", "time_quadratic", "ays", "flow_uniform"]
+
+
 def builtin(name: str, steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, **params: Any) -> Schedule:
     """A built-in schedule by name; see ``BUILTIN_SCHEDULES``."""
     if name not in BUILTIN_SCHEDULES:

@@ -54,8 +54,30 @@ def _zeros(sigmas: torch.Tensor) -> list[bool]:
     return (z if z.ndim == 1 else z.all(-1)).tolist()
 
 
-def _cap(orders: Sequence[int] | None, i: int, order: int) -> int:
-    return order if orders is None else min(order, int(orders[i]))
+def _cap(orders: Sequence[int] | None, i: int, order: int, room: Sequence[int] | None = None) -> int:
+    """Step i's order: ``order``, capped by ``orders[i]`` (read at the step: SDM's gate fills it in as the
+    solver runs) and by ``room[i]`` (``_room``)."""
+    order = order if orders is None else min(order, int(orders[i]))
+    return order if room is None else min(order, room[i])
+
+
+MIN_NODE_GAP = 1e-3  # a history node closer than this fraction of the step (in lambda) to the next is not used
+
+
+def _room(sigmas: torch.Tensor, zero: list[bool], depth: int) -> list[int]:
+    """The highest order each step's history supports: a step of length h in lambda = -log sigma uses the
+    nodes before it only while each gap between consecutive ones is at least MIN_NODE_GAP * h (extrapolating
+    from crowded nodes amplifies their error by ~h / gap, and nearly equal sigmas make the multistep
+    coefficients blow up numerically). Per-sample sigmas: the tightest sample. One host read per solve."""
+    lam = -_log_sigmas(sigmas, zero).detach().cpu()
+    gaps = lam[1:] - lam[:-1]  # gaps[i]: step i in lambda (steps to sigma = 0 have none)
+    room = []
+    for i in range(len(sigmas) - 1):
+        p = 1
+        while i < len(gaps) and p <= min(depth, i) and bool((gaps[i - p] >= MIN_NODE_GAP * gaps[i]).all()):
+            p += 1
+        room.append(p)
+    return room
 
 
 def _denoised(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, i: int, callback: Callback) -> torch.Tensor:
@@ -102,14 +124,14 @@ def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     r = torch.cat([h[:1], h[:-1]]) / h  # r_i = h_{i-1} / h_i (unused at i = 0)
     ratio, em1 = _per_step(sigmas[1:] / sigmas[:-1], x), _per_step(torch.expm1(-h), x)
     w_new, w_old = _per_step(1 + 1 / (2 * r), x), _per_step(1 / (2 * r), x)
-    old_denoised = None
+    old_denoised, room = None, _room(sigmas, zero, 1)
     for i in range(len(sigmas) - 1):
         denoised = _denoised(model, x, sigmas, i, callback)
         if zero[i + 1]:
             x = denoised
         else:
             d = denoised
-            if old_denoised is not None and _cap(orders, i, 2) >= 2:
+            if old_denoised is not None and _cap(orders, i, 2, room) >= 2:
                 d = w_new[i] * denoised - w_old[i] * old_denoised
             x = ratio[i] * x - em1[i] * d
         old_denoised = denoised
@@ -136,13 +158,14 @@ def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: b
     c_r0, c_r1, c_w, c_r01 = (_per_step(c, x) for c in (r0, r1, r0 / (r0 + r1), r0 + r1))
     c_phi_2, c_phi_3 = _per_step(phi_2, x), _per_step(phi_3 * (2 if exact3 else 1), x)
     den_1 = den_2 = None  # denoised estimates of the last two steps
+    room = _room(sigmas, zero, 2)
     for i in range(len(sigmas) - 1):
         denoised = _denoised(model, x, sigmas, i, callback)
         if zero[i + 1]:
             x = denoised
             break
         x = ratio[i] * x - em1[i] * denoised
-        order = _cap(orders, i, min(3, i + 1))
+        order = _cap(orders, i, min(3, i + 1), room)
         if order == 2:
             d = (denoised - den_1) / c_r0[i]
             x = x + c_phi_2[i] * d
@@ -204,13 +227,14 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (m, lambda), newest first
     x_prev, p_prev = None, 0
     zero = _zeros(sigmas)
+    room = _room(sigmas, zero, order - 1)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
         m, lam = _denoised(model, x, sigmas, i, callback), -s.log()
         if corrector and x_prev is not None:
             x = _unipc_update(x_prev, hist[0][0], hist[0][1], lam, hist[1:p_prev], m_new=m)
         hist = [(m, lam)] + hist[: order - 1]
-        p = _cap(orders, i, min(order, len(hist), n_steps - i))
+        p = _cap(orders, i, min(order, len(hist), n_steps - i), room)
         x_prev, p_prev = x, p
         x = m if zero[i + 1] else _unipc_update(x, m, lam, -s_next.log(), hist[1:p])
     return x
@@ -278,6 +302,7 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
         raise ValueError(f"deis order must be 1, 2 or 3, got {order}")
     hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (eps, log sigma), newest first
     zero = _zeros(sigmas)
+    room = _room(sigmas, zero, order - 1)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = _denoised(model, x, sigmas, i, callback)
@@ -286,7 +311,7 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
         if zero[i + 1]:
             x = denoised
             continue
-        p = _cap(orders, i, len(hist))
+        p = _cap(orders, i, len(hist), room)
         us = [u for _, u in hist[:p]]
         for j, (e, _) in enumerate(hist[:p]):
             x = x + _b(_lagrange_exp_integral(us, j, s.log(), s_next.log()), x) * e

@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from tqdm.auto import tqdm
 
-from .files import write_atomic
+from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
 from .metrics import rmse, summarize
-from .models.info import model_info
+from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
-from .sampling import nfe as count_nfe, sample
-from .schedules import BUILTIN_SCHEDULES, Schedule, ScheduleLike, builtin
+from .sampling import nfe as count_nfe, probe_denoiser, sample
+from .schedules import BASELINES, BUILTIN_SCHEDULES, Schedule, ScheduleLike, builtin
 from .solvers import SOLVERS, plan
 from .teacher import Teacher
+from .version import __version__
 
-BASELINES = ["karras", "logsnr_uniform", "time_uniform", "time_quadratic", "ays", "flow_uniform"]
 RESULTS_VERSION = 1
 
 
@@ -94,16 +95,20 @@ def _run_cell(run: _Run, method: str, solver: str, k: int) -> tuple[dict, Any]:
 
 
 def _cell(run: _Run, k: int, method: str, solver: str) -> dict:
-    """One cell's row: scored, or skipped with the reason (an NFE the solver cannot spend, a method that
-    refuses the setting); an optimized schedule is saved under ``schedules/``."""
-    skipped = {"nfe": k, "method": method, "solver": solver, "status": "skipped"}
+    """One cell's row: scored; skipped with the reason (an NFE the solver cannot spend, a method that
+    refuses the setting: a ValueError); or failed (any other exception: its type and message, and the
+    seconds spent). An optimized schedule is saved under ``schedules/``. KeyboardInterrupt still stops."""
+    cell, start = {"nfe": k, "method": method, "solver": solver}, time.perf_counter()
     try:
         plan(solver, k)
         row, sched = _run_cell(run, method, solver, k)
+        if run.out is not None and method not in BUILTIN_SCHEDULES:
+            row["schedule_file"] = _save_schedule(sched, run.out / "schedules", _cell_name(k, method, solver))
     except (ValueError, NotImplementedError) as e:
-        return {**skipped, "reason": str(e)}
-    if run.out is not None and method not in BUILTIN_SCHEDULES:
-        row["schedule_file"] = _save_schedule(sched, run.out / "schedules", _cell_name(k, method, solver))
+        return {**cell, "status": "skipped", "reason": str(e), "error": type(e).__name__}
+    except Exception as e:  # one cell never ends the run: recorded, and the run goes on
+        return {**cell, "status": "failed", "error": type(e).__name__, "reason": str(e),
+                "seconds": round(time.perf_counter() - start, 3)}
     return row
 
 
@@ -112,21 +117,63 @@ def _save_schedule(sched: ScheduleLike, folder: Path, name: str) -> str:
     return path.name
 
 
-def _load_results(path: Path, key: dict) -> dict:
+def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
+    """The cells of an earlier run with the same key (failed ones only unless ``retry_failed``); a file
+    of another run or version starts afresh, with a warning saying what differs."""
     if not path.exists():
         return {}
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return {}  # written atomically, so only a foreign file can be corrupt: start again
-    if data.get("version") != RESULTS_VERSION or data.get("key") != key:
+        cells = {_cell_name(c["nfe"], c["method"], c["solver"]): c for c in data.get("cells", [])}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        warnings.warn(f"{path} is not a fewstep results file: starting afresh", FewstepWarning, stacklevel=3)
         return {}
-    return {_cell_name(c["nfe"], c["method"], c["solver"]): c for c in data.get("cells", [])}
+    old = data.get("key") if isinstance(data.get("key"), dict) else {}
+    differs = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    if data.get("version") != RESULTS_VERSION or differs:
+        warnings.warn(f"{path} was made by another run (differs in: {', '.join(differs) or 'version'}): "
+                      "starting afresh", FewstepWarning, stacklevel=3)
+        return {}
+    return {n: c for n, c in cells.items() if retry_failed or c.get("status") != "failed"}
+
+
+def _names(value, everything: list[str]) -> list[str]:
+    """'all', one name, a comma-separated string of names, or a list of names."""
+    if value == "all":
+        return list(everything)
+    return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+
+
+def _counts(nfe, n_calib, n_test, sizes: Sizes) -> tuple[list[int], int, int]:
+    """The NFE budgets and sizes, checked: positive integers (None: the default)."""
+    nfes = list(sizes.nfe if nfe is None else ([nfe] if isinstance(nfe, (int, float)) else nfe))
+    bad = [v for v in nfes if isinstance(v, bool) or int(v) != v or v < 1]
+    if bad or not nfes:
+        raise ValueError(f"nfe must be positive integers, got {nfes!r}")
+    n_calib, n_test = (sizes.n_calib if n_calib is None else n_calib), (sizes.n_test if n_test is None else n_test)
+    for name, v in (("n_calib", n_calib), ("n_test", n_test)):
+        if isinstance(v, bool) or int(v) != v or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    return [int(v) for v in nfes], int(n_calib), int(n_test)
+
+
+def _writable(outdir) -> Path | None:
+    """The output folder, made and checked writable before any work (None: no folder)."""
+    if outdir is None:
+        return None
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output folder {out} is a file")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / ".write-test", b"").unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write to the output folder {out} ({type(e).__name__}: {e})") from None
+    return out
 
 
 def _checked(methods, solvers) -> tuple[list[str], list[str]]:
-    methods = all_methods() if methods == "all" else list(methods)
-    solvers = list(SOLVERS) if solvers == "all" else list(solvers)
+    methods, solvers = _names(methods, all_methods()), _names(solvers, list(SOLVERS))
     unknown = [m for m in methods if m not in BUILTIN_SCHEDULES and m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {all_methods()}")
@@ -140,27 +187,31 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
          quick: bool = False, n_calib: int | None = None, n_test: int | None = None, shape=None,
          sigma_min: float | None = None, sigma_max: float | None = None, teacher: Teacher | None = None,
          method_options: dict | None = None, progress: bool = True, report: bool = True,
-         model_id: str | None = None) -> dict:
+         model_id: str | None = None, retry_failed: bool = False) -> dict:
     """Score every (NFE, method, solver) cell on held-out noises; return and write the results.
 
     Returns ``{"cells": [...], "best": {nfe: cell}, ...}``. With ``outdir``: ``results.json``,
     ``schedules/``, ``best/nfe-<N>.json`` and the report (``report.html``, ``report.md``, ``plots/``).
+    A rerun into the same ``outdir`` with the same settings resumes; a cell that failed is retried only
+    with ``retry_failed``. ``model_id``: the model's identity in the resume key and the teacher cache
+    (default: its name and ``models.info.fingerprint``, which follows its weights).
     """
-    sizes = Sizes.quick() if quick else Sizes()
-    nfes = [int(v) for v in (nfe or sizes.nfe)]
+    nfes, n_calib, n_test = _counts(nfe, n_calib, n_test, Sizes.quick() if quick else Sizes())
     methods, solvers = _checked(methods, solvers)
+    out = _writable(outdir)
     info = model_info(denoiser, shape, sigma_min, sigma_max)
-    n_calib, n_test = n_calib or sizes.n_calib, n_test or sizes.n_test
+    probe_denoiser(denoiser, info)
+    model_id = model_id or f"{info['name']}@{fingerprint(denoiser)}"
     calib = noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"])
     x_test = noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"])
-    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id or info["name"],
-                                 cache_dir=Path(outdir) / "teacher" if outdir else None, progress=progress)
+    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id,
+                                 cache_dir=out / "teacher" if out else None, progress=progress)
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
-    key = {"model": model_id or info["name"], "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED,
-           "test_seed": TEST_SEED, "teacher_steps": teacher.steps, "method_options": options}
-    out = Path(outdir) if outdir else None
+    key = {"model": model_id, "fewstep": __version__, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
+           "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED, "test_seed": TEST_SEED,
+           "teacher_steps": teacher.steps, "teacher_sigma_min": teacher.sigma_min, "method_options": options}
     run = _Run(denoiser, info, calib, x_test, teacher.solve(x_test, info["sigma_max"]), teacher, options, out)
-    done = _load_results(out / "results.json", key) if out else {}
+    done = _load_results(out / "results.json", key, retry_failed) if out else {}
     results: dict[str, dict] = {}
     bar = tqdm([(k, m, s) for k in nfes for m in methods for s in solvers], desc="tune", disable=not progress)
     for k, method, solver in bar:

@@ -128,12 +128,21 @@ def load_model(spec: str, device: str | None = None) -> Callable:
         raise FileNotFoundError(f"model file not found: {file}")
     mod_name = f"fewstep_user_model_{abs(hash(str(file.resolve())))}"
     mod_spec = importlib.util.spec_from_file_location(mod_name, file)
+    if mod_spec is None:
+        raise ValueError(f"{file} is not a Python file (give path/to/file.py:factory)")
     module = importlib.util.module_from_spec(mod_spec)
     sys.modules[mod_name] = module
-    mod_spec.loader.exec_module(module)
-    if not hasattr(module, factory):
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # the user's code: a SyntaxError, an ImportError, anything it raises
+        sys.modules.pop(mod_name, None)
+        raise ValueError(f"model file {file} could not be imported: {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, factory, None)):
         raise ValueError(f"{file} has no function {factory!r}")
-    den = getattr(module, factory)()
+    try:
+        den = getattr(module, factory)()
+    except Exception as e:
+        raise ValueError(f"the model factory {spec} raised {type(e).__name__}: {e}") from e
     if not callable(den):
         raise ValueError(f"{spec} returned {type(den).__name__}, not a callable denoiser D(x, sigma)")
     if not hasattr(den, "name"):

@@ -7,14 +7,16 @@ so ``METHODS`` is complete on import and a new method is one file plus one line 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
 
 from ..distributed import on_every_rank
+from ..files import FewstepWarning
 from ..models.info import model_info
 from ..noises import CALIB_SEED, noise
-from ..sampling import CheckedDenoiser, nfe as count_nfe
+from ..sampling import CheckedDenoiser, nfe as count_nfe, probe_denoiser
 from ..schedules import ScheduleLike
 from ..solvers import get_solver
 from ..teacher import Teacher
@@ -31,15 +33,32 @@ def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min,
     if shape is None and getattr(denoiser, "shape", None) is None and isinstance(calib, torch.Tensor):
         shape = tuple(calib.shape[1:])  # the calibration batch gives the shape only if the model has none
     info = model_info(denoiser, shape, sigma_min, sigma_max)
+    probe_denoiser(denoiser, info)
     if calib is None:
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise ValueError(f"n (calibration noises) must be a positive integer, got {n!r}")
         calib = noise(n, info["shape"], info["sigma_max"], seed, device=info["device"])
     elif not isinstance(calib, torch.Tensor) or tuple(calib.shape[1:]) != info["shape"] or calib.shape[0] < 1:
         got = tuple(calib.shape) if isinstance(calib, torch.Tensor) else type(calib).__name__
         raise ValueError(f"calibration batch must have shape [n, {', '.join(map(str, info['shape']))}], got {got}")
+    else:
+        _check_scale(calib, info["sigma_max"])
     teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress)
     ctx = Calibration(CheckedDenoiser(denoiser), calib.to(info["device"], torch.float64), info["sigma_min"],
                       info["sigma_max"], teacher, seed, progress)
     return ctx, info
+
+
+def _check_scale(calib: torch.Tensor, sigma_max: float) -> None:
+    """Initial states are x_T = sigma_max * noise (plus the data, small beside it): a batch whose spread is
+    far from sigma_max was most likely not scaled (a warning, since data far larger than sigma_max is legal)."""
+    if not torch.isfinite(calib).all():
+        raise ValueError("the calibration batch contains NaN or inf")
+    spread = float(calib.double().std()) if calib.numel() > 1 else sigma_max
+    if not 0.5 * sigma_max <= spread <= 2 * sigma_max:
+        warnings.warn(f"the calibration batch has standard deviation {spread:.4g}, but states at sigma_max="
+                      f"{sigma_max:g} have about {sigma_max:g}: pass noise * sigma_max (fewstep.noise(n, shape, "
+                      "sigma_max, seed) does)", FewstepWarning, stacklevel=4)
 
 
 def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torch.Tensor | None = None, *,

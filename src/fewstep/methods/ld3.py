@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..corrections import corrected
-from ..schedules import Schedule, karras, logits_from_sigmas, logsnr_uniform, sigmas_from_logits
+from ..schedules import BASELINES, Schedule, builtin, logits_from_sigmas, sigmas_from_logits
 from ..solvers import get_solver, plan
 from .base import Calibration, memo_key, option_items, register
 from .grid import DEFAULT_SIZE
@@ -260,18 +260,18 @@ class Options(GlobalStage):
 
 def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict, steps: int, opts: Options,
                    n_train: int) -> list[tuple[float, str, torch.Tensor]]:
-    """Starting schedules as logits, (train error, name, logits), best first: karras rho=7 and
-    logSNR-uniform, each ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
+    """Starting schedules as logits, (train error, name, logits), best first: every built-in baseline
+    (``schedules.BASELINES``) ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
     positive sigma is one grid step up; with ``oss``, the OSS schedule (``methods/oss.py``: the dynamic
     programming optimum of the batch's error over a fine grid, for this solver), taken from
     ``fewstep.optimize``'s memo when the ``oss`` method already ran on this model and batch."""
     spec, learn_last = get_solver(solver), opts.learn_last
     x, y = ctx.x[:n_train], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[:n_train]
     candidates = {}
-    for name, make in (("karras", karras), ("logsnr_uniform", logsnr_uniform)):
-        candidates[name] = make(steps, ctx.sigma_min, ctx.sigma_max).sigmas
-        if learn_last:
-            longer = make(steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
+    for name in BASELINES:
+        candidates[name] = builtin(name, steps, ctx.sigma_min, ctx.sigma_max).sigmas
+        if learn_last and name != "ays":  # AYS is a fixed table: no variant without sigma_min
+            longer = builtin(name, steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
             candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
     if opts.oss:
         oss_opts = OSSOptions(grid=opts.oss_grid)  # filed as fewstep.optimize(den, "oss", ...) files it
@@ -292,8 +292,7 @@ def _train_starts(ctx: Calibration, solver: str, nfe: int, sopts: dict, steps: i
     train = opts.training(opts.radius)
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     ranked = initial_logits(ctx, solver, nfe, sopts, steps, opts, train.split(ctx.x.shape[0])[0])
-    chosen = [r for r in ranked if r[1] == "oss"]
-    chosen += [r for r in ranked if r[1] != "oss"][:opts.starts - len(chosen)]
+    chosen = ranked[:opts.starts]
     best = None
     for _, init, logits in chosen:
         logits.requires_grad_(True)

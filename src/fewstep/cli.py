@@ -20,7 +20,7 @@ from .files import write_atomic
 from .methods import METHODS, optimize
 from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
-from .sampling import DenoiserError, sample
+from .sampling import DenoiserError, probe_denoiser, sample
 from .schedules import BUILTIN_SCHEDULES, ScheduleLike, load_schedule
 from .solvers import SOLVERS
 from .teacher import Teacher
@@ -106,6 +106,7 @@ def _load(args):
     user_auto = args.device == "auto" and args.model not in BUILTIN_MODELS
     den = load_model(args.model, None if user_auto else args.device)
     info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
+    probe_denoiser(den, info)
     teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
                       model_id=_model_id(args.model, den), progress=True)
     return den, info, teacher

@@ -77,6 +77,8 @@ def on_every_rank(fn: Callable[[], Any]) -> Any:
         return fn()
     try:
         result, failure = fn(), None
+    except RankFailure:  # raised by a collective: every rank has it already
+        raise
     except Exception as e:
         result, failure = None, f"{type(e).__name__}: {e}"
     _raise_failures(failure)

@@ -119,18 +119,22 @@ class SchedulePolicy(ScheduleLike):
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
         self.config, self.metadata = {"policy": "residual", "corrections": False, **config}, dict(metadata)
-        kind = self.config["policy"]
-        n_corr = 2 * self.steps if self.config["corrections"] else 0
-        if kind == "residual":
-            self.net = PhiNet(config["shape"], config["n_logits"], n_corr, config["hidden"], config["max_inputs"],
-                              config["components"])
-        elif kind == "route":
-            self.net = RouteNet(config["shape"], config["n_logits"], config["clusters"], n_corr,
-                                config["max_inputs"], config["components"])
-        else:
-            raise ValueError(f"policy must be 'residual' or 'route', got {kind!r}")
-        if state is not None:
-            self.net.load_state_dict(state)
+        if self.config["policy"] not in ("residual", "route"):
+            raise ValueError(f"policy must be 'residual' or 'route', got {self.config['policy']!r}")
+        if state is None:  # a new phi: initialised from the global random state (the trainer seeds it)
+            self.net = self._new_net()
+            return
+        with torch.random.fork_rng(devices=[]):  # weights given: the caller's random state is left alone
+            self.net = self._new_net()
+        self.net.load_state_dict(state)
+
+    def _new_net(self) -> nn.Module:
+        config, n_corr = self.config, 2 * self.steps if self.config["corrections"] else 0
+        if config["policy"] == "residual":
+            return PhiNet(config["shape"], config["n_logits"], n_corr, config["hidden"], config["max_inputs"],
+                          config["components"])
+        return RouteNet(config["shape"], config["n_logits"], config["clusters"], n_corr, config["max_inputs"],
+                        config["components"])
 
     def _run_settings(self) -> dict:
         return self.config

@@ -226,21 +226,35 @@ def _html(markdown_text: str, plots: Path) -> str:
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fewstep report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
 
 
-def write_report(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> None:
-    plots = out / "plots"
-    cells = summary["cells"]
-    images = {"Held-out error vs NFE": plot_error_vs_nfe(cells, plots / "error_vs_nfe.png")}
+def _plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> dict:
+    """title -> a function making that plot (returning its file name, or None for no plot)."""
+    plots, cells = out / "plots", summary["cells"]
+    todo = {"Held-out error vs NFE": lambda: plot_error_vs_nfe(cells, plots / "error_vs_nfe.png")}
     for k in sorted({c["nfe"] for c in cells}):
-        images[f"Method x solver at NFE {k}"] = plot_heatmap(cells, k, plots / f"heatmap_nfe{k}.png")
+        todo[f"Method x solver at NFE {k}"] = lambda k=k: plot_heatmap(cells, k, plots / f"heatmap_nfe{k}.png")
     if summary["best"]:
-        images["Chosen sigmas"] = plot_sigmas(summary, plots / "sigmas.png")
         k_max = max(summary["best"], key=int)
-        images[f"Trajectories at NFE {k_max}"] = plot_trajectories(
+        todo["Chosen sigmas"] = lambda: plot_sigmas(summary, plots / "sigmas.png")
+        todo[f"Trajectories at NFE {k_max}"] = lambda: plot_trajectories(
             denoiser, teacher, x_test, Schedule.load(out / "best" / f"nfe-{k_max}.json"), plots / "trajectories.png")
-        ref = teacher.solve(x_test, summary["model"]["sigma_max"])
-        grid = plot_samples(denoiser, summary, ref, x_test, out, plots / "samples.png")
-        if grid:
-            images["Samples"] = grid
+        todo["Samples"] = lambda: plot_samples(denoiser, summary, teacher.solve(x_test, summary["model"]["sigma_max"]),
+                                               x_test, out, plots / "samples.png")
+    return todo
+
+
+def write_report(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> None:
+    """report.md and report.html; a plot that fails is named in the report instead of ending the run."""
+    images, failed = {}, {}
+    for title, make in _plots(out, summary, denoiser, teacher, x_test).items():
+        try:
+            name = make()
+        except Exception as e:  # the results are written already: one plot never loses them
+            failed[title] = f"{type(e).__name__}: {e}"
+            continue
+        if name:
+            images[title] = name
     md = _markdown(summary, images)
+    if failed:
+        md += "\n## Plots not made\n\n" + "".join(f"- {t}: {why}\n" for t, why in failed.items())
     write_atomic(out / "report.md", md)
-    write_atomic(out / "report.html", _html(md, plots))
+    write_atomic(out / "report.html", _html(md, out / "plots"))

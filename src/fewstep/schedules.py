@@ -38,9 +38,13 @@ def check_sigmas(sigmas: Any) -> torch.Tensor:
     """Return ``sigmas`` as a 1-d float64 tensor (keeping its autograd graph, so schedules can be
     learned through ``fewstep.sample``), or raise ScheduleError naming what is wrong."""
     try:
-        s = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        s = torch.as_tensor(sigmas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ScheduleError(f"sigmas must be a list or tensor of numbers: {e}") from None
+    if s.ndim != 1:
+        raise ScheduleError(f"sigmas must be one sequence (1-d), got shape {tuple(s.shape)}; per-sample sigmas "
+                            "[steps + 1, batch] are a per-sample schedule: an object with sigmas_for(x), or a "
+                            "SchedulePolicy")
     if s.numel() < 2:
         raise ScheduleError(f"a schedule needs at least 2 sigmas (1 step), got {s.numel()}")
     values = s.detach()
@@ -277,8 +281,13 @@ class Schedule(ScheduleLike):
             )
         if "sigmas" not in d:
             raise ScheduleError(f"{source}: no 'sigmas' field")
+        meta = d.get("metadata") or {}
+        if not isinstance(meta, dict) or not isinstance(meta.get("solver_options") or {}, dict) \
+                or not isinstance(meta.get("solver") or "", str):
+            raise ScheduleError(f"{source}: 'metadata' must be an object whose 'solver' is a name and 'solver_options' "
+                                f"an object, got {meta!r}")
         try:
-            return cls(d["sigmas"], **dict(d.get("metadata") or {}))
+            return cls(d["sigmas"], **meta)
         except ScheduleError as e:
             raise ScheduleError(f"{source}: {e}") from None
 
@@ -319,8 +328,13 @@ def logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, learn_last: bool,
 # --------------------------------------------------------------------------------------------
 # Built-in schedules. Each returns a Schedule of ``steps`` steps (steps + 1 sigmas).
 
-def _finish(sigmas: Iterable[float] | torch.Tensor, final_zero: bool, method: str, **params: Any) -> Schedule:
-    s = torch.as_tensor(sigmas, dtype=torch.float64)
+def _finish(sigmas: Iterable[float] | torch.Tensor, final_zero: bool, method: str, ends: tuple | None = None,
+            **params: Any) -> Schedule:
+    """The Schedule, its first and last points set to ``ends`` = (sigma_max, sigma_min) exactly (the
+    formulas round them by an ulp or so), then the final 0 if ``final_zero``."""
+    s = torch.as_tensor(sigmas, dtype=torch.float64).clone()
+    if ends is not None and len(s) > 1:
+        s[0], s[-1] = ends
     if final_zero:
         s = torch.cat([s, s.new_zeros(1)])
     return Schedule(s, method=method, params=params)
@@ -347,7 +361,7 @@ def polynomial(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGM
         return _finish([sigma_max], final_zero, "polynomial", rho=rho)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     s = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return _finish(s, final_zero, "polynomial", rho=rho)
+    return _finish(s, final_zero, "polynomial", (sigma_max, sigma_min), rho=rho)
 
 
 def karras(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
@@ -362,7 +376,7 @@ def logsnr_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = 
     _check_range(steps, sigma_min, sigma_max)
     n = _points(steps, final_zero)
     s = torch.exp(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64))
-    return _finish(s, final_zero, "logsnr_uniform")
+    return _finish(s, final_zero, "logsnr_uniform", (sigma_max, sigma_min))
 
 
 # Continuous VP (Song et al. 2021): sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t in [eps_t, 1].
@@ -384,7 +398,8 @@ def _vp_time_schedule(steps, sigma_min, sigma_max, final_zero, power, method, be
     t0, t1 = (vp_time(torch.tensor(v, dtype=torch.float64), beta_d, beta_min) for v in (sigma_max, sigma_min))
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     t = (t0 ** (1 / power) + ramp * (t1 ** (1 / power) - t0 ** (1 / power))) ** power
-    return _finish(vp_sigma(t, beta_d, beta_min), final_zero, method, beta_d=beta_d, beta_min=beta_min)
+    return _finish(vp_sigma(t, beta_d, beta_min), final_zero, method, (sigma_max, sigma_min), beta_d=beta_d,
+                   beta_min=beta_min)
 
 
 def time_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, final_zero: bool = True,
@@ -422,7 +437,7 @@ def flow_uniform(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SI
     t_max, t_min = sigma_max / (1 + sigma_max), sigma_min / (1 + sigma_min)
     u = torch.linspace(unshift(t_max), unshift(t_min), n, dtype=torch.float64)
     t = flow_shift(u, shift)
-    return _finish(t / (1 - t), final_zero, "flow_uniform", shift=shift)
+    return _finish(t / (1 - t), final_zero, "flow_uniform", (sigma_max, sigma_min), shift=shift)
 
 
 # Align Your Steps (Sabour et al. 2024): the published 10-step sigma lists, as shipped in diffusers'
@@ -456,6 +471,9 @@ def ays(steps: int, model: str = "sd15", sigma_min: float | None = None, sigma_m
         raise ScheduleError(f"unknown AYS model {model!r}; known: {sorted(AYS_SIGMAS)}")
     if int(steps) != steps or steps < 1:
         raise ScheduleError(f"steps must be a positive integer, got {steps!r}")
+    lo, hi = (AYS_SIGMAS[model][-1] if sigma_min is None else sigma_min), (AYS_SIGMAS[model][0] if sigma_max is None else sigma_max)
+    if not 0 < lo < hi < math.inf:
+        raise ScheduleError(f"need 0 < sigma_min < sigma_max < inf, got sigma_min={lo}, sigma_max={hi}")
     s = loglinear_interp(AYS_SIGMAS[model], steps + 1)
     if sigma_min is not None or sigma_max is not None:
         lo, hi = math.log(AYS_SIGMAS[model][-1]), math.log(AYS_SIGMAS[model][0])

@@ -118,7 +118,7 @@ def _save_schedule(sched: ScheduleLike, folder: Path, name: str) -> str:
 
 
 def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
-    """The cells of an earlier run with the same key (failed ones only unless ``retry_failed``); a file
+    """The cells of an earlier run with the same key (failed ones too, unless ``retry_failed``); a file
     of another run or version starts afresh, with a warning saying what differs."""
     if not path.exists():
         return {}
@@ -134,7 +134,7 @@ def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
         warnings.warn(f"{path} was made by another run (differs in: {', '.join(differs) or 'version'}): "
                       "starting afresh", FewstepWarning, stacklevel=3)
         return {}
-    return {n: c for n, c in cells.items() if retry_failed or c.get("status") != "failed"}
+    return {n: c for n, c in cells.items() if not (retry_failed and c.get("status") == "failed")}
 
 
 def _names(value, everything: list[str]) -> list[str]:

@@ -50,11 +50,15 @@ def global_logits(init: Schedule, ctx: Calibration, solver: str, nfe: int, learn
 
 
 def principal_directions(y: torch.Tensor, k: int) -> torch.Tensor:
-    """The top ``k`` principal directions of samples ``y`` [n, d], as columns [d, k] (zero-padded past
-    rank). phi sees x_T projected on the teacher's principal directions: for Gaussian data the ODE maps
-    x_T / sigma_max to x0 - mu ~ S x_T / sigma_max (S the data's covariance root), so these are the
-    directions of x_T that decide where the sample lands; the rest is noise phi would overfit to."""
-    vh = torch.linalg.svd(y - y.mean(0), full_matrices=False).Vh[:k]
+    """The top ``k`` principal directions of samples ``y`` [n, d], as columns [d, k], each signed so its
+    largest entry is positive, and zero past the numerical rank (singular values below 1e-9 of the
+    largest span no direction of the data: rounding picks them, differently on every machine). phi sees
+    x_T projected on the teacher's principal directions: for Gaussian data the ODE maps x_T / sigma_max
+    to x0 - mu ~ S x_T / sigma_max (S the data's covariance root), so these are the directions of x_T
+    that decide where the sample lands; the rest is noise phi would overfit to."""
+    _, sv, vh = torch.linalg.svd(y - y.mean(0), full_matrices=False)
+    vh = vh[:k] * (sv[:k] > 1e-9 * sv[:1].clamp_min(1e-300))[:, None]
+    vh = vh * torch.where(vh.gather(1, vh.abs().argmax(1, keepdim=True)) < 0, -1.0, 1.0)
     return torch.cat([vh, vh.new_zeros(k - vh.shape[0], vh.shape[1])]).T
 
 

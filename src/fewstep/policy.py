@@ -124,6 +124,9 @@ class SchedulePolicy(ScheduleLike):
         if state is None:  # a new phi: initialised from the global random state (the trainer seeds it)
             self.net = self._new_net()
             return
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all() or (k == "feat_std" and not (v > 0).all())]
+        if bad:
+            raise ScheduleError(f"policy weights {', '.join(bad)} are not finite (and feat_std not positive)")
         with torch.random.fork_rng(devices=[]):  # weights given: the caller's random state is left alone
             self.net = self._new_net()
         self.net.load_state_dict(state)

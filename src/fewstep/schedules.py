@@ -157,7 +157,7 @@ def load_schedule(path: str | os.PathLike) -> ScheduleLike:
         except Exception as e:  # torch raises several types for a truncated or foreign file
             raise ScheduleError(f"{path}: corrupt or unreadable schedule file ({type(e).__name__}: {e})") from None
     fmt = payload.get("format") if isinstance(payload, dict) else None
-    if fmt not in _FORMATS:
+    if not isinstance(fmt, str) or fmt not in _FORMATS:
         what = "schedule" if data.lstrip()[:1] == b"{" else "schedule policy or other schedule"
         raise ScheduleError(f"{path}: not a fewstep {what} file (format {fmt!r}; known: {', '.join(_FORMATS)})")
     return _FORMATS[fmt].from_payload(payload, str(path))
@@ -301,14 +301,19 @@ class Schedule(ScheduleLike):
 # --------------------------------------------------------------------------------------------
 # LD3's parameterization: any logits give a valid schedule (Tong et al., ICLR 2025, Sec. 3.2)
 
+MIN_WEIGHT = 1e-6  # each lambda interval's share of the range at least: extreme logits still give distinct sigmas
+
+
 def sigmas_from_logits(logits: torch.Tensor, sigma_max: float, sigma_min: float, learn_last: bool) -> torch.Tensor:
     """Sigmas ``[steps + 1, ...]`` from logits ``[..., K]``: sigma_max, the cumulative softmax in lambda, then 0.
 
-    lambda_k = lambda(sigma_max) + u_k (lambda(sigma_min) - lambda(sigma_max)), u = cumsum(softmax(logits)),
-    lambda = -log sigma. With ``learn_last`` the last weight is slack, so the last positive sigma is
-    learned in (sigma_min, sigma_max); otherwise it is sigma_min exactly.
+    lambda_k = lambda(sigma_max) + u_k (lambda(sigma_min) - lambda(sigma_max)), u = cumsum(w),
+    w = MIN_WEIGHT + (1 - K MIN_WEIGHT) softmax(logits), lambda = -log sigma (LD3's softmax, with a floor so
+    that no logits, however large, make two sigmas equal). With ``learn_last`` the last weight is slack, so
+    the last positive sigma is learned in (sigma_min, sigma_max); otherwise it is sigma_min exactly.
     """
-    u = torch.cumsum(torch.softmax(logits, -1), -1)
+    k = logits.shape[-1]
+    u = torch.cumsum(MIN_WEIGHT + (1 - k * MIN_WEIGHT) * torch.softmax(logits, -1), -1)
     u = u[..., :-1] if learn_last else torch.cat([u[..., :-1], torch.ones_like(u[..., :1])], -1)
     positive = sigma_max * torch.exp(-u * math.log(sigma_max / sigma_min))
     top = torch.full_like(u[..., :1], sigma_max)
@@ -321,8 +326,10 @@ def logits_from_sigmas(sigmas: torch.Tensor, sigma_min: float, learn_last: bool,
     lam_end = -math.log(sigma_min)
     if learn_last:
         lam = torch.cat([lam, lam.new_tensor([lam_end])])
-    gaps = (lam[1:] - lam[:-1]).clamp_min(floor * (lam_end - float(lam[0])))
-    return gaps.log() - gaps.log().mean()
+    span = lam_end - float(lam[0])
+    share = (lam[1:] - lam[:-1]).clamp_min(floor * span) / span
+    w = (share - MIN_WEIGHT) / (1 - share.numel() * MIN_WEIGHT)
+    return w.log() - w.log().mean()
 
 
 # --------------------------------------------------------------------------------------------

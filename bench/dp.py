@@ -62,7 +62,7 @@ def main() -> None:
                     prov = s.metadata["provenance"]
                     wins, total = wins + (err < base), total + 1
                     print(f"{model:7s} {solver:9s} {nfe:3d} {method:6s} {err:8.4f} {err / base:6.3f} {base:8.4f} "
-                          f"{prov['seconds']:7.1f} {prov['denoiser_calls']:6d} {prov['evaluations']:8d}  "
+                          f"{prov['seconds']:7.1f} {prov['evaluations']['total']:6d} {prov['candidate_rows']:8d}  "
                           f"{_choice(prov)}", flush=True)
     print(f"# {wins}/{total} below the better baseline")
 

@@ -58,7 +58,7 @@ def main() -> None:
                       f"{str(sched.metadata['sdm'].get('switch', '-')):>6} | {k_same:7.4f} {kh:7.4f} {k_euler:7.4f} | "
                       f"{mean / k_same:7.2f} {mean / kh:7.2f} {mean / k_euler:8.2f} {diff.mean():8.4f} "
                       f"{diff.std() / math.sqrt(len(diff)):6.4f} | {dp[0]:7.4f} {dp[1]:7.4f} | "
-                      f"{sched.metadata['provenance']['denoiser_calls']:5d} {sec:5.1f}", flush=True)
+                      f"{sched.metadata['provenance']['evaluations']['total']:5d} {sec:5.1f}", flush=True)
 
 
 if __name__ == "__main__":

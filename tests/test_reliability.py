@@ -117,24 +117,24 @@ class _FailsAt:
 
 
 def test_a_failing_cell_is_recorded_and_the_run_goes_on(tmp_path):
-    """The denoiser fails at karras(4)'s second sigma only (off the teacher's grid): that cell fails; a rerun
-    keeps it failed unless retried."""
-    mid = float(fewstep.schedules.karras(4).sigmas[1])
+    """The denoiser fails at logsnr_uniform(4)'s second sigma only (off the teacher's polynomial grids): that
+    cell fails; a rerun keeps it failed unless retried."""
+    mid = float(fewstep.schedules.logsnr_uniform(4).sigmas[1])
     den = _FailsAt(mid * (1 - 1e-12), mid * (1 + 1e-12))
     kw = dict(nfe=[3, 4], methods=["karras", "logsnr_uniform"], solvers=["euler"], outdir=tmp_path, n_calib=4,
               n_test=8, progress=False)
     summary = tune(den, **kw)
     status = {(c["nfe"], c["method"]): c for c in summary["cells"]}
-    failed = status[(4, "karras")]
+    failed = status[(4, "logsnr_uniform")]
     assert failed["status"] == "failed" and failed["error"] == "RuntimeError" and "boom" in failed["reason"]
-    assert failed["seconds"] >= 0 and status[(4, "logsnr_uniform")]["status"] == "ok"
-    assert status[(3, "karras")]["status"] == "ok"
+    assert failed["seconds"] >= 0 and status[(4, "karras")]["status"] == "ok"
+    assert status[(3, "logsnr_uniform")]["status"] == "ok"
     assert "Failed cells" in (tmp_path / "report.md").read_text()
     den.lo = den.hi = -1.0  # fixed: a plain rerun keeps the recorded failure, --retry-failed recomputes it
     again = {(c["nfe"], c["method"]): c for c in tune(den, **kw)["cells"]}
-    assert again[(4, "karras")]["status"] == "failed"
+    assert again[(4, "logsnr_uniform")]["status"] == "failed"
     retried = {(c["nfe"], c["method"]): c for c in tune(den, **kw, retry_failed=True)["cells"]}
-    assert retried[(4, "karras")]["status"] == "ok"
+    assert retried[(4, "logsnr_uniform")]["status"] == "ok"
 
 
 def test_tune_inputs_are_checked_before_any_work(tmp_path):

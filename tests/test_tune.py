@@ -40,7 +40,7 @@ def test_outputs_and_best_schedules(tuned):
                    and "sigmas" in c)
     ok = [c for c in results["cells"] if c["status"] == "ok"]
     assert all(c["mean_ci95"][0] <= c["mean"] <= c["mean_ci95"][1] for c in ok)
-    assert all(c["calib_calls"] > 0 for c in ok if c["method"] == "oss")
+    assert all(c["evaluations"]["method"] > 0 for c in ok if c["method"] == "oss")
 
 
 class _Images(html.parser.HTMLParser):

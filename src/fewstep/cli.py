@@ -95,7 +95,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sigma-min", type=float, help="smallest positive sigma (default: the model's, else 0.002)")
     p.add_argument("--sigma-max", type=float, help="largest sigma (default: the model's, else 80)")
     p.add_argument("--teacher-steps", type=_positive,
-                   help="Heun steps of the reference solve (default: the model's teacher_steps, else 512)")
+                   help="fixed steps of the teacher's solve (default: as many as its error control needs)")
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (default: a built-in model on CUDA when available; a user "
                         "model where its factory put it), cpu, cuda, cuda:1, ...")
@@ -108,7 +108,7 @@ def _load(args):
     info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
     probe_denoiser(den, info)
     teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
-                      model_id=_model_id(args.model, den), progress=True)
+                      model_id=_model_id(args.model, den), progress=True, shape=info["shape"])
     return den, info, teacher
 
 
@@ -136,7 +136,7 @@ def cmd_demo(args) -> int:
         print(json.dumps({"model": info["name"], "n": args.n, "seed": TEST_SEED, "rows": rows}, indent=2))
         return 0
     print(f"fewstep {__version__} demo: model {info['name']} {info['shape']}, {args.n} held-out noises "
-          f"(seed {TEST_SEED}), RMSE to a {teacher.steps}-step Heun teacher; {platform.processor() or platform.machine()}")
+          f"(seed {TEST_SEED}), RMSE to a {teacher.steps(info['sigma_max'])}-step DEIS teacher; {platform.processor() or platform.machine()}")
     for k in args.nfe:
         sub = [r for r in rows if r["nfe"] == k]
         best = min(sub, key=lambda r: r["mean"])
@@ -209,7 +209,7 @@ def cmd_optimize(args) -> int:
     sched.save(output)
     prov = sched.metadata.get("provenance", {})
     print(json.dumps({"output": str(output), **sched.describe()}, default=str) if args.json else
-          f"wrote {output}: {sched}\n{prov.get('denoiser_calls')} denoiser calls, {prov.get('seconds')} s")
+          f"wrote {output}: {sched}\n{prov.get('evaluations', {}).get('total')} network evaluations, {prov.get('seconds')} s")
     return 0
 
 
@@ -220,12 +220,15 @@ def cmd_tune(args) -> int:
     summary = tune(den, nfe=args.nfe, methods=args.methods or "all", solvers=args.solvers or "all",
                    outdir=args.output, quick=args.quick, n_calib=args.n_calib, n_test=args.n_test,
                    shape=info["shape"], sigma_min=info["sigma_min"], sigma_max=info["sigma_max"],
-                   teacher=teacher, progress=not args.json, model_id=teacher.model_id, retry_failed=args.retry_failed)
-    rows = improvement_rows(summary)
+                   teacher=teacher, progress=not args.json, model_id=teacher.model_id, retry_failed=args.retry_failed,
+                   budget=args.budget, exhaustive=args.exhaustive, seconds_per_eval=args.seconds_per_eval)
+    rows, cost = improvement_rows(summary), summary["cost"]
     if args.json:
-        print(json.dumps({"output": str(args.output), "best": rows}, indent=2))
+        print(json.dumps({"output": str(args.output), "best": rows, "cost": cost}, indent=2))
         return 0
     print(f"fewstep tune: {info['name']}; report: {Path(args.output) / 'report.html'}")
+    print("network evaluations: " + ", ".join(f"{k} {v:,}" for k, v in cost["evaluations"].items())
+          + f"; total {cost['total']:,}" + (f" of a budget of {cost['budget']:,}" if cost["budget"] else ""))
     _print_table([{**r, "ci95": f"{r['ci'][0]:.4g}-{r['ci'][1]:.4g}"} for r in rows],
                  ["nfe", "winner", "mean", "ci95", "baseline", "base_mean", "ratio"])
     return 0
@@ -284,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--n-test", type=_positive, help="held-out test noises (default 128; --quick 64)")
     t.add_argument("--quick", action="store_true", help="smaller sizes: NFE 5,10 and fewer noises")
     t.add_argument("--retry-failed", action="store_true", help="on a resumed run, compute the failed cells again")
+    t.add_argument("--budget", type=_positive, help="at most this many network evaluations in all, teacher included")
+    t.add_argument("--exhaustive", action="store_true", help="every cell on every test noise (no race)")
+    t.add_argument("--seconds-per-eval", type=float, help="say what the run costs in hours at this speed")
     t.add_argument("-o", "--output", default="fewstep-out", help="output folder (default fewstep-out); a rerun resumes")
     t.set_defaults(func=cmd_tune)
     return p

@@ -153,7 +153,7 @@ def improvement_rows(summary: dict) -> list[dict]:
     for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
         win, base = entry["winner"], entry["best_baseline"]
         row = {"nfe": int(k), "winner": f"{win['method']} + {win['solver']}", "mean": win["mean"],
-               "ci": win["mean_ci95"]}
+               "ci": win["mean_ci95"], "n": win["n"]}
         if base is not None:
             row.update({"baseline": f"{base['method']} + {base['solver']}", "base_mean": base["mean"],
                         "base_ci": base["mean_ci95"], "ratio": win["mean"] / base["mean"]})
@@ -163,36 +163,69 @@ def improvement_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def _header(summary: dict) -> list[str]:
+    info, key, cost = summary["model"], summary["key"], summary.get("cost", {})
+    t = cost.get("teacher", {})
+    err = t.get("error")
+    return [f"# fewstep tuning report: {info['name']}", "",
+            f"Model shape {tuple(info['shape'])}, sigma {info['sigma_min']:g} .. {info['sigma_max']:g}. "
+            f"Held-out error: RMSE to a float64 DEIS teacher of {t.get('steps')} steps (estimated error "
+            f"{'-' if err is None else f'{err:.2g}'}) on up to {key['n_test']} test noises (seed {key['test_seed']}); "
+            f"optimizers calibrated on {key['n_calib']} other noises (seed {key['calib_seed']}). Mode: {key['mode']}"
+            f"{'' if key['mode'] == 'exhaustive' else ' (cells raced: scored on more noises while not clearly worse than the leader)'}. "
+            "Intervals: bootstrap 95% of the mean, on each cell's own test noises (n).", ""]
+
+
+def _cost_lines(summary: dict) -> list[str]:
+    """Evaluations per stage and per method, and the run's cost at the given seconds per evaluation."""
+    cost = summary.get("cost", {})
+    ev = cost.get("evaluations", {})
+    lines = ["## Cost", "", "| stage | network evaluations |", "|---|---|"]
+    lines += [f"| {stage} | {n:,} |" for stage, n in ev.items()] + [f"| total | {cost.get('total', 0):,} |", ""]
+    per: dict = {}
+    for c in summary["cells"]:
+        if c["status"] == "ok":
+            e = per.setdefault(c["method"], [0, 0, 0])
+            e[0], e[1], e[2] = e[0] + c["evaluations"]["method"], e[1] + c["evaluations"]["scoring"], e[2] + 1
+    lines += ["| method | cells scored | calibration evaluations | scoring evaluations |", "|---|---|---|---|"]
+    lines += [f"| {m} | {n} | {a:,} | {b:,} |" for m, (a, b, n) in sorted(per.items())]
+    at = cost.get("at_seconds_per_eval")
+    if at:
+        lines += ["", f"At {at['seconds_per_eval']:g} s per evaluation this run costs {at['hours']:.3g} hours."]
+    return lines + [""]
+
+
+def _cell_lists(summary: dict) -> list[str]:
+    lines = []
+    for status, title, note in (
+            ("pruned", "Cells left out", "Not run: the race gave them no chance, or the budget had run out."),
+            ("skipped", "Skipped cells", "The method refused the setting."),
+            ("failed", "Failed cells", "Each failed with the error below and was not scored; the run went on "
+                                       "(`fewstep tune --retry-failed` tries them again).")):
+        cells = [c for c in summary["cells"] if c["status"] == status]
+        if cells:
+            lines += [f"## {title}", "", note, ""]
+            lines += [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: " + (f"{c['error']}: " if status == "failed" else "")
+                      + c["reason"] + (f" ({c['seconds']} s)" if status == "failed" else "") for c in cells]
+            lines.append("")
+    return lines
+
+
 def _markdown(summary: dict, images: dict[str, str]) -> str:
-    info = summary["model"]
-    lines = [f"# fewstep tuning report: {info['name']}", "",
-             f"Model shape {tuple(info['shape'])}, sigma {info['sigma_min']:g} .. {info['sigma_max']:g}. "
-             f"Held-out error: RMSE to a {summary['key']['teacher_steps']}-step float64 Heun teacher on "
-             f"{summary['key']['n_test']} test noises (seed {summary['key']['test_seed']}); optimizers calibrated on "
-             f"{summary['key']['n_calib']} other noises (seed {summary['key']['calib_seed']}). "
-             "Intervals: bootstrap 95% of the mean.", "",
-             "## Best schedule per NFE", "",
-             "| NFE | best | mean RMSE [95% CI] | best baseline | its mean [95% CI] | ratio |",
-             "|---|---|---|---|---|---|"]
+    lines = _header(summary) + ["## Best schedule per NFE", "",
+                                "| NFE | best | mean RMSE [95% CI] (n) | best baseline | its mean [95% CI] | ratio |",
+                                "|---|---|---|---|---|---|"]
     for r in improvement_rows(summary):
-        lines.append(f"| {r['nfe']} | {r['winner']} | {r['mean']:.4g} [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}] | "
+        lines.append(f"| {r['nfe']} | {r['winner']} | {r['mean']:.4g} [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}] ({r['n']}) | "
                      f"{r.get('baseline', '-')} | " + (f"{r['base_mean']:.4g} [{r['base_ci'][0]:.4g}, {r['base_ci'][1]:.4g}] | "
                                                         f"{r['ratio']:.3f} |" if "ratio" in r else "- | - |"))
         if "policy" in r:
             lines.append(f"|  | per-sample policy {r['policy']} | | | | |")
-    skipped = [c for c in summary["cells"] if c["status"] == "skipped"]
     lines += ["", "ratio < 1: the tuned schedule's held-out error is that fraction of the best baseline's.", ""]
+    lines += _cost_lines(summary)
     for title, name in images.items():
         lines += [f"## {title}", "", f"![{title}](plots/{name})", ""]
-    if skipped:
-        lines += ["## Skipped cells", ""] + [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: {c['reason']}" for c in skipped]
-    failed = [c for c in summary["cells"] if c["status"] == "failed"]
-    if failed:
-        lines += ["", "## Failed cells", "", "Each failed with the error below and was not scored; the run went on "
-                  "(`fewstep tune --retry-failed` tries them again).", ""]
-        lines += [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: {c['error']}: {c['reason']} ({c['seconds']} s)"
-                  for c in failed]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _cell_lists(summary)) + "\n"
 
 
 def _html(markdown_text: str, plots: Path) -> str:

@@ -50,19 +50,20 @@ def nfe(schedule: Any, solver: str | None = None, **options: Any) -> int:
 
 class CheckedDenoiser:
     """Calls the user's denoiser with sigma of shape [batch] (and the step, if it takes one: ``solvers.stepped``),
-    checks and counts what comes back."""
+    checks what comes back, and counts: ``calls`` (batched calls) and ``rows`` (network evaluations: a
+    call on a batch of 128 is 128)."""
 
     takes_step = True
 
     def __init__(self, denoiser: Callable):
         self.denoiser, self._call = denoiser, stepped(denoiser)
-        self.calls = 0
+        self.calls = self.rows = 0
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
         sig = sigma.to(device=x.device, dtype=x.dtype)
         sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
         out = self._call(x, sig, step)
-        self.calls += 1
+        self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DenoiserError(f"denoiser returned shape {got} for input of shape {tuple(x.shape)}")

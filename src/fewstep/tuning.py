@@ -1,23 +1,34 @@
-"""``fewstep.tune``: every method x every solver x every NFE on the user's model, scored held out.
+"""``fewstep.tune``: the best schedule per NFE for the user's model, raced on held-out noises.
 
 Cells are (nfe, method, solver). Baseline methods are the built-in schedules; every optimizer that
-``fewstep.optimize`` knows is a method too, so a new optimizer appears here without editing this file.
-Calibration and test noises are disjoint seeded batches; the teacher is solved once (and cached on
-disk); every cell is written to ``results.json`` as soon as it is done, atomically, so a run that is
-killed resumes where it stopped and ends with the same results as one that was never interrupted.
+``fewstep.optimize`` knows is a method too. Calibration and test noises are disjoint seeded batches; the
+teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the errors the run measures.
+
+The race (default): karras with every solver ranks the solvers; the other baselines and the optimizers
+run for the best solvers at each NFE (the learned ones, LD3 and instance, for the best two and one);
+every cell is scored on a first round of test noises, and rounds of twice as many go to the cells whose
+paired difference to the leader is not clearly positive, until one is left or the test set is used up.
+``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
+cells that do not fit are left out, and the plan, results.json and the report say which. Every cell
+records its evaluations (rows through the network) for the method and the scoring; the run records the
+teacher's and the total. results.json is rewritten atomically after every cell, so a killed run
+resumes with the same results as one that was never interrupted.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from tqdm.auto import tqdm
 
+from .costs import BudgetExhausted, Meter, seconds_per_row
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
 from .metrics import rmse, summarize
@@ -29,7 +40,12 @@ from .solvers import SOLVERS, plan
 from .teacher import Teacher
 from .version import __version__
 
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
+FIRST_ROUND = 16  # test noises every scored cell gets
+CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (the learned methods: fewer)
+COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
+Z = 2.0  # a cell leaves the race when its paired difference to the leader is Z standard errors above 0
+TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
 
 
 @dataclass(frozen=True)
@@ -62,79 +78,230 @@ def baseline(method: str, solver: str, k: int, info: dict) -> Schedule:
 
 @dataclass
 class _Run:
-    """What every cell of one tuning run shares."""
+    """What every cell of one tuning run shares, and the race's state."""
 
-    denoiser: Callable
+    meter: Meter
     info: dict
-    calib: Any
-    x_test: Any
-    ref: Any
+    calib: torch.Tensor
+    x_test: torch.Tensor
     teacher: Teacher
     method_options: dict
     out: Path | None
+    key: dict
+    exhaustive: bool
+    progress: Any = None
+    results: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)  # cell name -> per-sample errors on the first test noises
+    refs: list = field(default_factory=list)  # the teacher's x0 for the test rounds solved so far
+
+    def rounds(self) -> list[int]:
+        """Test noises after each round: 16, 32, 64, ... up to all of them (all at once if exhaustive)."""
+        n = len(self.x_test)
+        if self.exhaustive:
+            return [n]
+        sizes, k = [], min(FIRST_ROUND, n)
+        while k < n:
+            sizes.append(k)
+            k *= 2
+        return sizes + [n]
+
+    def ref(self, n: int) -> torch.Tensor:
+        """The teacher's x0 for the first ``n`` test noises, solved round by round (cached)."""
+        bounds = [0] + self.rounds()
+        while sum(len(r) for r in self.refs) < n:
+            a, b = bounds[len(self.refs)], bounds[len(self.refs) + 1]
+            with self.meter.at("teacher"):
+                self.refs.append(self.teacher.solve(self.x_test[a:b], self.info["sigma_max"]))
+        return torch.cat(self.refs)[:n]
+
+    def save(self) -> None:
+        if self.out is not None:
+            payload = {"version": RESULTS_VERSION, "key": self.key, "model": {**self.info, "shape": list(self.info["shape"])},
+                       "cells": list(self.results.values()), "cost": self.cost()}
+            write_atomic(self.out / "results.json", json.dumps(payload, indent=1))
+        if self.progress is not None:
+            self.progress.n = self.meter.total
+            self.progress.refresh()
+
+    def cost(self) -> dict:
+        return {**self.meter.report(), "teacher": {"steps": self.teacher.steps(self.info["sigma_max"]),
+                                                   "error_check": self.teacher.error(self.info["sigma_max"]),
+                                                   "tol": self.teacher.tol}}
 
 
-def _run_cell(run: _Run, method: str, solver: str, k: int) -> tuple[dict, Any]:
-    start = time.perf_counter()
+# --------------------------------------------------------------------------------------------
+# One cell: its schedule (made once) and its scores (round by round)
+
+
+def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
+    """The cell's schedule: a baseline, the one saved by an earlier run, or ``optimize``'s now."""
     if method in BUILTIN_SCHEDULES:
-        sched = baseline(method, solver, k, run.info)
-        calib_calls, calib_seconds = 0, 0.0
-    else:
-        sched = optimize(run.denoiser, method, solver, k, calib=run.calib, teacher=run.teacher,
-                         sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **run.method_options[method])
-        prov = sched.metadata.get("provenance", {})
-        calib_calls, calib_seconds = prov.get("denoiser_calls", 0), time.perf_counter() - start
-    out = sample(run.denoiser, run.x_test, sched)
-    errors = rmse(out, run.ref)
+        return baseline(method, solver, k, run.info)
+    row = run.results.get(_cell_name(k, method, solver), {})
+    if run.out is not None and "schedule_file" in row:
+        from .schedules import load_schedule
+        return load_schedule(run.out / "schedules" / row["schedule_file"])
+    with run.meter.at("method"):
+        return optimize(run.meter, method, solver, k, calib=run.calib, teacher=run.teacher,
+                        sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **run.method_options[method])
+
+
+def _score(run: _Run, name: str, sched: ScheduleLike, n: int) -> None:
+    """Per-sample errors of the cell on the first ``n`` test noises (only the new ones are sampled)."""
+    have = run.errors.get(name, torch.zeros(0, dtype=torch.float64))
+    if len(have) >= n:
+        return
+    ref = run.ref(n)
+    with run.meter.at("scoring"):
+        out = sample(run.meter, run.x_test[len(have):n], sched)
+    run.errors[name] = torch.cat([have, rmse(out, ref[len(have):n]).cpu()])
+
+
+def _row(run: _Run, k: int, method: str, solver: str, sched: ScheduleLike, spent: dict, seconds: float) -> dict:
+    errors = run.errors[_cell_name(k, method, solver)]
+    old = run.results.get(_cell_name(k, method, solver), {})
     row = {"nfe": k, "method": method, "solver": solver, "status": "ok", **summarize(errors, ci=True),
-           "calib_calls": int(calib_calls), "calib_seconds": round(calib_seconds, 3)}
+           "errors": errors.tolist(), "evaluations": {s: old.get("evaluations", {}).get(s, 0) + spent.get(s, 0)
+                                                      for s in ("method", "scoring")},
+           "calib_seconds": old.get("calib_seconds", round(seconds, 3))}
     if not sched.per_sample:
-        row["sigmas"] = sched.to_list()
-        row["nfe_counted"] = count_nfe(sched)
-    return row, sched
+        row["sigmas"], row["nfe_counted"] = sched.to_list(), count_nfe(sched)
+    if "schedule_file" in old:
+        row["schedule_file"] = old["schedule_file"]
+    elif run.out is not None and method not in BUILTIN_SCHEDULES:
+        row["schedule_file"] = sched.save(run.out / "schedules" / f"{_cell_name(k, method, solver)}{sched.SUFFIX}").name
+    return row
 
 
-def _cell(run: _Run, k: int, method: str, solver: str) -> dict:
-    """One cell's row: scored; skipped with the reason (an NFE the solver cannot spend, a method that
-    refuses the setting: a ValueError); or failed (any other exception: its type and message, and the
-    seconds spent). An optimized schedule is saved under ``schedules/``. KeyboardInterrupt still stops."""
-    cell, start = {"nfe": k, "method": method, "solver": solver}, time.perf_counter()
+def _run_cell(run: _Run, k: int, method: str, solver: str, n: int) -> dict:
+    """Make (or reload) the cell's schedule and score it on ``n`` test noises; a row that says what
+    happened: ok, skipped (a ValueError: a setting the method refuses), failed (any other exception, with
+    its type, message and seconds: the run goes on) or pruned (the budget ran out)."""
+    name, cell, start = _cell_name(k, method, solver), {"nfe": k, "method": method, "solver": solver}, time.perf_counter()
+    before = dict(run.meter.rows)
     try:
         plan(solver, k)
-        row, sched = _run_cell(run, method, solver, k)
-        if run.out is not None and method not in BUILTIN_SCHEDULES:
-            row["schedule_file"] = _save_schedule(sched, run.out / "schedules", _cell_name(k, method, solver))
+        sched = _schedule(run, k, method, solver)
+        made = time.perf_counter() - start
+        _score(run, name, sched, n)
+        spent = {s: run.meter.rows[s] - before.get(s, 0) for s in run.meter.rows}
+        return _row(run, k, method, solver, sched, spent, made)
+    except BudgetExhausted as e:
+        return {**cell, "status": "pruned", "reason": str(e)}
     except (ValueError, NotImplementedError) as e:
         return {**cell, "status": "skipped", "reason": str(e), "error": type(e).__name__}
     except Exception as e:  # one cell never ends the run: recorded, and the run goes on
         return {**cell, "status": "failed", "error": type(e).__name__, "reason": str(e),
                 "seconds": round(time.perf_counter() - start, 3)}
-    return row
 
 
-def _save_schedule(sched: ScheduleLike, folder: Path, name: str) -> str:
-    path = sched.save(folder / f"{name}{sched.SUFFIX}")
-    return path.name
+def _do(run: _Run, k: int, method: str, solver: str, n: int) -> dict:
+    """``_run_cell`` unless an earlier run (resumed) has the cell at ``n`` test noises already; saved."""
+    name = _cell_name(k, method, solver)
+    row = run.results.get(name)
+    if row is not None and (row["status"] != "ok" or row["n"] >= n):
+        return row
+    if row is not None:
+        run.errors[name] = torch.tensor(row["errors"], dtype=torch.float64)
+    run.results[name] = _run_cell(run, k, method, solver, n)
+    run.save()
+    return run.results[name]
 
 
-def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
-    """The cells of an earlier run with the same key (failed ones too, unless ``retry_failed``); a file
-    of another run or version starts afresh, with a warning saying what differs."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-        cells = {_cell_name(c["nfe"], c["method"], c["solver"]): c for c in data.get("cells", [])}
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
-        warnings.warn(f"{path} is not a fewstep results file: starting afresh", FewstepWarning, stacklevel=3)
-        return {}
-    old = data.get("key") if isinstance(data.get("key"), dict) else {}
-    differs = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
-    if data.get("version") != RESULTS_VERSION or differs:
-        warnings.warn(f"{path} was made by another run (differs in: {', '.join(differs) or 'version'}): "
-                      "starting afresh", FewstepWarning, stacklevel=3)
-        return {}
-    return {n: c for n, c in cells.items() if not (retry_failed and c.get("status") == "failed")}
+# --------------------------------------------------------------------------------------------
+# The race
+
+
+def _ok(run: _Run, k: int, methods=None, solvers=None) -> list[dict]:
+    return [r for r in run.results.values() if r["nfe"] == k and r["status"] == "ok"
+            and (methods is None or r["method"] in methods) and (solvers is None or r["solver"] in solvers)]
+
+
+def _ranked_solvers(run: _Run, k: int, solvers: list[str]) -> list[str]:
+    """The solvers by the error of their best scored cell at NFE ``k`` (on the first-round noises)."""
+    n = run.rounds()[0]
+    best = {}
+    for r in _ok(run, k, solvers=solvers):
+        best[r["solver"]] = min(best.get(r["solver"], math.inf), float(torch.tensor(r["errors"][:n]).mean()))
+    return sorted(best, key=best.get)
+
+
+def _prune(run: _Run, k: int, method: str, solver: str, why: str) -> None:
+    name = _cell_name(k, method, solver)
+    if name not in run.results:
+        run.results[name] = {"nfe": k, "method": method, "solver": solver, "status": "pruned", "reason": why}
+
+
+def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: list[str], count: int, why: str) -> None:
+    """``methods`` for the ``count`` best solvers (all of them when exhaustive), the others pruned; in a
+    race, also a solver for which a method costs more than COSTLIER times its cheapest chosen solver."""
+    chosen = solvers if run.exhaustive else ranked[:count]
+    for method in methods:
+        costs = {s: _cost(run, method, s, k) for s in chosen}
+        for solver in solvers:
+            if solver not in chosen:
+                _prune(run, k, method, solver, why)
+            elif not run.exhaustive and costs[solver] > COSTLIER * max(1, min(costs.values())):
+                _prune(run, k, method, solver, f"costs ~{costs[solver]:,} evaluations, over {COSTLIER}x the "
+                                               f"{min(costs, key=costs.get)} solver's")
+            else:
+                _do(run, k, method, solver, run.rounds()[0])
+
+
+def _cost(run: _Run, method: str, solver: str, k: int) -> int:
+    if method not in METHODS:
+        return 0
+    entry = METHODS[method]
+    return entry.cost(entry.make_options(method, run.method_options[method]), solver, k, len(run.calib))
+
+
+def _solver_count(tier: int) -> int:
+    """Solvers per NFE a method of this tier runs for: CONTENDERS, then LEARNED_SOLVERS, then 1."""
+    return CONTENDERS if tier == 0 else max(1, LEARNED_SOLVERS + 1 - tier)
+
+
+def _race(run: _Run, k: int) -> None:
+    """Rounds of more test noises for the cells not clearly worse than the leader (a global schedule):
+    paired differences on the noises all of them share. The best baseline stays in (the reference)."""
+    for n in run.rounds()[1:]:
+        rows = _ok(run, k)
+        glob = [r for r in rows if "sigmas" in r]
+        if not glob:
+            return
+        m = min(r["n"] for r in rows)
+        lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
+        base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
+        alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
+        if len([r for r in alive if r is not base]) <= 1:
+            return
+        for r in alive:
+            _do(run, k, r["method"], r["solver"], n)
+
+
+def _close(d: torch.Tensor) -> bool:
+    """Whether paired differences to the leader leave the cell in the race: not Z standard errors above 0."""
+    return len(d) < 2 or float(d.mean()) <= Z * float(d.std()) / math.sqrt(len(d))
+
+
+def _tune_nfe(run: _Run, k: int, methods: list[str], solvers: list[str]) -> None:
+    """All the stages at NFE ``k``: karras with every solver, the other baselines and the optimizers for
+    the best solvers, the learned methods for the best of those, then the race."""
+    base = [m for m in methods if m in BUILTIN_SCHEDULES]
+    first = base[:1] if "karras" not in base else ["karras"]
+    _stage(run, k, first, solvers, solvers, len(solvers), "")
+    ranked = _ranked_solvers(run, k, solvers) or solvers
+    why = f"not among the {CONTENDERS} best solvers at NFE {k} (by {first[0] if first else 'their'} error)"
+    _stage(run, k, [m for m in base if m not in first], solvers, ranked, CONTENDERS, why)
+    for tier in sorted({METHODS[m].tier for m in methods if m in METHODS}):
+        count, ranked = _solver_count(tier), _ranked_solvers(run, k, solvers) or solvers
+        why = f"not among the {count} best solver(s) at NFE {k} so far" + (" (a learned method)" if tier else "")
+        _stage(run, k, [m for m in methods if m in METHODS and METHODS[m].tier == tier], solvers, ranked, count, why)
+    if not run.exhaustive:
+        _race(run, k)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs, resume, the plan
 
 
 def _names(value, everything: list[str]) -> list[str]:
@@ -183,72 +350,178 @@ def _checked(methods, solvers) -> tuple[list[str], list[str]]:
     return methods, solvers
 
 
+def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
+    """The cells of an earlier run with the same key (failed ones too, unless ``retry_failed``); a file
+    of another run or version starts afresh, with a warning saying what differs."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        cells = {_cell_name(c["nfe"], c["method"], c["solver"]): c for c in data.get("cells", [])}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        warnings.warn(f"{path} is not a fewstep results file: starting afresh", FewstepWarning, stacklevel=3)
+        return {}
+    old = data.get("key") if isinstance(data.get("key"), dict) else {}
+    differs = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    if data.get("version") != RESULTS_VERSION or differs:
+        warnings.warn(f"{path} was made by another run (differs in: {', '.join(differs) or 'version'}): "
+                      "starting afresh", FewstepWarning, stacklevel=3)
+        return {}
+    return {n: c for n, c in cells.items() if not (retry_failed and c.get("status") == "failed")
+            and c.get("status") != "pruned"}
+
+
+def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: int, n_test: int,
+              teacher_steps: int, options: dict, exhaustive: bool) -> dict:
+    """Evaluations each stage is expected to cost (the methods' own cost formulas, ``Method.cost``)."""
+    n1 = n_test if exhaustive else min(FIRST_ROUND, n_test)
+    est = {"teacher": (n_calib + n_test) * (teacher_steps + 1)}
+    for m in methods:
+        count = len(solvers) if exhaustive or m == "karras" else min(len(solvers), CONTENDERS)
+        if m in METHODS and METHODS[m].tier and not exhaustive:
+            count = _solver_count(METHODS[m].tier)
+        per = 0  # a method's cost per solver: its mean over the solvers (which ones race is not known yet)
+        if m in METHODS:
+            opts = METHODS[m].make_options(m, options[m])
+            per = sum(METHODS[m].cost(opts, s, k, n_calib) for k in nfes for s in solvers) / len(solvers)
+        est[m] = int(count * (per + n1 * sum(nfes)))
+    if not exhaustive:
+        est["race"] = 3 * (n_test - n1) * sum(nfes)
+    return est
+
+
+def _plan(run: _Run, nfes, methods, solvers, n_calib, n_test, options, seconds: float) -> dict:
+    """The run's plan: its cells, sizes and the evaluations each stage is expected to cost, printed."""
+    est = _estimate(methods, solvers, nfes, n_calib, n_test, run.teacher.steps(run.info["sigma_max"]), options,
+                    run.exhaustive)
+    total = sum(est.values())
+    plan_ = {"nfe": nfes, "methods": methods, "solvers": solvers, "n_calib": n_calib, "n_test": n_test,
+             "mode": "exhaustive" if run.exhaustive else "race", "estimated_evaluations": est,
+             "estimated_total": total, "seconds_per_evaluation": seconds, "estimated_hours": total * seconds / 3600,
+             "budget": run.meter.budget}
+    return plan_
+
+
+def plan_text(plan_: dict) -> str:
+    lines = [f"fewstep tune plan ({plan_['mode']}): NFE {plan_['nfe']}, {len(plan_['methods'])} methods x "
+             f"{len(plan_['solvers'])} solvers, {plan_['n_calib']} calibration and up to {plan_['n_test']} test noises"]
+    lines += [f"  {stage:14} ~{n:>12,} evaluations" for stage, n in plan_["estimated_evaluations"].items()]
+    lines.append(f"  {'total':14} ~{plan_['estimated_total']:>12,} evaluations, ~{plan_['estimated_hours'] * 60:.1f} "
+                 f"min at {plan_['seconds_per_evaluation'] * 1e3:.3g} ms per evaluation (timed)"
+                 + (f"; budget {plan_['budget']:,}: what does not fit is left out" if plan_["budget"] else ""))
+    return "\n".join(lines)
+
+
+def _teacher_to_errors(run: _Run, k: int, methods: list[str], solvers: list[str]) -> None:
+    """Tie the teacher's tolerance to the least error of karras (or the first baseline) at NFE ``k``:
+    ``TEACHER_SHARE`` of it. If the teacher is refined, what was scored against it is scored again."""
+    first = "karras" if "karras" in methods else next((m for m in methods if m in BUILTIN_SCHEDULES), None)
+    if first is None:
+        return
+    _stage(run, k, [first], solvers, solvers, len(solvers), "")
+    errs = [r["mean"] for r in _ok(run, k, methods=[first])]
+    if not errs:
+        return
+    steps = run.teacher.steps(run.info["sigma_max"])
+    with run.meter.at("teacher"):
+        run.teacher.refine_to(TEACHER_SHARE * min(errs), run.info["sigma_max"])
+        moved = run.teacher.steps(run.info["sigma_max"]) != steps
+    if moved:
+        run.refs.clear()
+        for name in [n for n, r in run.results.items() if r["nfe"] == k and r["method"] == first]:
+            del run.results[name]
+            run.errors.pop(name, None)
+
+
 def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str | Path | None = None, *,
          quick: bool = False, n_calib: int | None = None, n_test: int | None = None, shape=None,
          sigma_min: float | None = None, sigma_max: float | None = None, teacher: Teacher | None = None,
          method_options: dict | None = None, progress: bool = True, report: bool = True,
-         model_id: str | None = None, retry_failed: bool = False) -> dict:
-    """Score every (NFE, method, solver) cell on held-out noises; return and write the results.
+         model_id: str | None = None, retry_failed: bool = False, budget: int | None = None,
+         exhaustive: bool = False, seconds_per_eval: float | None = None) -> dict:
+    """The best schedule per NFE, raced on held-out noises (module docstring); returns and writes the results.
 
-    Returns ``{"cells": [...], "best": {nfe: cell}, ...}``. With ``outdir``: ``results.json``,
-    ``schedules/``, ``best/nfe-<N>.json`` and the report (``report.html``, ``report.md``, ``plots/``).
-    A rerun into the same ``outdir`` with the same settings resumes; a cell that failed is retried only
-    with ``retry_failed``. ``model_id``: the model's identity in the resume key and the teacher cache
-    (default: its name and ``models.info.fingerprint``, which follows its weights).
+    Returns ``{"cells": [...], "best": {nfe: ...}, "plan": ..., "cost": ...}``. With ``outdir``:
+    ``results.json``, ``schedules/``, ``best/nfe-<N>.json`` and the report. A rerun into the same
+    ``outdir`` with the same settings resumes; a failed cell is retried only with ``retry_failed``.
+    ``budget``: at most this many network evaluations in all, teacher included; ``exhaustive``: every
+    cell on every test noise; ``seconds_per_eval``: the report's cost in hours at that speed.
+    ``model_id``: the model's identity in the resume key and the teacher cache (default: its name and
+    ``models.info.fingerprint``). ``teacher``: its settings (steps or tolerance, cache) are used, around
+    the counted model.
     """
+    if budget is not None and (isinstance(budget, bool) or int(budget) != budget or budget < 1):
+        raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
     nfes, n_calib, n_test = _counts(nfe, n_calib, n_test, Sizes.quick() if quick else Sizes())
     methods, solvers = _checked(methods, solvers)
     out = _writable(outdir)
     info = model_info(denoiser, shape, sigma_min, sigma_max)
-    probe_denoiser(denoiser, info)
+    meter = Meter(denoiser, budget)
+    with meter.at("probe"):
+        probe_denoiser(meter, info)
+        seconds = seconds_per_row(meter, noise(min(n_calib, 16), info["shape"], info["sigma_max"], CALIB_SEED,
+                                               device=info["device"]), info["sigma_max"])
     model_id = model_id or f"{info['name']}@{fingerprint(denoiser)}"
-    calib = noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"])
-    x_test = noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"])
-    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=model_id,
-                                 cache_dir=out / "teacher" if out else None, progress=progress)
+    teacher = (teacher.using(meter) if teacher is not None else
+               Teacher(meter, sigma_min=info["sigma_min"], model_id=model_id, shape=info["shape"],
+                       cache_dir=out / "teacher" if out else None, progress=progress))
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
     key = {"model": model_id, "fewstep": __version__, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
            "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED, "test_seed": TEST_SEED,
-           "teacher_steps": teacher.steps, "teacher_sigma_min": teacher.sigma_min, "method_options": options}
-    run = _Run(denoiser, info, calib, x_test, teacher.solve(x_test, info["sigma_max"]), teacher, options, out)
-    done = _load_results(out / "results.json", key, retry_failed) if out else {}
-    results: dict[str, dict] = {}
-    bar = tqdm([(k, m, s) for k in nfes for m in methods for s in solvers], desc="tune", disable=not progress)
-    for k, method, solver in bar:
-        name = _cell_name(k, method, solver)
-        bar.set_postfix_str(name)
-        results[name] = done[name] if name in done else _cell(run, k, method, solver)
-        if out is not None and name not in done:
-            _write_results(out, key, info, results)
-    summary = {"version": RESULTS_VERSION, "key": key, "model": info, "cells": list(results.values()),
-               "best": _best(results, nfes)}
-    if out is not None:
-        _write_results(out, key, info, results)
-        _write_best(out, summary, info)
+           "teacher_sigma_min": teacher.sigma_min, "teacher_tol": teacher.tol, "method_options": options,
+           "mode": "exhaustive" if exhaustive else "race", "budget": budget, "methods": methods, "solvers": solvers}
+    run = _Run(meter, info, noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"]),
+               noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"]), teacher, options, out,
+               key, exhaustive)
+    run.results = _load_results(out / "results.json", key, retry_failed) if out else {}
+    with meter.at("teacher"):
+        plan_ = _plan(run, nfes, methods, solvers, n_calib, n_test, options, seconds)
+    if progress:
+        tqdm.write(plan_text(plan_))
+    run.progress = tqdm(total=plan_["estimated_total"], desc="tune (evaluations)", disable=not progress, unit="ev")
+    try:
+        _teacher_to_errors(run, max(nfes), methods, solvers)
+        for k in sorted(nfes, reverse=True):
+            _tune_nfe(run, k, methods, solvers)
+    finally:
+        run.progress.close()
+    return _finish(run, nfes, plan_, report, seconds_per_eval)
+
+
+def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_eval: float | None) -> dict:
+    run.save()
+    scored = max((len(e) for e in run.errors.values()), default=0)
+    with run.meter.at("teacher"):  # on every test noise a result is measured on
+        error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored)) if scored else None
+    cost = {**run.cost(), **run.meter.report(seconds_per_eval)}
+    cost["teacher"]["error"] = error
+    summary = {"version": RESULTS_VERSION, "key": run.key, "model": run.info, "plan": plan_, "cost": cost,
+               "cells": list(run.results.values()), "best": _best(run.results, nfes)}
+    if run.out is not None:
+        _write_best(run.out, summary, run.info)
         if report:
             from .report import write_report
-            write_report(out, summary, denoiser, teacher, x_test)
+            with run.meter.at("scoring"):
+                write_report(run.out, summary, run.meter, run.teacher, run.x_test[:FIRST_ROUND])
     return summary
 
 
-def _write_results(out: Path, key: dict, info: dict, results: dict) -> None:
-    payload = {"version": RESULTS_VERSION, "key": key, "model": {**info, "shape": list(info["shape"])},
-               "cells": list(results.values())}
-    write_atomic(out / "results.json", json.dumps(payload, indent=1))
-
-
 def _best(results: dict, nfes: list[int]) -> dict:
-    """Per NFE: the best global schedule and its runner-up, the best baseline, and the best
-    per-sample policy where one beats the best global schedule."""
+    """Per NFE: the best global schedule (among those scored on the most test noises) and its runner-up,
+    the best baseline, and the best per-sample policy where one beats the best global schedule on the
+    same noises."""
     best = {}
     for k in nfes:
-        ok = sorted((c for c in results.values() if c["nfe"] == k and c["status"] == "ok"), key=lambda c: c["mean"])
-        glob = [c for c in ok if "sigmas" in c]
-        if not glob:
+        ok = [c for c in results.values() if c["nfe"] == k and c["status"] == "ok"]
+        if not [c for c in ok if "sigmas" in c]:
             continue
-        base = [c for c in glob if c["method"] in BUILTIN_SCHEDULES]
+        n = max(c["n"] for c in ok if "sigmas" in c)
+        full = sorted((c for c in ok if c["n"] >= n), key=lambda c: c["mean"])
+        glob = [c for c in full if "sigmas" in c]
+        base = sorted((c for c in ok if "sigmas" in c and c["method"] in BUILTIN_SCHEDULES),
+                      key=lambda c: (-c["n"], c["mean"]))
         # beyond rounding: a policy gated back to a global schedule computes it along another path
-        policies = [c for c in ok if "sigmas" not in c and c["mean"] < glob[0]["mean"] * (1 - 1e-9)]
+        policies = [c for c in full if "sigmas" not in c and c["mean"] < glob[0]["mean"] * (1 - 1e-9)]
         best[str(k)] = {"winner": glob[0], "runner_up": glob[1] if len(glob) > 1 else None,
                         "best_baseline": base[0] if base else None, "policy": policies[0] if policies else None}
     return best

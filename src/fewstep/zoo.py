@@ -100,14 +100,8 @@ def digits_unet() -> Callable:
 
 
 def digits_flow() -> Callable:
-    """Trained rectified-flow UNet (velocity) on the 8x8 digits, as a flow denoiser.
-
-    Its teacher needs 1024 Heun steps to move by < 1e-4 when refined (``bench/teacher.py``: 3.3e-4 at
-    512): ``teacher_steps`` tells fewstep.Teacher so.
-    """
-    den = _shipped("digits-flow")
-    den.teacher_steps = 1024
-    return den
+    """Trained rectified-flow UNet (velocity) on the 8x8 digits, as a flow denoiser."""
+    return _shipped("digits-flow")
 
 
 BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64, "gmm-scales": gmm_scales,

@@ -79,7 +79,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     entry = METHODS[method]
     opts = entry.make_options(method, options)
     ctx, info = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress)
-    teacher_calls0, start = ctx.teacher.calls, time.perf_counter()
+    teacher_rows0, start = ctx.teacher.rows, time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's
     # schedule, inside fewstep.tune) is answered from memory.
     result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, opts),
@@ -90,8 +90,9 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
         "provenance": {
             **result.metadata.get("provenance", {}),
             "calib_n": int(ctx.x.shape[0]), "calib_seed": seed, "seconds": round(time.perf_counter() - start, 3),
-            "denoiser_calls": ctx.denoiser.calls + ctx.teacher.calls - teacher_calls0,
-            "teacher_steps": ctx.teacher.steps, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
+            "evaluations": {"teacher": ctx.teacher.rows - teacher_rows0, "method": ctx.denoiser.rows,
+                            "total": ctx.teacher.rows - teacher_rows0 + ctx.denoiser.rows},
+            "teacher_steps": ctx.teacher.steps(ctx.sigma_max), "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
             "fewstep": __version__,
         },
     }

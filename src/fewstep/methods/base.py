@@ -19,16 +19,26 @@ from ..schedules import ScheduleLike
 from ..teacher import Teacher, content_key
 
 
+def _no_cost(opts: Any, solver: str, nfe: int, n: int) -> int:
+    return 0
+
+
 @dataclass(frozen=True)
 class Method:
     """A registry entry: the function, its options class, and the options ``fewstep.tune`` passes by default
     (``tune``: cheaper settings where a method offers them; ``quick``: on top of those for ``tune --quick``;
-    the user's ``method_options`` override both)."""
+    the user's ``method_options`` override both). ``cost(opts, solver, nfe, n)``: the network evaluations
+    the method is expected to spend with ``n`` calibration noises, beyond the teacher's solve (its
+    documented cost formula; ``fewstep tune`` plans and budgets with it). ``tier``: 0 for a method a
+    tune runs for its best few solvers per NFE, 1 for one trained by gradient (costly: the best two),
+    2 for one trained on top of a tier-1 method's result (the best one)."""
 
     fn: Callable
     options: type
     tune: dict = field(default_factory=dict)
     quick: dict = field(default_factory=dict)
+    cost: Callable = _no_cost
+    tier: int = 0
 
     def make_options(self, name: str, given: dict) -> Any:
         """The options dataclass from keyword options; unknown keys are named."""
@@ -46,10 +56,10 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, options: type, tune_options: dict | None = None,
-             quick_options: dict | None = None) -> Callable:
+def register(name: str, options: type, tune_options: dict | None = None, quick_options: dict | None = None,
+             cost: Callable = _no_cost, tier: int = 0) -> Callable:
     def deco(fn: Callable) -> Callable:
-        METHODS[name] = Method(fn, options, dict(tune_options or {}), dict(quick_options or {}))
+        METHODS[name] = Method(fn, options, dict(tune_options or {}), dict(quick_options or {}), cost, tier)
         return fn
     return deco
 
@@ -93,4 +103,4 @@ class Calibration:
 def memo_key(ctx: Calibration, method: str, solver: str, nfe: int, opts: Any) -> tuple:
     """What ``optimize`` files a result under: the request with every option's value, so a method that
     starts from another's schedule (LD3 from OSS) finds it whichever way it was asked for."""
-    return (method, solver, int(nfe), ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps, option_items(opts))
+    return (method, solver, int(nfe), ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps(ctx.sigma_max), option_items(opts))

@@ -37,13 +37,13 @@ Differences from the reference (zju-pi/diff-sampler gits-main): the reference co
 one Euler step along the teacher's derivative, scored by a signed trajectory-deviation metric ('dev')
 with the coeff^m weight; its schedule ends at sigma_min with no final denoising step; its teacher is
 iPNDM on its 61-point grid. Here the score is the RMSE the schedule is judged by with the propagation
-weight, the last step goes to 0, and the teacher is Heun with ``substeps`` per grid interval.
+weight, the last step goes to 0, and the teacher is the run's error-controlled one (``teacher.py``).
 
-Cost in denoiser calls (G grid points, K steps, warm-up batch B, M distinct schedules among the auto
-candidates, M <= 24): the teacher (G * substeps Heun steps, 2 calls each, per sample), one batched call
-of G * B samples (the model on the teacher states), and M * K * B samples to measure the candidates;
-Heun adds one corrector call per candidate pair, G^2 / 2 * B samples for each of its two step orders.
-The DP itself is K levels of [G, G] tensor operations per candidate, no model calls.
+Cost in network evaluations (rows; G grid points, K steps, warm-up batch B, M distinct schedules among
+the auto candidates, M <= 24): the teacher's solve of the B states (shared with every method of a run;
+the model's outputs on the teacher states come with it), and M * K * B to measure the candidates; Heun
+adds one corrector call per candidate pair, (G^2 / 2) * B for each of its two step orders. The DP
+itself is K levels of [G, G] tensor operations per candidate, no model calls.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def _floats(v) -> list[float]:
 class Options:
     """GITS's options.
 
-    ``grid``: candidate grid points; ``substeps``: teacher Heun steps per grid interval (None: the
+    ``grid``: candidate grid points; ``substeps``: teacher steps per grid interval (None: the
     teacher's steps spread over the grid); ``coeff``: weight coeff^m of step m in the path cost (> 0;
     the reference uses 1.15), a list of them, or 'auto' (AUTO_COEFFS); ``propagation``: the exponent p
     of the propagation weight w_j^p (>= 0; 0 is the reference's unweighted cost), a list, or 'auto'
@@ -149,17 +149,17 @@ def _dp(steps: int, end: int, coeff: float, weight: torch.Tensor, final: torch.T
     return paths[best].tolist() + [end]
 
 
-def _on_teacher(ctx: Calibration, model: Counter, sig: torch.Tensor, n: int, substeps: int | None):
+def _on_teacher(ctx: Calibration, sig: torch.Tensor, n: int, substeps: int | None):
     """The teacher on the grid from the first ``n`` calibration states, the model's outputs on its states
-    (the solver's history), the final step's cost at each point, and the propagation weight w_j."""
-    traj, substeps = teacher_on_grid(ctx.teacher, ctx.x[:n], sig, substeps)
+    (the solver's history; they come with the teacher's solve), the final step's cost at each point, and
+    the propagation weight w_j."""
+    traj, den = teacher_on_grid(ctx.teacher, ctx.x[:n], sig, substeps)
     end = len(sig) - 1
-    den = model(traj[:end].flatten(0, 1), per_sample(sig[:end], n)).view_as(traj[:end])
     final = batch_rmse(den, traj[end].expand_as(den))
     # how much of an error at sigma_j reaches the sample: spread(x_0) / spread(x_sigma_j) over the batch,
     # exact for isotropic Gaussian data (x_0 - mu = s / sqrt(s^2 + sigma^2) (x_sigma - mu) along the ODE)
     spread = (traj - traj.mean(1, keepdim=True)).pow(2).flatten(1).mean(1).sqrt()
-    return traj, substeps, den, final, (spread[end] / spread).cpu()
+    return traj, den, final, (spread[end] / spread).cpu()
 
 
 def _level_costs(model: Counter, solver: str, orders, steps: int, history: int, traj: torch.Tensor,
@@ -183,7 +183,14 @@ def _level_costs(model: Counter, solver: str, orders, steps: int, history: int, 
     return level_cost
 
 
-@register("gits", Options, tune_options={"grid": 40})
+def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
+    """M * K * B to measure the candidate schedules (M distinct among the pairs, about half of them),
+    plus Heun's corrector call per candidate pair, G^2 * B."""
+    b, pairs = min(n, opts.warmup or n), len(opts.coeffs()) * len(opts.propagations())
+    return (pairs + 1) // 2 * nfe * b + (opts.grid ** 2 * b if get_solver(solver).calls_per_step == 2 else 0)
+
+
+@register("gits", Options, tune_options={"grid": 40}, cost=cost)
 @torch.no_grad()
 def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """GITS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid:
@@ -195,7 +202,7 @@ def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
         raise ValueError(f"warmup must be between 1 and the calibration batch size {ctx.x.shape[0]}, got {opts.warmup}")
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, opts.grid)
     end, orders, model = opts.grid, sopts.get("orders"), Counter(ctx.denoiser)
-    traj, substeps, den, final, weight = _on_teacher(ctx, model, sig, n, opts.substeps)
+    traj, den, final, weight = _on_teacher(ctx, sig, n, opts.substeps)
     history = opts.history if get_solver(solver).calls_per_step == 1 else 0  # a two-call solver (Heun) has none
     level_cost = _level_costs(model, solver, orders, steps, history, traj, den, sig)
     tried, errors = [], {}
@@ -208,6 +215,6 @@ def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     c, p, calib = min(tried, key=lambda t: t[2])
     path = _dp(steps, end, c, weight ** p, final, level_cost)
     return Schedule(sig[path], solver=solver, solver_options=sopts, method="gits",
-                    provenance={"grid": {"size": opts.grid, "rho": RHO, "substeps": substeps, "indices": path},
+                    provenance={"grid": {"size": opts.grid, "rho": RHO, "substeps": opts.substeps, "indices": path},
                                 "coeff": c, "propagation": p, "candidates": tried, "warmup": n,
-                                "evaluations": model.samples, "calib_error": calib})
+                                "candidate_rows": model.samples, "calib_error": calib})

@@ -1,4 +1,4 @@
-"""The fine candidate grid that GITS and OSS pick their timesteps from, and the teacher on it.
+"""The candidate grid that GITS and OSS pick their timesteps from, and the teacher on it.
 
 The grid is the EDM polynomial schedule (Karras et al. 2022, eq. 5; rho = 7 as in GITS's reference,
 zju-pi/diff-sampler ``gits-main``) with ``size`` points from sigma_max down to sigma_min, plus a final 0:
@@ -25,14 +25,13 @@ def candidate_grid(sigma_min: float, sigma_max: float, size: int = DEFAULT_SIZE,
 
 
 def teacher_on_grid(teacher, x: torch.Tensor, grid: torch.Tensor,
-                    substeps: int | None = None) -> tuple[torch.Tensor, int]:
-    """Teacher states from ``x`` (at grid[0]) at every grid sigma, ``[len(grid), batch, ...]`` float64,
-    and the Heun substeps per interval used (None: the teacher's own steps spread over the grid)."""
-    if substeps is None:
-        substeps = max(1, teacher.steps // (len(grid) - 1))
-    if int(substeps) != substeps or substeps < 1:
+                    substeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher states from ``x`` (at grid[0]) at every grid sigma, ``[len(grid), batch, ...]`` float64, and
+    the model's outputs at them (but the last, 0): from the teacher's one solve when the grid is its
+    candidate grid (``substeps`` None), else solved with ``substeps`` steps per interval."""
+    if substeps is not None and (int(substeps) != substeps or substeps < 1):
         raise ValueError(f"teacher substeps must be a positive integer, got {substeps!r}")
-    return teacher.trajectory(x, grid, int(substeps)), int(substeps)
+    return teacher.with_outputs(x, grid, None if substeps is None else int(substeps))
 
 
 def check_steps(steps: int, size: int) -> None:

@@ -353,9 +353,17 @@ def _setup(ctx: Calibration, solver: str, nfe: int, o: Options) -> tuple[_Traine
     return t, global_record
 
 
+def cost(o: Options, solver: str, nfe: int, n: int) -> int:
+    """LD3's global stage (shared with the ld3 method), then the global corrections and phi, each up to
+    its iterations on the whole batch: (corrections_iters + iters * kinds) * max(B, samples) * NFE."""
+    kinds = 2 if o.policy == "auto" else 1
+    return (o.corrections_iters * o.corrections + o.iters * kinds) * max(n, o.samples) * nfe
+
+
 @register("instance", Options,
-          tune_options={"oss_grid": 40, "policy": "residual", "iters": 20, "patience": 5, "corrections_iters": 20},
-          quick_options={"ld3_iters": 10, "iters": 10, "patience": 5, "corrections_iters": 10})
+          tune_options={"oss_grid": 40, "policy": "residual", "iters": 20, "patience": 5, "corrections_iters": 20,
+                        "ld3_iters": 30},
+          quick_options={"ld3_iters": 10, "iters": 10, "patience": 5, "corrections_iters": 10}, cost=cost, tier=2)
 def instance(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top
     (``Options``); phi is kept only where its validation gain passes the gate. phi's initialisation is

@@ -325,7 +325,7 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tupl
     if opts.radius is None:
         opts = replace(opts, radius=default_radius(ctx.x.shape[1:], steps))
     calls0 = ctx.denoiser.calls + ctx.teacher.calls
-    logits, record = ctx.memo("ld3.learn_global", (solver, nfe, ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps,
+    logits, record = ctx.memo("ld3.learn_global", (solver, nfe, ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps(ctx.sigma_max),
                                                    option_items(opts)),
                               lambda: _train_starts(ctx, solver, nfe, sopts, steps, opts))
     reused = ctx.denoiser.calls + ctx.teacher.calls == calls0
@@ -333,7 +333,15 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tupl
 
 
 # tune: the OSS grid of tune's own oss cells, and (quick) the iters instance's global stage uses: both reused
-@register("ld3", Options, tune_options={"oss_grid": 40}, quick_options={"iters": 10})
+def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
+    """Ranking the 12 starts on the training part, then up to ``iters`` steps on the whole batch (the
+    training part forward and backward, the validation part forward), per start: 12 * B/2 * NFE +
+    starts * iters * B * NFE (OSS's cost too when its schedule is not there already)."""
+    return 6 * n * nfe + opts.starts * opts.iters * n * nfe
+
+
+@register("ld3", Options, tune_options={"oss_grid": 40, "iters": 30}, quick_options={"iters": 10},
+          cost=cost, tier=1)
 def ld3(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver."""
     logits, steps, sopts, record = learn_global(ctx, solver, nfe, opts)

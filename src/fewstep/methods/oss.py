@@ -11,13 +11,13 @@ score is the final error. Kept per point: the best predecessor (optimal substruc
 Differences from the reference (bebebe666/OptimalSteps, OSS/OSS.py): the cost is the solver actually
 used, with its history, not an Euler step; one schedule for the batch's mean error, not per-sample paths
 combined by a median; every path starts at sigma_max (the reference seeds every grid point with the
-noise); exactly ``steps`` levels, not "at most"; a teacher on a polynomial grid (Heun with substeps),
+noise); exactly ``steps`` levels, not "at most"; the run's error-controlled teacher on its candidate grid,
 not 200 Euler steps.
 
-Cost in denoiser calls (G grid points, K steps from ``plan(solver, nfe)``, batch B): the teacher,
-G * substeps Heun steps (2 calls each) per sample; then at most G * B per level, K * G * B in all.
-Heun adds its corrector call for every candidate pair, about G^2 / 2 * B per level, plus G * B to rerun
-the winners. Replays cost no calls but O(K^2 G^2 B) solver arithmetic.
+Cost in network evaluations (rows; G grid points, K steps from ``plan(solver, nfe)``, batch B): the
+teacher's solve of the B states (shared with every method of a run); then at most G * B per level,
+K * G * B in all. Heun adds its corrector call for every candidate pair, about (G^2 / 2) * B per level,
+plus G * B to rerun the winners. Replays cost no calls but O(K^2 G^2 B) solver arithmetic.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedules import RHO, Schedule
-from ..solvers import plan
+from ..solvers import get_solver, plan
 from .base import Calibration, register
 from .dp import Counter, batch_rmse, extend, pad_sigmas, per_sample, run_candidates, step_calls
 from .grid import DEFAULT_SIZE, candidate_grid, check_steps, teacher_on_grid
@@ -50,14 +50,21 @@ def _land(ctx: Calibration, model: Counter, solver: str, orders, steps: int, k: 
 
 @dataclass(frozen=True)
 class Options:
-    """OSS's options: ``grid`` candidate grid points; ``substeps`` teacher Heun steps per grid interval
+    """OSS's options: ``grid`` candidate grid points; ``substeps`` teacher steps per grid interval
     (None: the teacher's steps spread over the grid)."""
 
     grid: int = DEFAULT_SIZE
     substeps: int | None = None
 
 
-@register("oss", Options, tune_options={"grid": 40})
+def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
+    """K * G * B: one model call per kept grid point and sample at each of the K levels; Heun's corrector
+    call for every candidate pair, (G^2 / 2) * B per level."""
+    steps = plan(solver, nfe)[0]
+    return steps * opts.grid * n * (1 + (opts.grid // 2 if get_solver(solver).calls_per_step == 2 else 0))
+
+
+@register("oss", Options, tune_options={"grid": 40}, cost=cost)
 @torch.no_grad()
 def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid."""
@@ -66,7 +73,7 @@ def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     check_steps(steps, grid)
     orders = sopts.get("orders")
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, grid)
-    traj, substeps = teacher_on_grid(ctx.teacher, ctx.x, sig, opts.substeps)
+    traj, _ = teacher_on_grid(ctx.teacher, ctx.x, sig, opts.substeps)
     end, b = grid, ctx.x.shape[0]
     model = Counter(ctx.denoiser)
     nodes = torch.zeros(1, dtype=torch.long)  # grid index of each kept point at this level
@@ -88,5 +95,5 @@ def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
         states, rec = land(a, nodes)
         outs = [o[a] for o in outs] + rec
     return Schedule(sig[path], solver=solver, solver_options=sopts, method="oss",
-                    provenance={"grid": {"size": grid, "rho": RHO, "substeps": substeps, "indices": path},
-                                "evaluations": model.samples, "calib_error": float(err[best])})
+                    provenance={"grid": {"size": grid, "rho": RHO, "substeps": opts.substeps, "indices": path},
+                                "candidate_rows": model.samples, "calib_error": float(err[best])})

@@ -278,6 +278,7 @@ class Options:
     among the switches a threshold can make, the one with the lowest error to the teacher on
     ``gate_samples`` noises, and stores tau = kappa at that step; ``switch`` fixes the step at which the
     higher order starts (e.g. 1: first order on the first step only, as the reference's small tau does).
+    ``search_samples``: the search walks the first that many calibration noises (default: all of them).
     """
 
     eta_min: float = ETA_MIN
@@ -298,6 +299,7 @@ class Options:
     c_shrink: float = C_SHRINK
     max_expand: int = MAX_EXPAND
     max_shrink: int = MAX_SHRINK
+    search_samples: int | None = None
 
     def __post_init__(self):
         _check(self)
@@ -327,6 +329,8 @@ def _check(o: Options) -> None:
         raise ValueError(f"batch must be 'rms' (W2 bound over the batch) or 'mean' (the reference's), got {o.batch!r}")
     if int(o.grid_points) != o.grid_points or o.grid_points < 2:
         raise ValueError(f"grid_points must be an integer >= 2, got {o.grid_points!r}")
+    if o.search_samples is not None and (int(o.search_samples) != o.search_samples or o.search_samples < 1):
+        raise ValueError(f"search_samples must be a positive integer or None, got {o.search_samples!r}")
     if o.power <= 0 or o.q < 0 or o.eta_p <= 0 or o.rho <= 0:
         raise ValueError(f"need power > 0, q >= 0, eta_p > 0, rho > 0; got {o.power}, {o.q}, {o.eta_p}, {o.rho}")
 
@@ -379,7 +383,14 @@ def _choose(ctx: Calibration, solver: str, candidates: list, gate_samples: int) 
     return candidates[errs.index(err)], err
 
 
-@register("sdm", Options)
+def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
+    """The step search (shared by every sdm call on the batch: measured at about 700 rows per noise
+    searched), the gate measured on the candidates (about 3, B * NFE each), and the choice among them on
+    max(B, gate_samples) noises (whose teacher solves the extra ones)."""
+    return 700 * min(n, opts.search_samples or n) + 3 * n * nfe + (3 * max(n, opts.gate_samples) * nfe if opts.gate else 0)
+
+
+@register("sdm", Options, tune_options={"gate_samples": 1, "search_samples": 8}, cost=cost)
 @torch.no_grad()
 def sdm(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """SDM schedule of exactly ``nfe`` calls for ``solver`` (``Options``; docs/methods/sdm.md)."""
@@ -387,8 +398,9 @@ def sdm(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
         raise ValueError(f"sdm needs nfe >= 2 (a step to sigma_min and the final step to 0), got {nfe}")
     settings = opts.search_settings()
     # The search depends on neither the solver nor the NFE: shared by every sdm call on this batch.
-    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings),
-                                  lambda: search(ctx.denoiser, ctx.x, ctx.sigma_min, ctx.sigma_max, **settings))
+    xs = ctx.x[:opts.search_samples]
+    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings, len(xs)),
+                                  lambda: search(ctx.denoiser, xs, ctx.sigma_min, ctx.sigma_max, **settings))
     info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
     high = get_solver(solver).max_order()
     if not opts.gate or high == 1:

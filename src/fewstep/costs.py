@@ -1,0 +1,83 @@
+"""What a run costs: network evaluations (rows through the network: a batched call of 128 rows is 128),
+counted where the model is called, attributed to stages, and kept within a budget.
+
+``Meter`` wraps the user's denoiser once, below every fewstep wrapper, so nothing escapes the count;
+``stage`` names what the rows are for (teacher, method, scoring, probe). With a ``budget`` the meter
+refuses a call that would exceed it (``BudgetExhausted``), so a run never spends more than it was given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterator
+
+import torch
+
+STAGES = ("probe", "teacher", "method", "scoring")
+
+
+class BudgetExhausted(RuntimeError):
+    """The next network call would exceed the run's budget of evaluations."""
+
+
+class Meter:
+    """The denoiser, counting the rows it evaluates per stage (and the seconds spent in it)."""
+
+    def __init__(self, denoiser: Callable, budget: int | None = None):
+        self.denoiser, self.budget = denoiser, budget
+        self.rows: dict[str, int] = defaultdict(int)
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.stage = "method"
+        for attr in ("shape", "sigma_min", "sigma_max", "name", "device", "model_id"):
+            if getattr(denoiser, attr, None) is not None:
+                setattr(self, attr, getattr(denoiser, attr))
+
+    @property
+    def total(self) -> int:
+        return sum(self.rows.values())
+
+    def left(self) -> float:
+        return float("inf") if self.budget is None else self.budget - self.total
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.left():
+            raise BudgetExhausted(f"the budget of {self.budget:,} evaluations is spent ({self.total:,} used; a call of "
+                                  f"{x.shape[0]} rows would exceed it)")
+        start = time.perf_counter()
+        out = self.denoiser(x, sigma)
+        self.rows[self.stage] += x.shape[0]
+        self.seconds[self.stage] += time.perf_counter() - start
+        return out
+
+    @contextlib.contextmanager
+    def at(self, stage: str) -> Iterator[None]:
+        """Attribute the rows evaluated inside the block to ``stage``."""
+        before, self.stage = self.stage, stage
+        try:
+            yield
+        finally:
+            self.stage = before
+
+    def report(self, seconds_per_eval: float | None = None) -> dict:
+        """Evaluations and seconds per stage; with ``seconds_per_eval``, what the run costs at that speed."""
+        out: dict[str, Any] = {"evaluations": {s: self.rows.get(s, 0) for s in STAGES if self.rows.get(s)},
+                               "model_seconds": {s: round(v, 2) for s, v in self.seconds.items() if v},
+                               "total": self.total, "budget": self.budget}
+        if seconds_per_eval:
+            out["at_seconds_per_eval"] = {"seconds_per_eval": seconds_per_eval,
+                                          "hours": round(self.total * seconds_per_eval / 3600, 3)}
+        return out
+
+
+def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float) -> float:
+    """Wall seconds per evaluated row, from one timed call on ``x`` (after one untimed warm-up call)."""
+    s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        denoiser(x, s)
+        start = time.perf_counter()
+        denoiser(x, s)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - start) / x.shape[0]

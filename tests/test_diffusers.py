@@ -131,11 +131,16 @@ def test_fewstep_scheduler_errors(digits_unet):
         fewstep.FewstepScheduler.from_schedule(karras(4, 0.002, 80.0), config, solver="euler")
     with pytest.raises(ValueError, match="no solver"):
         fewstep.FewstepScheduler.from_schedule(karras(4, 0.02, 80.0), config)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        fewstep.FewstepScheduler.from_config(config).step(torch.zeros(1), 0, torch.zeros(1))
     scheduler.set_timesteps(4)
     x = torch.randn(2, 1, 8, 8)
-    x = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x).prev_sample
-    with pytest.raises(ValueError, match="latents were changed"):
-        scheduler.step(torch.zeros_like(x), scheduler.timesteps[1], x + 1)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="after the last of 4 network calls"):
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[-1], x)
+    with pytest.raises(ValueError, match="sigmas= .one schedule. or schedules="):
+        fewstep.FewstepScheduler(sigmas=[1.0, 0.0], schedules={})
 
 
 # --------------------------------------------------------------------------------------------
@@ -380,3 +385,209 @@ def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
     n = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + best.sigma_max ** 2), best)
     assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 2e-5
+
+
+# --------------------------------------------------------------------------------------------
+# flow pipelines diffusers ships: SD3 and Flux, tiny and random, against their own loops
+
+def clip_config(tok, **kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1,
+                          pad_token_id=len(tok) - 1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=77, **kw)
+
+
+def tiny_vae(latent_channels):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tmp_path_factory):
+    """Two CLIP encoders with projection and no T5 (encode_prompt pads its part with zeros), shift 3."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tok = byte_level_clip_tokenizer(tmp_path_factory.mktemp("sd3-tokenizer"))
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                joint_attention_dim=32, pooled_projection_dim=64)
+    pipe = StableDiffusion3Pipeline(
+        transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(4),
+        text_encoder=CLIPTextModelWithProjection(clip_config(tok, projection_dim=32)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tok, projection_dim=32)), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tmp_path_factory):
+    """Flux with guidance embedding, dynamic shifting, a CLIP encoder and a one-layer T5 encoder (the byte-level
+    tokenizer stands in for T5's: the pipeline only needs ids)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = tmp_path_factory.mktemp("flux-tokenizer")
+    tok = byte_level_clip_tokenizer(folder)
+    t5_tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=512)
+    torch.manual_seed(0)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                 axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    pipe = FluxPipeline(
+        transformer=net, vae=tiny_vae(1), text_encoder=CLIPTextModel(clip_config(tok)), tokenizer=tok,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1, dropout_rate=0.0,
+                                               num_heads=4)), tokenizer_2=t5_tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def network_calls(net):
+    """Record (hidden_states, timestep, output) of every forward of ``net`` (a forward hook)."""
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        calls.append((kwargs.get("hidden_states", args[0] if args else None).clone(), kwargs["timestep"].clone(),
+                      out[0] if isinstance(out, tuple) else out.sample))
+
+    return calls, net.register_forward_hook(hook, with_kwargs=True)
+
+
+def pipeline_denoised(calls, time_unit, guidance=None, batched=True):
+    """(x_t, t, x0) the pipeline computed at each step: D = x_t - t v with the pipeline's guided velocity (the
+    network's timestep is t * time_unit)."""
+    out = []
+    if not batched:  # Flux's true CFG: a conditional call, then an unconditional one
+        calls = [(c[0], c[1], u[2] + guidance * (c[2] - u[2])) for c, u in zip(calls[::2], calls[1::2])]
+    for x_in, t, v in calls:
+        if guidance is not None and batched:
+            x_in, t = x_in.chunk(2)[0], t.chunk(2)[0]
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        t = t.double() / time_unit
+        out.append((x_in, t, x_in - t.reshape(-1, *[1] * (x_in.ndim - 1)) * v))
+    return out
+
+
+def check_denoiser_is_the_pipelines(den, calls, time_unit, **kwargs):
+    """At every (x_t, t) the pipeline's network saw, D(x, sigma) == x_t - t v (relative 1e-5)."""
+    worst, compared = 0.0, 0
+    for x_t, t, want in pipeline_denoised(calls, time_unit, **kwargs):
+        if (t >= 1).any():  # the pipelines' first call is at t = 1, sigma = inf: no EDM state to compare
+            continue
+        compared += 1
+        sigma = t / (1 - t)
+        got = den(x_t.double() * (1 + sigma).reshape(-1, *[1] * (x_t.ndim - 1)), sigma)
+        worst = max(worst, rel(got, want))
+    assert compared >= 2
+    return worst
+
+
+SD3_PROMPT = "a small red house"
+
+
+def test_sd3_denoiser_is_the_pipelines_model(sd3_pipe):
+    calls, handle = network_calls(sd3_pipe.transformer)
+    try:
+        sd3_pipe(SD3_PROMPT, height=8, width=8, num_inference_steps=4, guidance_scale=GUIDANCE,
+                 generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        handle.remove()
+    den = fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT, guidance_scale=GUIDANCE)
+    assert den.shape == (4, 8, 8) and len(calls) == 4
+    assert check_denoiser_is_the_pipelines(den, calls, 1000, guidance=GUIDANCE) <= 1e-5
+    unguided = fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT)  # guidance 1: the conditional estimate only
+    assert check_denoiser_is_the_pipelines(unguided, calls, 1000, guidance=GUIDANCE) > 1e-3
+
+
+def test_sd3_fewstep_scheduler_matches_sample(sd3_pipe):
+    den = fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT, guidance_scale=GUIDANCE)
+    n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for solver, steps in (("dpmpp_2m", 5), ("heun", 3)):
+        sched = fewstep.schedules.flow_uniform(steps, den.sigma_min, den.sigma_max, shift=3.0)
+        sd3_pipe.scheduler = fewstep.FewstepScheduler.from_schedule(sched, sd3_pipe.scheduler.config, solver=solver)
+        got = sd3_pipe(SD3_PROMPT, num_images_per_prompt=2, guidance_scale=GUIDANCE, latents=n.clone(),
+                       num_inference_steps=steps, output_type="latent").images
+        want = fewstep.sample(den, n.double() * (1 + den.sigma_max), sched, solver)  # latents are x_t = x / (1 + sigma)
+        assert rel(got, want) <= 1e-5, solver
+    sd3_pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+FLUX_PROMPT, FLUX_GUIDANCE = "a handwritten seven", 3.5
+
+
+def flux_run(pipe, **kwargs):
+    return pipe(FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE, max_sequence_length=16,
+                output_type="latent", **kwargs).images
+
+
+def test_flux_denoiser_is_the_pipelines_model(flux_pipe):
+    """Flux's transformer takes t in [0, 1]: the wrapped denoiser equals the pipeline's model; wrapped as the
+    scheduler's timesteps (t * 1000, fewstep 0.1's mistake) it is another model."""
+    calls, handle = network_calls(flux_pipe.transformer)
+    try:
+        flux_run(flux_pipe, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+        flux_run(flux_pipe, num_inference_steps=3, generator=torch.Generator().manual_seed(0), true_cfg_scale=2.0,
+                 negative_prompt="blurry")
+    finally:
+        handle.remove()
+    plain, cfg = calls[:4], calls[4:]
+    den = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                 max_sequence_length=16)
+    assert den.shape == (16, 4)  # packed latents: (8/2)(8/2) tokens of 2x2x1 channels
+    assert check_denoiser_is_the_pipelines(den, plain, 1) <= 1e-5
+    guided = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                    max_sequence_length=16, true_cfg_scale=2.0, negative_prompt="blurry")
+    assert check_denoiser_is_the_pipelines(guided, cfg, 1, guidance=2.0, batched=False) <= 1e-5
+    wrong = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                   max_sequence_length=16, time_scale=1000)
+    assert check_denoiser_is_the_pipelines(wrong, plain, 1) > 1e-3
+    # a bare transformer gets the same unit from its class, and the pipeline's mu sets the sigma range
+    bare = fewstep.from_diffusers(flux_pipe.transformer, flux_pipe.scheduler, cond=guided.model.cond, mu=0.5)
+    assert bare.model.net is flux_pipe.transformer and bare.time_scale == 1.0
+    assert (bare.sigma_min, bare.sigma_max) == pytest.approx(fewstep.integrations.diffusers.flow_sigma_range(
+        flux_pipe.scheduler, mu=0.5))
+
+
+def test_flux_fewstep_scheduler_matches_sample(flux_pipe, caplog):
+    den = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                 max_sequence_length=16)
+    n = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(2))
+    sched = fewstep.schedules.karras(4, den.sigma_min, den.sigma_max)
+    own = flux_pipe.scheduler
+    flux_pipe.scheduler = fewstep.FewstepScheduler.from_schedule(sched, own.config, solver="unipc")
+    try:
+        with caplog.at_level("WARNING"):
+            got = flux_run(flux_pipe, num_images_per_prompt=2, latents=n.clone(), num_inference_steps=4)
+    finally:
+        flux_pipe.scheduler = own
+    assert "ignores" not in caplog.text  # FluxPipeline always passes sigmas=: not a user's mistake
+    want = fewstep.sample(den, n.double() * (1 + den.sigma_max), sched, "unipc")
+    assert rel(got, want) <= 1e-5
+
+
+def test_flow_pipeline_errors(flux_pipe, sd3_pipe):
+    import copy
+
+    no_t5 = copy.copy(flux_pipe)
+    no_t5.text_encoder_2 = None
+    with pytest.raises(ValueError, match="no text_encoder_2 .* pass prompt_embeds= and pooled_prompt_embeds="):
+        fewstep.from_diffusers(no_t5, prompt=FLUX_PROMPT)
+    with pytest.raises(ValueError, match="unknown argument.*'num_inference_steps'.*prompt_3"):
+        fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT, num_inference_steps=4)
+    with pytest.raises(ValueError, match="need a pipeline"):
+        fewstep.from_diffusers(sd3_pipe.transformer, sd3_pipe.scheduler, prompt=SD3_PROMPT)
+
+    class MyTransformer2DModel(torch.nn.Module):  # a diffusers transformer fewstep has not checked
+        pass
+
+    MyTransformer2DModel.__module__ = "diffusers.models.transformers.my_transformer"
+    with pytest.raises(ValueError, match="how MyTransformer2DModel takes its timestep: pass time_scale="):
+        fewstep.from_diffusers(MyTransformer2DModel(), sd3_pipe.scheduler)
+    assert fewstep.from_diffusers(MyTransformer2DModel(), sd3_pipe.scheduler, time_scale=1000).time_scale == 1000

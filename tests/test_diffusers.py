@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -591,3 +592,139 @@ def test_flow_pipeline_errors(flux_pipe, sd3_pipe):
     with pytest.raises(ValueError, match="how MyTransformer2DModel takes its timestep: pass time_scale="):
         fewstep.from_diffusers(MyTransformer2DModel(), sd3_pipe.scheduler)
     assert fewstep.from_diffusers(MyTransformer2DModel(), sd3_pipe.scheduler, time_scale=1000).time_scale == 1000
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' scheduler contract (the properties of its SchedulerCommonTest, tests/schedulers/test_schedulers.py)
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def sd_scheduler(solver, **kwargs):
+    """A FewstepScheduler made as a user would from Stable Diffusion's Euler config, without a schedule of its own."""
+    return fewstep.FewstepScheduler.from_config(EulerDiscreteScheduler(**SD_BETAS).config, solver=solver, **kwargs)
+
+
+@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+def test_scheduler_common_properties(solver, tmp_path):
+    scheduler = sd_scheduler(solver)
+    sample = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    residual = 0.1 * sample
+    scheduler.set_timesteps(10)
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.scale_model_input(sample, 0.0).shape == sample.shape
+    assert len(scheduler.timesteps) == fewstep.nfe(scheduler.schedule) and scheduler.schedule.steps == 10
+    # step_shape: two steps at timesteps that are not the schedule's, on the same sample
+    out_0 = scheduler.step(residual, 0, sample).prev_sample
+    out_1 = scheduler.step(residual, 1, sample).prev_sample
+    assert out_0.shape == sample.shape == out_1.shape and scheduler.step_index == 2
+    # outputs equivalence: return_dict=False gives the same tensor
+    scheduler.set_timesteps(10)
+    as_dict = scheduler.step(residual, scheduler.timesteps[0], sample).prev_sample
+    scheduler.set_timesteps(10)
+    assert torch.equal(scheduler.step(residual, scheduler.timesteps[0], sample, return_dict=False)[0], as_dict)
+    # save / load: same config, same step
+    scheduler.save_pretrained(tmp_path / "s")
+    loaded = fewstep.FewstepScheduler.from_pretrained(tmp_path / "s")
+    assert {k: v for k, v in loaded.config.items() if k != "_use_default_values"} == \
+        {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    loaded.set_timesteps(10)
+    assert torch.equal(loaded.step(residual, loaded.timesteps[0], sample).prev_sample, as_dict)
+    # add_noise_device: 100 steps, the 6th timestep
+    scheduler.set_timesteps(100)
+    noise = torch.randn_like(sample)
+    assert scheduler.add_noise(sample, noise, scheduler.timesteps[5][None]).shape == sample.shape
+    # trained_betas survive save / load
+    betas = sd_scheduler(solver, trained_betas=np.array([0.1, 0.3]))
+    betas.save_pretrained(tmp_path / "b")
+    assert fewstep.FewstepScheduler.from_pretrained(tmp_path / "b").betas.tolist() == betas.betas.tolist() \
+        == pytest.approx([0.1, 0.3])
+
+
+def test_add_noise_and_indices_follow_diffusers():
+    """add_noise is DDPM's sqrt(abar) x0 + sqrt(1 - abar) n (flow: (1 - t) x0 + t n) at the call's sigma, chosen as
+    diffusers' schedulers choose it: by timestep, then the begin index (img2img), then the next call (inpainting)."""
+    scheduler = sd_scheduler("dpmpp_2m")
+    scheduler.set_timesteps(6)
+    ddpm = DDPMScheduler(**SD_BETAS)
+    x0, n = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    top = scheduler.timesteps[:1]  # the schedule starts at the trained top, t = 999
+    assert top.item() == pytest.approx(999, abs=1e-3)
+    assert rel(scheduler.add_noise(x0, n, top), ddpm.add_noise(x0, n, torch.tensor([999]))) < 1e-6
+    assert scheduler.begin_index is None and scheduler.step_index is None
+    scheduler.set_begin_index(2)
+    at_begin = scheduler.add_noise(x0, n, scheduler.timesteps[:1])  # the begin index decides, as in Euler's
+    assert torch.equal(at_begin, scheduler.add_noise(x0, n, scheduler.timesteps[2:3]))
+    scheduler.step(torch.zeros_like(x0), scheduler.timesteps[2], at_begin)
+    assert scheduler.begin_index == 2 and scheduler.step_index == 3
+    s3 = scheduler.sigmas[3].double()
+    assert rel(scheduler.add_noise(x0, n, scheduler.timesteps[3:4]), (x0 + s3 * n) / (1 + s3 ** 2).sqrt()) < 1e-6
+    fresh = sd_scheduler("euler")
+    fresh.set_timesteps(4)
+    with pytest.raises(ValueError, match="not all among this scheduler's timesteps"):
+        fresh.add_noise(x0, n, torch.tensor([500.5]))
+    flow = fewstep.FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    flow.set_timesteps(5)
+    t = flow.timesteps[1:2] / 1000
+    assert rel(flow.scale_noise(x0, flow.timesteps[1:2], n), (1 - t) * x0 + t * n) < 1e-6
+
+
+def test_heun_begin_index_must_start_a_step():
+    odd = sd_scheduler("heun")  # every Heun step two calls, the last one: order 2, like diffusers' Heun
+    odd.set_timesteps(4)
+    assert odd.order == 2 and len(odd.timesteps) == 7
+    odd.set_begin_index(2 * 2)
+    even = fewstep.FewstepScheduler.from_schedule(karras(3, 0.03, 14.0).with_metadata(
+        solver="heun", solver_options={"orders": [1, 2, 1]}), EulerDiscreteScheduler(**SD_BETAS).config)
+    even.set_timesteps(3)
+    with pytest.raises(ValueError, match=r"timesteps\[2\] is not the first network call of a step.*calls \[0, 1, 3\]"):
+        even.set_begin_index(2)
+    even.set_begin_index(1)
+
+
+def test_from_config_of_other_schedulers():
+    euler = EulerDiscreteScheduler(**SD_BETAS)
+    vp = fewstep.FewstepScheduler.from_config(euler.config)
+    assert vp.config.kind == "vp" and vp.config.solver == "dpmpp_2m" and vp.budgets is None
+    assert vp.sigma_max == pytest.approx(14.6146, rel=1e-5)
+    vp.set_timesteps(7)
+    assert vp.schedule.metadata["method"] == "karras" and vp.schedule.sigma_max == vp.sigma_max
+    for other in (FlowMatchEulerDiscreteScheduler(shift=3.0),
+                  diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")):
+        flow = fewstep.FewstepScheduler.from_config(other.config)
+        assert flow.config.kind == "flow" and flow.config.shift == 3.0
+        flow.set_timesteps(6)
+        assert flow.schedule.metadata["params"]["shift"] == 3.0 and len(flow.timesteps) == 6
+    flux = fewstep.FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
+    with pytest.raises(ValueError, match="pass mu="):
+        flux.set_timesteps(4)
+    flux.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.9)  # as FluxPipeline calls it: 4 steps, shift e^0.9
+    assert flux.schedule.steps == 4 and flux.schedule.metadata["params"]["shift"] == pytest.approx(math.exp(0.9))
+
+
+def test_compatible_schedulers_round_trip(digits_unet):
+    """A FewstepScheduler's config goes through every compatible scheduler and comes back unchanged."""
+    fs = fewstep.FewstepScheduler.from_schedule(karras(5, 0.02, 80.0), digits_unet[1], solver="heun")
+    assert set(fs._compatibles) >= {"EulerDiscreteScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"}
+    assert all(c is not None for c in fs.compatibles) and len(fs.compatibles) >= 15
+    mine = {k: v for k, v in fs.config.items() if k != "_use_default_values"}
+    for cls in fs.compatibles:
+        back = fewstep.FewstepScheduler.from_config(cls.from_config(fs.config).config)
+        assert {k: back.config[k] for k in mine} == mine, cls.__name__
+
+
+def test_schedule_rounding_is_clipped_onto_the_trained_range(sd_pipe, tmp_path):
+    """diffusers' own AYS list for SD starts at 14.615, SD's top sigma is 14.6146: clipped, and recorded."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    config = sd_pipe.scheduler.config
+    published = Schedule(AysSchedules["StableDiffusionSigmas"], method="ays")  # ends at 0
+    scheduler = fewstep.FewstepScheduler.from_schedule(published, config, solver="dpmpp_2m")
+    top = fewstep.from_diffusers(sd_pipe).sigma_max
+    assert scheduler.schedule.sigma_max == top and scheduler.schedule.metadata["method"] == "ays"
+    assert scheduler.schedule.metadata["clipped_to_range"] == [[14.615, top]]
+    scheduler.save_pretrained(tmp_path)
+    assert fewstep.FewstepScheduler.from_pretrained(tmp_path).schedule.metadata["clipped_to_range"] == [[14.615, top]]
+    assert fewstep.to_diffusers(published, EulerDiscreteScheduler.from_config(config))["sigmas"][0] == top
+    with pytest.raises(ScheduleError, match="sigma 14.7 is outside the model's trained range .0.0291.*, 14.6146. by "
+                                            "more than rounding"):
+        fewstep.FewstepScheduler.from_schedule(Schedule([14.7, 1.0, 0.0]), config, solver="euler")

@@ -565,11 +565,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         on devices without it (MPS)."""
         return torch.float32 if t.device.type == "mps" else torch.float64
 
-    def _begin(self, timestep: Any) -> None:
-        """The first step of a run: from the begin index, else from this timestep's call (else the first)."""
-        start = self._begin_index
-        if start is None:
-            start = self._index_for_timestep(timestep) or 0
+    def _begin(self) -> None:
+        """The first step of a run: at the begin index (img2img, inpainting), else at the first call."""
+        start = self._begin_index or 0
         step = self._starts.index(self._step_start(start))
         self._step_index, self._first = start, start
         self._run = _tail(self.schedule, step)
@@ -604,10 +602,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, return_dict: bool = True,
              **kwargs: Any):
-        """Take the network output for the current call; return the latents for the next call (or the result)."""
+        """Take the network output for the current call; return the latents for the next call (or the result).
+        The calls follow in order from the begin index; ``timestep`` is not read."""
         self._check_ready()
         if self._step_index is None:
-            self._begin(timestep)
+            self._begin()
         j = self._step_index
         if j >= len(self._call_sigmas):
             raise ValueError(f"step() called after the last of {len(self._call_sigmas)} network calls: call "

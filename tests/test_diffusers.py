@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
@@ -370,10 +371,11 @@ def test_docs_models_examples_run():
 
 
 def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
-    """fewstep.tune's best/nfe-<N>.json runs in DDPMPipeline through FewstepScheduler, at exactly N calls."""
+    """fewstep.tune's best/nfe-<N>.json runs in DDPMPipeline through FewstepScheduler, at exactly N calls; the
+    whole run goes in with from_tune, which picks by num_inference_steps = NFE and says which budgets it has."""
     unet, config = digits_unet
     den = fewstep.load_model("digits-unet")
-    fewstep.tune(den, nfe=[4], methods=["karras", "oss"], solvers=["dpmpp_2m", "heun"], outdir=tmp_path,
+    fewstep.tune(den, nfe=[4, 5], methods=["karras", "oss"], solvers=["dpmpp_2m", "heun"], outdir=tmp_path,
                  n_calib=8, n_test=8, teacher=fewstep.Teacher(den, steps=64, sigma_min=den.sigma_min),
                  progress=False, report=False)
     best = fewstep.Schedule.load(tmp_path / "best" / "nfe-4.json")
@@ -386,6 +388,25 @@ def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
     n = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + best.sigma_max ** 2), best)
     assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 2e-5
+    tuned = fewstep.FewstepScheduler.from_tune(tmp_path)  # the run was on digits-unet: its config is found
+    assert tuned.budgets == [4, 5]
+    pipe.scheduler = tuned
+    for k in (4, 5):
+        out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=k, output_type="pt").images
+        chosen = fewstep.Schedule.load(tmp_path / "best" / f"nfe-{k}.json")
+        assert tuned.schedule.to_list() == chosen.to_list() and len(tuned.timesteps) == k
+        ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + chosen.sigma_max ** 2), chosen)
+        assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 2e-5
+    with pytest.raises(ValueError, match=r"tuned schedules for NFE \[4, 5\].*got 6"):
+        pipe(batch_size=1, num_inference_steps=6)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert DDPMPipeline.from_pretrained(tmp_path / "pipe").scheduler.budgets == [4, 5]
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(ValueError, match="pass its scheduler config"):
+        fewstep.FewstepScheduler.from_tune(tmp_path)
+    assert fewstep.FewstepScheduler.from_tune(tmp_path, config).budgets == [4, 5]
+    with pytest.raises(FileNotFoundError, match="fewstep tune -o"):
+        fewstep.FewstepScheduler.from_tune(tmp_path / "nothing")
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,3 +749,98 @@ def test_schedule_rounding_is_clipped_onto_the_trained_range(sd_pipe, tmp_path):
     with pytest.raises(ScheduleError, match="sigma 14.7 is outside the model's trained range .0.0291.*, 14.6146. by "
                                             "more than rounding"):
         fewstep.FewstepScheduler.from_schedule(Schedule([14.7, 1.0, 0.0]), config, solver="euler")
+
+
+# --------------------------------------------------------------------------------------------
+# img2img, inpainting, callbacks that edit latents: against diffusers' own Euler and DPM-Solver++
+
+def unet_calls(pipe):
+    """Record (latent input, timestep) of every UNet forward (the conditional half under CFG)."""
+    seen = []
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.append((x.chunk(2)[0].clone(), float(torch.as_tensor(t).flatten()[0])))
+
+    return seen, pipe.unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def image_pipelines(sd_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    pipes = {"img2img": StableDiffusionImg2ImgPipeline(**sd_pipe.components),
+             "inpaint": StableDiffusionInpaintPipeline(**sd_pipe.components)}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def run_image_pipeline(pipe, scheduler, strength, steps, **kwargs):
+    pipe.scheduler = scheduler
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    extra = {"mask_image": (torch.arange(8)[None, None, :, None] < 4).float().expand(1, 1, 8, 8)} \
+        if "mask_image" in inspect.signature(pipe.__call__).parameters else {}
+    return pipe(PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                generator=g, output_type="latent", **extra, **kwargs).images
+
+
+@pytest.mark.parametrize("kind,strength", [("img2img", 0.6), ("img2img", 1.0), ("inpaint", 0.6), ("inpaint", 1.0)])
+def test_image_pipelines_run_the_tail_of_the_schedule(sd_pipe, kind, strength):
+    """img2img / inpainting skip the schedule's first steps: FewstepScheduler runs the rest, with the UNet called
+    as that tail says, and gives what diffusers' Euler gives on the same sigmas (its latents are EDM's x, ours
+    x / sqrt(1 + sigma^2): adding noise, mask blending and stepping commute with that scale)."""
+    pipe = image_pipelines(sd_pipe)[kind]
+    config = sd_pipe.scheduler.config
+    den = fewstep.from_diffusers(sd_pipe)
+    sched = karras(5, den.sigma_min, den.sigma_max)
+    euler = EulerDiscreteScheduler.from_config(config)
+    want = run_image_pipeline(pipe, euler, strength, None, **fewstep.to_diffusers(sched, euler))
+    for solver in ("euler", "dpmpp_2m", "heun"):
+        scheduler = fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver)
+        seen, handle = unet_calls(pipe)
+        try:
+            got = run_image_pipeline(pipe, scheduler, strength, 5)
+        finally:
+            handle.remove()
+        first = 5 - int(5 * strength)
+        tail = Schedule(sched.sigmas[first:])
+        assert len(seen) == fewstep.nfe(tail, solver), (solver, len(seen))
+        assert [t for _, t in seen] == pytest.approx(scheduler.timesteps[scheduler.order * first:].tolist())
+        if solver == "euler":
+            assert rel(got * (1 + sched.sigmas[-1] ** 2) ** 0.5, want) < 1e-4
+        elif kind == "img2img":  # no edits: exactly fewstep.sample on the tail from the noised image
+            x_init = seen[0][0].double() * (1 + tail.sigma_max ** 2) ** 0.5
+            assert rel(got, fewstep.sample(fewstep.from_diffusers(sd_pipe, prompt=PROMPT, guidance_scale=GUIDANCE),
+                                           x_init, tail, solver)) < 1e-5
+    pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+
+
+def scale_latents_at(step, factor):
+    def callback(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * factor} if i == step else {}
+
+    return callback
+
+
+def test_callbacks_that_edit_latents_are_followed(sd_pipe):
+    """A callback_on_step_end that changes the latents: the solver goes on from them with its history, as
+    diffusers' Euler and DPM-Solver++(2M) do (same sigmas, same edits)."""
+    config = dict(sd_pipe.scheduler.config)
+    den = fewstep.from_diffusers(sd_pipe)
+    n = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ac = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    on_grid = Schedule(torch.cat([((1 - ac) / ac).sqrt()[[999, 700, 400, 200, 80, 20]], torch.zeros(1)]))
+    karras6 = karras(6, den.sigma_min, den.sigma_max)
+    edit = scale_latents_at(2, 0.8)
+    cases = (("euler", karras6, EulerDiscreteScheduler.from_config(config)),
+             ("dpmpp_2m", on_grid, DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")))
+    for solver, sched, theirs in cases:
+        want = sd_latents(sd_pipe, theirs, n, 6, callback_on_step_end=edit, **fewstep.to_diffusers(sched, theirs))
+        plain = sd_latents(sd_pipe, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n, 6)
+        got = sd_latents(sd_pipe, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n, 6,
+                         callback_on_step_end=edit)
+        assert rel(got, want) < 1e-4, solver
+        assert rel(got, plain) > 1e-2  # the edit changed the result
+    sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)

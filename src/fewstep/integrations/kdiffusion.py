@@ -8,11 +8,14 @@ a CFG wrapper, ...) is a fewstep denoiser once its ``extra_args`` (``cond``, ...
 
 from __future__ import annotations
 
+import warnings
+from decimal import Decimal
 from typing import Any, Callable
 
 import torch
 
 from ..schedules import as_schedule
+from .comfyui import flow_times
 
 
 class KDiffusionDenoiser:
@@ -50,10 +53,19 @@ def to_kdiffusion(schedule: Any, device: str | torch.device | None = None,
     return as_schedule(schedule).sigmas.to(device=device, dtype=dtype)
 
 
-def to_comfyui(schedule: Any) -> str:
-    """The sigmas as the comma-separated text that ComfyUI custom-sigmas nodes read (e.g. "14.61, 6.47, ..., 0.0").
+def to_comfyui(schedule: Any, flow: bool = False) -> str:
+    """The sigmas as the comma-separated text that ComfyUI's custom-sigmas nodes read (e.g. "14.61, 6.47, ..., 0.0").
 
-    Full float precision; ``Schedule.to_list()`` gives the same numbers as a list (for a SIGMAS tensor:
-    ``torch.tensor(schedule.to_list())``).
+    Full float precision, never an exponent (ComfyUI's ManualSigmas reads 1e-05 as two numbers). ``flow``:
+    the flow times t = sigma / (1 + sigma), the sigmas of ComfyUI's flow models (SD3, Flux). The text carries no
+    solver options: a schedule with per-step ``orders`` warns, and runs as made with the fewstep nodes
+    (``comfyui-fewstep/``: FewstepSigmas + FewstepSampler).
     """
-    return ", ".join(repr(v) for v in as_schedule(schedule).to_list())
+    sched = as_schedule(schedule)
+    if sched.per_sample:
+        raise ValueError("a per-sample policy has no single sigma list for ComfyUI: pass a global Schedule")
+    if "orders" in sched.solver_options:
+        warnings.warn(f"the schedule's per-step solver orders {sched.solver_options['orders']} are not in the text: "
+                      "run it with the FewstepSampler node to keep them", stacklevel=2)
+    values = flow_times(sched.sigmas) if flow else sched.sigmas
+    return ", ".join(format(Decimal(repr(v)), "f") for v in values.tolist())

@@ -358,18 +358,6 @@ def test_shipped_flow_model_in_an_sd3_style_loop(digits_flow):
         assert rel(got, fewstep.sample(den, x_init, sched, solver)) < 1e-5, solver
 
 
-def test_docs_models_examples_run():
-    """The python blocks of docs/models.md run, in order, in one namespace."""
-    import re
-
-    docs = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-    blocks = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)
-    namespace: dict = {"__name__": "docs_models"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"models.md[block {i}]", "exec"), namespace)
-    assert namespace["digits"].shape == (16, 1, 8, 8) and namespace["images"].shape == (4, 8, 8, 1)
-
-
 def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
     """fewstep.tune's best/nfe-<N>.json runs in DDPMPipeline through FewstepScheduler, at exactly N calls; the
     whole run goes in with from_tune, which picks by num_inference_steps = NFE and says which budgets it has."""

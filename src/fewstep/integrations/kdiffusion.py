@@ -8,6 +8,10 @@ a CFG wrapper, ...) is a fewstep denoiser once its ``extra_args`` (``cond``, ...
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
 import warnings
 from decimal import Decimal
 from typing import Any, Callable
@@ -51,6 +55,32 @@ def to_kdiffusion(schedule: Any, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The schedule as the ``sigmas`` tensor k-diffusion's samplers take (``sample_euler(model, x, sigmas)``)."""
     return as_schedule(schedule).sigmas.to(device=device, dtype=dtype)
+
+
+def import_kdiffusion() -> tuple[types.ModuleType, types.ModuleType]:
+    """k-diffusion's ``sampling`` and ``external`` modules.
+
+    k-diffusion 0.1.1's package ``__init__`` imports its training helpers (torchvision, scikit-image, ...);
+    where those are missing (k-diffusion installed with ``--no-deps``, as this repository's tests install it)
+    the two files are loaded without it, as the private package ``fewstep._k_diffusion`` next to a ``utils``
+    with the one helper they use (``append_dims``); the name ``k_diffusion`` is left alone.
+    """
+    try:
+        from k_diffusion import external, sampling
+        return sampling, external
+    except ImportError:
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None:
+            raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion torchdiffeq torchsde") \
+                from None
+    name = "fewstep._k_diffusion"
+    if name not in sys.modules:
+        pkg, utils = types.ModuleType(name), types.ModuleType(f"{name}.utils")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # k_diffusion.utils.append_dims
+        pkg.utils = utils
+        sys.modules.update({name: pkg, f"{name}.utils": utils})
+    return importlib.import_module(f"{name}.sampling"), importlib.import_module(f"{name}.external")
 
 
 def to_comfyui(schedule: Any, flow: bool = False) -> str:

@@ -15,7 +15,6 @@ the pieces a node meets are stood in here, written from ComfyUI's sources:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -74,7 +73,19 @@ class CONST:
         return latent / (1.0 - sigma)
 
 
-class ModelSamplingDiscrete(torch.nn.Module):
+class SigmaTable(torch.nn.Module):
+    """sigma_min / sigma_max: the ends of the ``sigmas`` buffer, as ComfyUI's samplings define them."""
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+
+class ModelSamplingDiscrete(SigmaTable):
     """ComfyUI's 'linear' betas are sqrt-spaced (diffusers' scaled_linear), its 'sqrt_linear' diffusers' linear."""
 
     def __init__(self, beta_schedule="linear", linear_start=0.00085, linear_end=0.012, timesteps=1000):
@@ -89,31 +100,15 @@ class ModelSamplingDiscrete(torch.nn.Module):
         self.register_buffer("log_sigmas", sigmas.log().float())
         self.sigma_data = 1.0
 
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
-
     def timestep(self, sigma):
         return (sigma.log()[None] - self.log_sigmas[:, None]).abs().argmin(dim=0).view(sigma.shape)
 
 
-class ModelSamplingDiscreteFlow(torch.nn.Module):
+class ModelSamplingDiscreteFlow(SigmaTable):
     def __init__(self, shift=1.0, timesteps=1000, multiplier=1000):
         super().__init__()
         self.shift, self.multiplier = shift, multiplier
         self.register_buffer("sigmas", self.sigma(torch.arange(1, timesteps + 1) / timesteps * multiplier))
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         return sigma * self.multiplier

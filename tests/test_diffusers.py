@@ -6,6 +6,11 @@
   DPM-Solver++ given to_diffusers' sigmas / timesteps == fewstep's euler / dpmpp_2m;
 - flow matching (SD3 / Flux shift): sigmas from to_diffusers stay the schedule's after the shift; the shipped
   flow UNet in an SD3-style loop with FlowMatchEulerDiscreteScheduler and with FewstepScheduler;
+- tiny SD3 and Flux pipelines (random weights, offline): the wrapped denoiser is the pipeline's model at every
+  state the pipeline's network saw (forward hooks), FewstepScheduler in them == fewstep.sample;
+- diffusers' scheduler contract for every solver (the properties of its SchedulerCommonTest), from_config of
+  other schedulers, compatibles, img2img and inpainting at strength < 1 and callbacks that edit latents
+  (against diffusers' Euler and DPM-Solver++), from_tune, the rounding clip onto the trained range;
 - clear errors for wrong prediction types, unmappable configs, sigmas outside the trained range.
 """
 
@@ -380,7 +385,8 @@ def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
     assert tuned.budgets == [4, 5]
     pipe.scheduler = tuned
     for k in (4, 5):
-        out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=k, output_type="pt").images
+        out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=k,
+                   output_type="pt").images
         chosen = fewstep.Schedule.load(tmp_path / "best" / f"nfe-{k}.json")
         assert tuned.schedule.to_list() == chosen.to_list() and len(tuned.timesteps) == k
         ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + chosen.sigma_max ** 2), chosen)
@@ -412,7 +418,8 @@ def tiny_vae(latent_channels):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=latent_channels,
-                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",))
 
 
 @pytest.fixture(scope="module")
@@ -451,8 +458,8 @@ def flux_pipe(tmp_path_factory):
                                  axes_dims_rope=[4, 4, 8], guidance_embeds=True)
     pipe = FluxPipeline(
         transformer=net, vae=tiny_vae(1), text_encoder=CLIPTextModel(clip_config(tok)), tokenizer=tok,
-        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1, dropout_rate=0.0,
-                                               num_heads=4)), tokenizer_2=t5_tok,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                               num_heads=4, dropout_rate=0.0)), tokenizer_2=t5_tok,
         scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -698,7 +705,8 @@ def test_from_config_of_other_schedulers():
     vp.set_timesteps(7)
     assert vp.schedule.metadata["method"] == "karras" and vp.schedule.sigma_max == vp.sigma_max
     for other in (FlowMatchEulerDiscreteScheduler(shift=3.0),
-                  diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0, prediction_type="flow_prediction")):
+                  diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                    prediction_type="flow_prediction")):
         flow = fewstep.FewstepScheduler.from_config(other.config)
         assert flow.config.kind == "flow" and flow.config.shift == 3.0
         flow.set_timesteps(6)

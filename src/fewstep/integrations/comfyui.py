@@ -58,7 +58,8 @@ def load(path: str | Path, nfe_: int = 0) -> Schedule:
     if path.is_dir():
         budgets = sorted(int(f.stem.split("-")[1]) for f in (path / "best").glob("nfe-*.json"))
         if not budgets:
-            raise FileNotFoundError(f"{path} is neither a schedule file nor a fewstep tune folder (no best/nfe-<N>.json)")
+            raise FileNotFoundError(f"{path} is neither a schedule file nor a fewstep tune folder (no "
+                                    "best/nfe-<N>.json)")
         if nfe_ not in budgets:
             raise ValueError(f"{path} has tuned schedules for NFE {budgets}: set nfe to one of them (got {nfe_})")
         path = path / "best" / f"nfe-{nfe_}.json"

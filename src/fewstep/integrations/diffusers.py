@@ -4,7 +4,9 @@
   fewstep denoiser D(x, sigma) (VP: ``VPDiscreteDenoiser``; flow matching: ``FlowDenoiser``), with
   classifier-free guidance fixed at wrap time for conditional pipelines.
 - ``FewstepScheduler``: a diffusers scheduler that runs a fewstep Schedule with a fewstep solver inside
-  any pipeline: ``pipe.scheduler = FewstepScheduler.from_schedule(schedule, pipe.scheduler.config)``.
+  any pipeline: ``pipe.scheduler = FewstepScheduler.from_schedule(schedule, pipe.scheduler.config)``, or a
+  whole tune run (``from_tune``), or built-in sigmas (``from_config``); img2img, inpainting and callbacks
+  that edit latents included. What each pipeline family feeds its network is in ``pipelines.py``.
 - ``to_diffusers(schedule, pipe_or_scheduler)``: the ``sigmas=`` / ``timesteps=`` that a pipeline's own
   scheduler accepts for a schedule, checked by running its ``set_timesteps`` on a copy.
 
@@ -293,7 +295,8 @@ def _step_starts(sched: Schedule) -> list[int]:
     starts, calls = [], 0
     for i in range(sched.steps):
         starts.append(calls)
-        calls += spec.step_calls(None if orders is None else orders[i], to_zero=sched.final_zero and i == sched.steps - 1)
+        last = sched.final_zero and i == sched.steps - 1
+        calls += spec.step_calls(None if orders is None else orders[i], to_zero=last)
     return starts
 
 
@@ -429,7 +432,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         table = self._table
         if table is None:
             if n is None:
-                raise ValueError("this FewstepScheduler has no schedule of its own: call set_timesteps(num_inference_steps)")
+                raise ValueError("this FewstepScheduler has no schedule of its own: call "
+                                 "set_timesteps(num_inference_steps)")
             sched = self._builtin(int(n), mu)
             return sched, get_solver(sched.solver).calls_per_step
         if None in table:
@@ -691,7 +695,8 @@ def to_diffusers(schedule: Any, target: Any, mu: float | None = None, rtol: floa
     """
     sched = as_schedule(schedule)
     if sched.per_sample:
-        raise ValueError("a per-sample policy has no single sigma list for a diffusers scheduler: pass a global Schedule")
+        raise ValueError("a per-sample policy has no single sigma list for a diffusers scheduler: pass a global "
+                         "Schedule")
     scheduler = getattr(target, "scheduler", target)
     sname = type(scheduler).__name__
     hint = ("run the schedule with "

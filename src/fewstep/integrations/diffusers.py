@@ -695,8 +695,7 @@ def to_diffusers(schedule: Any, target: Any, mu: float | None = None, rtol: floa
     """
     sched = as_schedule(schedule)
     if sched.per_sample:
-        raise ValueError("a per-sample policy has no single sigma list for a diffusers scheduler: pass a global "
-                         "Schedule")
+        raise ValueError("a per-sample policy has no single sigma list for a diffusers scheduler: pass a Schedule")
     scheduler = getattr(target, "scheduler", target)
     sname = type(scheduler).__name__
     hint = ("run the schedule with "

@@ -418,7 +418,7 @@ def tiny_vae(latent_channels):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=latent_channels,
-                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",),
+                         norm_num_groups=8, shift_factor=0.0, down_block_types=("DownEncoderBlock2D",),
                          up_block_types=("UpDecoderBlock2D",))
 
 
@@ -840,3 +840,27 @@ def test_callbacks_that_edit_latents_are_followed(sd_pipe):
         assert rel(got, want) < 1e-4, solver
         assert rel(got, plain) > 1e-2  # the edit changed the result
     sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+
+
+def test_sd3_img2img_runs_the_tail_like_flowmatch_euler(sd3_pipe):
+    """Flow img2img noises with scale_noise, (1 - t) x0 + t n at the begin index: FewstepScheduler's Euler on the
+    tail == diffusers' FlowMatchEuler on the same sigmas (flow Euler on x_t and EDM Euler on x are the same step)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    pipe = StableDiffusion3Img2ImgPipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    den = fewstep.from_diffusers(sd3_pipe)
+    sched = fewstep.schedules.flow_uniform(5, den.sigma_min, den.sigma_max, shift=3.0)
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def run(scheduler, **kwargs):
+        pipe.scheduler = scheduler
+        return pipe(SD3_PROMPT, image=image, strength=0.6, guidance_scale=GUIDANCE, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    want = run(theirs, **fewstep.to_diffusers(sched, theirs))
+    ours = fewstep.FewstepScheduler.from_schedule(sched, sd3_pipe.scheduler.config, solver="euler")
+    got = run(ours, num_inference_steps=5)
+    assert ours.begin_index == 2 and ours.step_index == 5
+    assert rel(got, want) < 1e-4

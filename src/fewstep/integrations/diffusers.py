@@ -323,8 +323,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     The pipeline calls the network once per entry of ``timesteps`` (one per solver call: a Heun step takes
     two). Each ``step`` re-runs ``fewstep.sample`` from the initial latents, feeding it the network outputs
     received so far, up to the next call it needs: the solver math lives only in fewstep.solvers, and the
-    pipeline gets exactly what ``fewstep.sample`` on ``from_diffusers(...)`` computes. Latents the pipeline
-    changed between steps (a ``callback_on_step_end``, inpainting's mask) are the solver's state from then on,
+    pipeline gets exactly what ``fewstep.sample`` on ``from_diffusers(...)`` computes (the solver work grows
+    with the square of the number of calls: nothing next to the network at the few to 50 steps it is for).
+    Latents the pipeline changed between steps (a ``callback_on_step_end``, inpainting's mask) are the solver's state from then on,
     its history of network outputs kept, as diffusers' multistep schedulers do (UniPC's corrector recomputes
     the state from the previous one, as diffusers' UniPC does). ``set_begin_index`` / ``add_noise`` /
     ``scale_noise`` run the tail of the schedule, as img2img and inpainting pipelines ask.

@@ -6,15 +6,22 @@
   DPM-Solver++ given to_diffusers' sigmas / timesteps == fewstep's euler / dpmpp_2m;
 - flow matching (SD3 / Flux shift): sigmas from to_diffusers stay the schedule's after the shift; the shipped
   flow UNet in an SD3-style loop with FlowMatchEulerDiscreteScheduler and with FewstepScheduler;
+- tiny SD3 and Flux pipelines (random weights, offline): the wrapped denoiser is the pipeline's model at every
+  state the pipeline's network saw (forward hooks), FewstepScheduler in them == fewstep.sample;
+- diffusers' scheduler contract for every solver (the properties of its SchedulerCommonTest), from_config of
+  other schedulers, compatibles, img2img and inpainting at strength < 1 and callbacks that edit latents
+  (against diffusers' Euler and DPM-Solver++), from_tune, the rounding clip onto the trained range;
 - clear errors for wrong prediction types, unmappable configs, sigmas outside the trained range.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,11 +138,16 @@ def test_fewstep_scheduler_errors(digits_unet):
         fewstep.FewstepScheduler.from_schedule(karras(4, 0.002, 80.0), config, solver="euler")
     with pytest.raises(ValueError, match="no solver"):
         fewstep.FewstepScheduler.from_schedule(karras(4, 0.02, 80.0), config)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        fewstep.FewstepScheduler.from_config(config).step(torch.zeros(1), 0, torch.zeros(1))
     scheduler.set_timesteps(4)
     x = torch.randn(2, 1, 8, 8)
-    x = scheduler.step(torch.zeros_like(x), scheduler.timesteps[0], x).prev_sample
-    with pytest.raises(ValueError, match="latents were changed"):
-        scheduler.step(torch.zeros_like(x), scheduler.timesteps[1], x + 1)
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.zeros_like(x), t, x).prev_sample
+    with pytest.raises(ValueError, match="after the last of 4 network calls"):
+        scheduler.step(torch.zeros_like(x), scheduler.timesteps[-1], x)
+    with pytest.raises(ValueError, match="sigmas= .one schedule. or schedules="):
+        fewstep.FewstepScheduler(sigmas=[1.0, 0.0], schedules={})
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,23 +363,12 @@ def test_shipped_flow_model_in_an_sd3_style_loop(digits_flow):
         assert rel(got, fewstep.sample(den, x_init, sched, solver)) < 1e-5, solver
 
 
-def test_docs_models_examples_run():
-    """The python blocks of docs/models.md run, in order, in one namespace."""
-    import re
-
-    docs = Path(__file__).resolve().parents[1] / "docs" / "models.md"
-    blocks = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)
-    namespace: dict = {"__name__": "docs_models"}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"models.md[block {i}]", "exec"), namespace)
-    assert namespace["digits"].shape == (16, 1, 8, 8) and namespace["images"].shape == (4, 8, 8, 1)
-
-
 def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
-    """fewstep.tune's best/nfe-<N>.json runs in DDPMPipeline through FewstepScheduler, at exactly N calls."""
+    """fewstep.tune's best/nfe-<N>.json runs in DDPMPipeline through FewstepScheduler, at exactly N calls; the
+    whole run goes in with from_tune, which picks by num_inference_steps = NFE and says which budgets it has."""
     unet, config = digits_unet
     den = fewstep.load_model("digits-unet")
-    fewstep.tune(den, nfe=[4], methods=["karras", "oss"], solvers=["dpmpp_2m", "heun"], outdir=tmp_path,
+    fewstep.tune(den, nfe=[4, 5], methods=["karras", "oss"], solvers=["dpmpp_2m", "heun"], outdir=tmp_path,
                  n_calib=8, n_test=8, teacher=fewstep.Teacher(den, steps=64, sigma_min=den.sigma_min),
                  progress=False, report=False)
     best = fewstep.Schedule.load(tmp_path / "best" / "nfe-4.json")
@@ -380,3 +381,486 @@ def test_tune_best_schedule_drops_into_a_pipeline(digits_unet, tmp_path):
     n = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + best.sigma_max ** 2), best)
     assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 2e-5
+    tuned = fewstep.FewstepScheduler.from_tune(tmp_path)  # the run was on digits-unet: its config is found
+    assert tuned.budgets == [4, 5]
+    pipe.scheduler = tuned
+    for k in (4, 5):
+        out = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=k,
+                   output_type="pt").images
+        chosen = fewstep.Schedule.load(tmp_path / "best" / f"nfe-{k}.json")
+        assert tuned.schedule.to_list() == chosen.to_list() and len(tuned.timesteps) == k
+        ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + chosen.sigma_max ** 2), chosen)
+        assert rel(out, (ref / 2 + 0.5).clamp(0, 1)) <= 2e-5
+    with pytest.raises(ValueError, match=r"tuned schedules for NFE \[4, 5\].*got 6"):
+        pipe(batch_size=1, num_inference_steps=6)
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert DDPMPipeline.from_pretrained(tmp_path / "pipe").scheduler.budgets == [4, 5]
+    (tmp_path / "results.json").unlink()
+    with pytest.raises(ValueError, match="pass its scheduler config"):
+        fewstep.FewstepScheduler.from_tune(tmp_path)
+    assert fewstep.FewstepScheduler.from_tune(tmp_path, config).budgets == [4, 5]
+    with pytest.raises(FileNotFoundError, match="fewstep tune -o"):
+        fewstep.FewstepScheduler.from_tune(tmp_path / "nothing")
+
+
+# --------------------------------------------------------------------------------------------
+# flow pipelines diffusers ships: SD3 and Flux, tiny and random, against their own loops
+
+def clip_config(tok, **kw):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1,
+                          pad_token_id=len(tok) - 1, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                          num_hidden_layers=2, max_position_embeddings=77, **kw)
+
+
+def tiny_vae(latent_channels):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(32,), in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         norm_num_groups=8, shift_factor=0.0, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",))
+
+
+@pytest.fixture(scope="module")
+def sd3_pipe(tmp_path_factory):
+    """Two CLIP encoders with projection and no T5 (encode_prompt pads its part with zeros), shift 3."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    tok = byte_level_clip_tokenizer(tmp_path_factory.mktemp("sd3-tokenizer"))
+    torch.manual_seed(0)
+    net = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+                                attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32,
+                                joint_attention_dim=32, pooled_projection_dim=64)
+    pipe = StableDiffusion3Pipeline(
+        transformer=net, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(4),
+        text_encoder=CLIPTextModelWithProjection(clip_config(tok, projection_dim=32)), tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(clip_config(tok, projection_dim=32)), tokenizer_2=tok,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux_pipe(tmp_path_factory):
+    """Flux with guidance embedding, dynamic shifting, a CLIP encoder and a one-layer T5 encoder (the byte-level
+    tokenizer stands in for T5's: the pipeline only needs ids)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    folder = tmp_path_factory.mktemp("flux-tokenizer")
+    tok = byte_level_clip_tokenizer(folder)
+    t5_tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=512)
+    torch.manual_seed(0)
+    net = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                                 num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                                 axes_dims_rope=[4, 4, 8], guidance_embeds=True)
+    pipe = FluxPipeline(
+        transformer=net, vae=tiny_vae(1), text_encoder=CLIPTextModel(clip_config(tok)), tokenizer=tok,
+        text_encoder_2=T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=1,
+                                               num_heads=4, dropout_rate=0.0)), tokenizer_2=t5_tok,
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def network_calls(net):
+    """Record (hidden_states, timestep, output) of every forward of ``net`` (a forward hook)."""
+    calls = []
+
+    def hook(module, args, kwargs, out):
+        calls.append((kwargs.get("hidden_states", args[0] if args else None).clone(), kwargs["timestep"].clone(),
+                      out[0] if isinstance(out, tuple) else out.sample))
+
+    return calls, net.register_forward_hook(hook, with_kwargs=True)
+
+
+def pipeline_denoised(calls, time_unit, guidance=None, batched=True):
+    """(x_t, t, x0) the pipeline computed at each step: D = x_t - t v with the pipeline's guided velocity (the
+    network's timestep is t * time_unit)."""
+    out = []
+    if not batched:  # Flux's true CFG: a conditional call, then an unconditional one
+        calls = [(c[0], c[1], u[2] + guidance * (c[2] - u[2])) for c, u in zip(calls[::2], calls[1::2])]
+    for x_in, t, v in calls:
+        if guidance is not None and batched:
+            x_in, t = x_in.chunk(2)[0], t.chunk(2)[0]
+            v_u, v_c = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        t = t.double() / time_unit
+        out.append((x_in, t, x_in - t.reshape(-1, *[1] * (x_in.ndim - 1)) * v))
+    return out
+
+
+def check_denoiser_is_the_pipelines(den, calls, time_unit, **kwargs):
+    """At every (x_t, t) the pipeline's network saw, D(x, sigma) == x_t - t v (relative 1e-5)."""
+    worst, compared = 0.0, 0
+    for x_t, t, want in pipeline_denoised(calls, time_unit, **kwargs):
+        if (t >= 1).any():  # the pipelines' first call is at t = 1, sigma = inf: no EDM state to compare
+            continue
+        compared += 1
+        sigma = t / (1 - t)
+        got = den(x_t.double() * (1 + sigma).reshape(-1, *[1] * (x_t.ndim - 1)), sigma)
+        worst = max(worst, rel(got, want))
+    assert compared >= 2
+    return worst
+
+
+SD3_PROMPT = "a small red house"
+
+
+def test_sd3_denoiser_is_the_pipelines_model(sd3_pipe):
+    calls, handle = network_calls(sd3_pipe.transformer)
+    try:
+        sd3_pipe(SD3_PROMPT, height=8, width=8, num_inference_steps=4, guidance_scale=GUIDANCE,
+                 generator=torch.Generator().manual_seed(0), output_type="latent")
+    finally:
+        handle.remove()
+    den = fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT, guidance_scale=GUIDANCE)
+    assert den.shape == (4, 8, 8) and len(calls) == 4
+    assert check_denoiser_is_the_pipelines(den, calls, 1000, guidance=GUIDANCE) <= 1e-5
+    unguided = fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT)  # guidance 1: the conditional estimate only
+    assert check_denoiser_is_the_pipelines(unguided, calls, 1000, guidance=GUIDANCE) > 1e-3
+
+
+def test_sd3_fewstep_scheduler_matches_sample(sd3_pipe):
+    den = fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT, guidance_scale=GUIDANCE)
+    n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for solver, steps in (("dpmpp_2m", 5), ("heun", 3)):
+        sched = fewstep.schedules.flow_uniform(steps, den.sigma_min, den.sigma_max, shift=3.0)
+        sd3_pipe.scheduler = fewstep.FewstepScheduler.from_schedule(sched, sd3_pipe.scheduler.config, solver=solver)
+        got = sd3_pipe(SD3_PROMPT, num_images_per_prompt=2, guidance_scale=GUIDANCE, latents=n.clone(),
+                       num_inference_steps=steps, output_type="latent").images
+        want = fewstep.sample(den, n.double() * (1 + den.sigma_max), sched, solver)  # latents are x_t = x / (1 + sigma)
+        assert rel(got, want) <= 1e-5, solver
+    sd3_pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+FLUX_PROMPT, FLUX_GUIDANCE = "a handwritten seven", 3.5
+
+
+def flux_run(pipe, **kwargs):
+    return pipe(FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE, max_sequence_length=16,
+                output_type="latent", **kwargs).images
+
+
+def test_flux_denoiser_is_the_pipelines_model(flux_pipe):
+    """Flux's transformer takes t in [0, 1]: the wrapped denoiser equals the pipeline's model; wrapped as the
+    scheduler's timesteps (t * 1000, fewstep 0.1's mistake) it is another model."""
+    calls, handle = network_calls(flux_pipe.transformer)
+    try:
+        flux_run(flux_pipe, num_inference_steps=4, generator=torch.Generator().manual_seed(0))
+        flux_run(flux_pipe, num_inference_steps=3, generator=torch.Generator().manual_seed(0), true_cfg_scale=2.0,
+                 negative_prompt="blurry")
+    finally:
+        handle.remove()
+    plain, cfg = calls[:4], calls[4:]
+    den = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                 max_sequence_length=16)
+    assert den.shape == (16, 4)  # packed latents: (8/2)(8/2) tokens of 2x2x1 channels
+    assert check_denoiser_is_the_pipelines(den, plain, 1) <= 1e-5
+    guided = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                    max_sequence_length=16, true_cfg_scale=2.0, negative_prompt="blurry")
+    assert check_denoiser_is_the_pipelines(guided, cfg, 1, guidance=2.0, batched=False) <= 1e-5
+    wrong = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                   max_sequence_length=16, time_scale=1000)
+    assert check_denoiser_is_the_pipelines(wrong, plain, 1) > 1e-3
+    # a bare transformer gets the same unit from its class, and the pipeline's mu sets the sigma range
+    bare = fewstep.from_diffusers(flux_pipe.transformer, flux_pipe.scheduler, cond=guided.model.cond, mu=0.5)
+    assert bare.model.net is flux_pipe.transformer and bare.time_scale == 1.0
+    assert (bare.sigma_min, bare.sigma_max) == pytest.approx(fewstep.integrations.diffusers.flow_sigma_range(
+        flux_pipe.scheduler, mu=0.5))
+
+
+def test_flux_fewstep_scheduler_matches_sample(flux_pipe, caplog):
+    den = fewstep.from_diffusers(flux_pipe, prompt=FLUX_PROMPT, height=8, width=8, guidance_scale=FLUX_GUIDANCE,
+                                 max_sequence_length=16)
+    n = torch.randn(2, 16, 4, generator=torch.Generator().manual_seed(2))
+    sched = fewstep.schedules.karras(4, den.sigma_min, den.sigma_max)
+    own = flux_pipe.scheduler
+    flux_pipe.scheduler = fewstep.FewstepScheduler.from_schedule(sched, own.config, solver="unipc")
+    try:
+        with caplog.at_level("WARNING"):
+            got = flux_run(flux_pipe, num_images_per_prompt=2, latents=n.clone(), num_inference_steps=4)
+    finally:
+        flux_pipe.scheduler = own
+    assert "ignores" not in caplog.text  # FluxPipeline always passes sigmas=: not a user's mistake
+    want = fewstep.sample(den, n.double() * (1 + den.sigma_max), sched, "unipc")
+    assert rel(got, want) <= 1e-5
+
+
+def test_flow_pipeline_errors(flux_pipe, sd3_pipe):
+    import copy
+
+    no_t5 = copy.copy(flux_pipe)
+    no_t5.text_encoder_2 = None
+    with pytest.raises(ValueError, match="no text_encoder_2 .* pass prompt_embeds= and pooled_prompt_embeds="):
+        fewstep.from_diffusers(no_t5, prompt=FLUX_PROMPT)
+    with pytest.raises(ValueError, match="unknown argument.*'num_inference_steps'.*prompt_3"):
+        fewstep.from_diffusers(sd3_pipe, prompt=SD3_PROMPT, num_inference_steps=4)
+    with pytest.raises(ValueError, match="need a pipeline"):
+        fewstep.from_diffusers(sd3_pipe.transformer, sd3_pipe.scheduler, prompt=SD3_PROMPT)
+
+    class MyTransformer2DModel(torch.nn.Module):  # a diffusers transformer fewstep has not checked
+        pass
+
+    MyTransformer2DModel.__module__ = "diffusers.models.transformers.my_transformer"
+    with pytest.raises(ValueError, match="how MyTransformer2DModel takes its timestep: pass time_scale="):
+        fewstep.from_diffusers(MyTransformer2DModel(), sd3_pipe.scheduler)
+    assert fewstep.from_diffusers(MyTransformer2DModel(), sd3_pipe.scheduler, time_scale=1000).time_scale == 1000
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' scheduler contract (the properties of its SchedulerCommonTest, tests/schedulers/test_schedulers.py)
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+
+
+def sd_scheduler(solver, **kwargs):
+    """A FewstepScheduler made as a user would from Stable Diffusion's Euler config, without a schedule of its own."""
+    return fewstep.FewstepScheduler.from_config(EulerDiscreteScheduler(**SD_BETAS).config, solver=solver, **kwargs)
+
+
+@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+def test_scheduler_common_properties(solver, tmp_path):
+    scheduler = sd_scheduler(solver)
+    sample = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    residual = 0.1 * sample
+    scheduler.set_timesteps(10)
+    assert scheduler.init_noise_sigma == 1.0 and scheduler.scale_model_input(sample, 0.0).shape == sample.shape
+    assert len(scheduler.timesteps) == fewstep.nfe(scheduler.schedule) and scheduler.schedule.steps == 10
+    # step_shape: two steps at timesteps that are not the schedule's, on the same sample
+    out_0 = scheduler.step(residual, 0, sample).prev_sample
+    out_1 = scheduler.step(residual, 1, sample).prev_sample
+    assert out_0.shape == sample.shape == out_1.shape and scheduler.step_index == 2
+    # outputs equivalence: return_dict=False gives the same tensor
+    scheduler.set_timesteps(10)
+    as_dict = scheduler.step(residual, scheduler.timesteps[0], sample).prev_sample
+    scheduler.set_timesteps(10)
+    assert torch.equal(scheduler.step(residual, scheduler.timesteps[0], sample, return_dict=False)[0], as_dict)
+    # save / load: same config, same step
+    scheduler.save_pretrained(tmp_path / "s")
+    loaded = fewstep.FewstepScheduler.from_pretrained(tmp_path / "s")
+    assert {k: v for k, v in loaded.config.items() if k != "_use_default_values"} == \
+        {k: v for k, v in scheduler.config.items() if k != "_use_default_values"}
+    loaded.set_timesteps(10)
+    assert torch.equal(loaded.step(residual, loaded.timesteps[0], sample).prev_sample, as_dict)
+    # add_noise_device: 100 steps, the 6th timestep
+    scheduler.set_timesteps(100)
+    noise = torch.randn_like(sample)
+    assert scheduler.add_noise(sample, noise, scheduler.timesteps[5][None]).shape == sample.shape
+    # trained_betas survive save / load
+    betas = sd_scheduler(solver, trained_betas=np.array([0.1, 0.3]))
+    betas.save_pretrained(tmp_path / "b")
+    assert fewstep.FewstepScheduler.from_pretrained(tmp_path / "b").betas.tolist() == betas.betas.tolist() \
+        == pytest.approx([0.1, 0.3])
+
+
+def test_add_noise_and_indices_follow_diffusers():
+    """add_noise is DDPM's sqrt(abar) x0 + sqrt(1 - abar) n (flow: (1 - t) x0 + t n) at the call's sigma, chosen as
+    diffusers' schedulers choose it: by timestep, then the begin index (img2img), then the next call (inpainting)."""
+    scheduler = sd_scheduler("dpmpp_2m")
+    scheduler.set_timesteps(6)
+    ddpm = DDPMScheduler(**SD_BETAS)
+    x0, n = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    top = scheduler.timesteps[:1]  # the schedule starts at the trained top, t = 999
+    assert top.item() == pytest.approx(999, abs=1e-3)
+    assert rel(scheduler.add_noise(x0, n, top), ddpm.add_noise(x0, n, torch.tensor([999]))) < 1e-6
+    assert scheduler.begin_index is None and scheduler.step_index is None
+    scheduler.set_begin_index(2)
+    at_begin = scheduler.add_noise(x0, n, scheduler.timesteps[:1])  # the begin index decides, as in Euler's
+    assert torch.equal(at_begin, scheduler.add_noise(x0, n, scheduler.timesteps[2:3]))
+    scheduler.step(torch.zeros_like(x0), scheduler.timesteps[2], at_begin)
+    assert scheduler.begin_index == 2 and scheduler.step_index == 3
+    s3 = scheduler.sigmas[3].double()
+    assert rel(scheduler.add_noise(x0, n, scheduler.timesteps[3:4]), (x0 + s3 * n) / (1 + s3 ** 2).sqrt()) < 1e-6
+    fresh = sd_scheduler("euler")
+    fresh.set_timesteps(4)
+    with pytest.raises(ValueError, match="not all among this scheduler's timesteps"):
+        fresh.add_noise(x0, n, torch.tensor([500.5]))
+    flow = fewstep.FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
+    flow.set_timesteps(5)
+    t = flow.timesteps[1:2] / 1000
+    assert rel(flow.scale_noise(x0, flow.timesteps[1:2], n), (1 - t) * x0 + t * n) < 1e-6
+
+
+def test_heun_begin_index_must_start_a_step():
+    odd = sd_scheduler("heun")  # every Heun step two calls, the last one: order 2, like diffusers' Heun
+    odd.set_timesteps(4)
+    assert odd.order == 2 and len(odd.timesteps) == 7
+    odd.set_begin_index(2 * 2)
+    even = fewstep.FewstepScheduler.from_schedule(karras(3, 0.03, 14.0).with_metadata(
+        solver="heun", solver_options={"orders": [1, 2, 1]}), EulerDiscreteScheduler(**SD_BETAS).config)
+    even.set_timesteps(3)
+    with pytest.raises(ValueError, match=r"timesteps\[2\] is not the first network call of a step.*calls \[0, 1, 3\]"):
+        even.set_begin_index(2)
+    even.set_begin_index(1)
+
+
+def test_from_config_of_other_schedulers():
+    euler = EulerDiscreteScheduler(**SD_BETAS)
+    vp = fewstep.FewstepScheduler.from_config(euler.config)
+    assert vp.config.kind == "vp" and vp.config.solver == "dpmpp_2m" and vp.budgets is None
+    assert vp.sigma_max == pytest.approx(14.6146, rel=1e-5)
+    vp.set_timesteps(7)
+    assert vp.schedule.metadata["method"] == "karras" and vp.schedule.sigma_max == vp.sigma_max
+    for other in (FlowMatchEulerDiscreteScheduler(shift=3.0),
+                  diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, flow_shift=3.0,
+                                                    prediction_type="flow_prediction")):
+        flow = fewstep.FewstepScheduler.from_config(other.config)
+        assert flow.config.kind == "flow" and flow.config.shift == 3.0
+        flow.set_timesteps(6)
+        assert flow.schedule.metadata["params"]["shift"] == 3.0 and len(flow.timesteps) == 6
+    flux = fewstep.FewstepScheduler.from_config(FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True).config)
+    with pytest.raises(ValueError, match="pass mu="):
+        flux.set_timesteps(4)
+    flux.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25], mu=0.9)  # as FluxPipeline calls it: 4 steps, shift e^0.9
+    assert flux.schedule.steps == 4 and flux.schedule.metadata["params"]["shift"] == pytest.approx(math.exp(0.9))
+
+
+def test_compatible_schedulers_round_trip(digits_unet):
+    """A FewstepScheduler's config goes through every compatible scheduler and comes back unchanged."""
+    fs = fewstep.FewstepScheduler.from_schedule(karras(5, 0.02, 80.0), digits_unet[1], solver="heun")
+    assert set(fs._compatibles) >= {"EulerDiscreteScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler"}
+    assert all(c is not None for c in fs.compatibles) and len(fs.compatibles) >= 15
+    mine = {k: v for k, v in fs.config.items() if k != "_use_default_values"}
+    for cls in fs.compatibles:
+        back = fewstep.FewstepScheduler.from_config(cls.from_config(fs.config).config)
+        assert {k: back.config[k] for k in mine} == mine, cls.__name__
+
+
+def test_schedule_rounding_is_clipped_onto_the_trained_range(sd_pipe, tmp_path):
+    """diffusers' own AYS list for SD starts at 14.615, SD's top sigma is 14.6146: clipped, and recorded."""
+    from diffusers.schedulers.scheduling_utils import AysSchedules
+
+    config = sd_pipe.scheduler.config
+    published = Schedule(AysSchedules["StableDiffusionSigmas"], method="ays")  # ends at 0
+    scheduler = fewstep.FewstepScheduler.from_schedule(published, config, solver="dpmpp_2m")
+    top = fewstep.from_diffusers(sd_pipe).sigma_max
+    assert scheduler.schedule.sigma_max == top and scheduler.schedule.metadata["method"] == "ays"
+    assert scheduler.schedule.metadata["clipped_to_range"] == [[14.615, top]]
+    scheduler.save_pretrained(tmp_path)
+    assert fewstep.FewstepScheduler.from_pretrained(tmp_path).schedule.metadata["clipped_to_range"] == [[14.615, top]]
+    assert fewstep.to_diffusers(published, EulerDiscreteScheduler.from_config(config))["sigmas"][0] == top
+    with pytest.raises(ScheduleError, match="sigma 14.7 is outside the model's trained range .0.0291.*, 14.6146. by "
+                                            "more than rounding"):
+        fewstep.FewstepScheduler.from_schedule(Schedule([14.7, 1.0, 0.0]), config, solver="euler")
+
+
+# --------------------------------------------------------------------------------------------
+# img2img, inpainting, callbacks that edit latents: against diffusers' own Euler and DPM-Solver++
+
+def unet_calls(pipe):
+    """Record (latent input, timestep) of every UNet forward (the conditional half under CFG)."""
+    seen = []
+
+    def hook(module, args, kwargs, out):
+        x = args[0] if args else kwargs["sample"]
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        seen.append((x.chunk(2)[0].clone(), float(torch.as_tensor(t).flatten()[0])))
+
+    return seen, pipe.unet.register_forward_hook(hook, with_kwargs=True)
+
+
+def image_pipelines(sd_pipe):
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
+
+    pipes = {"img2img": StableDiffusionImg2ImgPipeline(**sd_pipe.components),
+             "inpaint": StableDiffusionInpaintPipeline(**sd_pipe.components)}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def run_image_pipeline(pipe, scheduler, strength, steps, **kwargs):
+    pipe.scheduler = scheduler
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    extra = {"mask_image": (torch.arange(8)[None, None, :, None] < 4).float().expand(1, 1, 8, 8)} \
+        if "mask_image" in inspect.signature(pipe.__call__).parameters else {}
+    return pipe(PROMPT, image=image, strength=strength, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                generator=g, output_type="latent", **extra, **kwargs).images
+
+
+@pytest.mark.parametrize("kind,strength", [("img2img", 0.6), ("img2img", 1.0), ("inpaint", 0.6), ("inpaint", 1.0)])
+def test_image_pipelines_run_the_tail_of_the_schedule(sd_pipe, kind, strength):
+    """img2img / inpainting skip the schedule's first steps: FewstepScheduler runs the rest, with the UNet called
+    as that tail says, and gives what diffusers' Euler gives on the same sigmas (its latents are EDM's x, ours
+    x / sqrt(1 + sigma^2): adding noise, mask blending and stepping commute with that scale)."""
+    pipe = image_pipelines(sd_pipe)[kind]
+    config = sd_pipe.scheduler.config
+    den = fewstep.from_diffusers(sd_pipe)
+    sched = karras(5, den.sigma_min, den.sigma_max)
+    euler = EulerDiscreteScheduler.from_config(config)
+    want = run_image_pipeline(pipe, euler, strength, None, **fewstep.to_diffusers(sched, euler))
+    for solver in ("euler", "dpmpp_2m", "heun"):
+        scheduler = fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver)
+        seen, handle = unet_calls(pipe)
+        try:
+            got = run_image_pipeline(pipe, scheduler, strength, 5)
+        finally:
+            handle.remove()
+        first = 5 - int(5 * strength)
+        tail = Schedule(sched.sigmas[first:])
+        assert len(seen) == fewstep.nfe(tail, solver), (solver, len(seen))
+        assert [t for _, t in seen] == pytest.approx(scheduler.timesteps[scheduler.order * first:].tolist())
+        if solver == "euler":
+            assert rel(got * (1 + sched.sigmas[-1] ** 2) ** 0.5, want) < 1e-4
+        elif kind == "img2img":  # no edits: exactly fewstep.sample on the tail from the noised image
+            x_init = seen[0][0].double() * (1 + tail.sigma_max ** 2) ** 0.5
+            assert rel(got, fewstep.sample(fewstep.from_diffusers(sd_pipe, prompt=PROMPT, guidance_scale=GUIDANCE),
+                                           x_init, tail, solver)) < 1e-5
+    pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+
+
+def scale_latents_at(step, factor):
+    def callback(pipe, i, t, kwargs):
+        return {"latents": kwargs["latents"] * factor} if i == step else {}
+
+    return callback
+
+
+def test_callbacks_that_edit_latents_are_followed(sd_pipe):
+    """A callback_on_step_end that changes the latents: the solver goes on from them with its history, as
+    diffusers' Euler and DPM-Solver++(2M) do (same sigmas, same edits)."""
+    config = dict(sd_pipe.scheduler.config)
+    den = fewstep.from_diffusers(sd_pipe)
+    n = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    ac = DDPMScheduler.from_config(config).alphas_cumprod.double()
+    on_grid = Schedule(torch.cat([((1 - ac) / ac).sqrt()[[999, 700, 400, 200, 80, 20]], torch.zeros(1)]))
+    karras6 = karras(6, den.sigma_min, den.sigma_max)
+    edit = scale_latents_at(2, 0.8)
+    cases = (("euler", karras6, EulerDiscreteScheduler.from_config(config)),
+             ("dpmpp_2m", on_grid, DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")))
+    for solver, sched, theirs in cases:
+        want = sd_latents(sd_pipe, theirs, n, 6, callback_on_step_end=edit, **fewstep.to_diffusers(sched, theirs))
+        plain = sd_latents(sd_pipe, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n, 6)
+        got = sd_latents(sd_pipe, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n, 6,
+                         callback_on_step_end=edit)
+        assert rel(got, want) < 1e-4, solver
+        assert rel(got, plain) > 1e-2  # the edit changed the result
+    sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+
+
+def test_sd3_img2img_runs_the_tail_like_flowmatch_euler(sd3_pipe):
+    """Flow img2img noises with scale_noise, (1 - t) x0 + t n at the begin index: FewstepScheduler's Euler on the
+    tail == diffusers' FlowMatchEuler on the same sigmas (flow Euler on x_t and EDM Euler on x are the same step)."""
+    from diffusers import StableDiffusion3Img2ImgPipeline
+
+    pipe = StableDiffusion3Img2ImgPipeline(**sd3_pipe.components)
+    pipe.set_progress_bar_config(disable=True)
+    den = fewstep.from_diffusers(sd3_pipe)
+    sched = fewstep.schedules.flow_uniform(5, den.sigma_min, den.sigma_max, shift=3.0)
+    image = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+    def run(scheduler, **kwargs):
+        pipe.scheduler = scheduler
+        return pipe(SD3_PROMPT, image=image, strength=0.6, guidance_scale=GUIDANCE, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    theirs = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    want = run(theirs, **fewstep.to_diffusers(sched, theirs))
+    ours = fewstep.FewstepScheduler.from_schedule(sched, sd3_pipe.scheduler.config, solver="euler")
+    got = run(ours, num_inference_steps=5)
+    assert ours.begin_index == 2 and ours.step_index == 5
+    assert rel(got, want) < 1e-4

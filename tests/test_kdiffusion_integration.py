@@ -1,18 +1,14 @@
-"""k-diffusion and ComfyUI integration, and the runnable examples of docs/integrations.md.
+"""k-diffusion and ComfyUI sigmas (docs/integrations.md's examples run in tests/test_docs.py).
 
 k-diffusion 0.1.1 is installed with ``--no-deps`` and its ``__init__`` imports torchvision; where that
-import fails, the package is stood in for by a stub module whose ``__path__`` is the installed package
-(so ``k_diffusion.sampling`` and ``k_diffusion.external`` are the real files) and whose ``utils`` has
-``append_dims``, the only helper those two files use.
+import fails, ``fewstep.integrations.kdiffusion.import_kdiffusion`` loads the real ``sampling.py`` and
+``external.py`` as a private package with ``append_dims``, the only helper those two files use.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import json
-import re
-import sys
 import types
 from pathlib import Path
 
@@ -20,35 +16,19 @@ import pytest
 import torch
 
 import fewstep
+from fewstep.integrations.kdiffusion import import_kdiffusion
 from fewstep.schedules import Schedule, karras
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 ASSETS = Path(fewstep.__file__).parent / "assets"
 
 
 @pytest.fixture(scope="module")
 def kd():
-    """The k_diffusion package (``sampling``, ``external``), real or with the stub described above."""
+    """k-diffusion's ``sampling`` and ``external``, through fewstep's loader (the package itself where it imports)."""
     if importlib.util.find_spec("k_diffusion") is None:
         pytest.skip("k-diffusion is not installed (pip install --no-deps k-diffusion torchdiffeq torchsde)")
-    saved = {k: v for k, v in sys.modules.items() if k == "k_diffusion" or k.startswith("k_diffusion.")}
-    try:
-        pkg = importlib.import_module("k_diffusion")
-    except ImportError:
-        for k in [k for k in sys.modules if k == "k_diffusion" or k.startswith("k_diffusion.")]:
-            del sys.modules[k]
-        pkg = types.ModuleType("k_diffusion")
-        pkg.__path__ = list(importlib.util.find_spec("k_diffusion").submodule_search_locations)
-        utils = types.ModuleType("k_diffusion.utils")
-        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-        pkg.utils = utils
-        sys.modules.update({"k_diffusion": pkg, "k_diffusion.utils": utils})
-    pkg.sampling = importlib.import_module("k_diffusion.sampling")
-    pkg.external = importlib.import_module("k_diffusion.external")
-    yield pkg
-    for k in [k for k in sys.modules if k == "k_diffusion" or k.startswith("k_diffusion.")]:
-        del sys.modules[k]
-    sys.modules.update(saved)
+    sampling, external = import_kdiffusion()
+    return types.SimpleNamespace(sampling=sampling, external=external)
 
 
 @pytest.mark.parametrize("solver,k_name", [("euler", "sample_euler"), ("heun", "sample_heun"),
@@ -112,17 +92,3 @@ def test_comfyui_sigmas_text():
     text = fewstep.to_comfyui(sched)
     assert [float(v) for v in text.split(",")] == sched.to_list()
     assert text.endswith(", 0.0") and "\n" not in text
-
-
-def test_docs_integrations_examples_run(kd, capsys):
-    """Every python block of docs/integrations.md runs, in order, in one namespace."""
-    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), flags=re.S)
-    assert len(blocks) >= 6
-    namespace: dict = {"__name__": "docs_integrations"}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"{DOCS.name}[block {i}]", "exec"), namespace)
-        except Exception as e:  # name the block that failed
-            raise AssertionError(f"docs/integrations.md block {i} failed: {e!r}\n{block}") from e
-    out = capsys.readouterr().out
-    assert "unknown prediction_type 'eps'" in out and "DDPMPipeline passes neither" in out

@@ -8,11 +8,18 @@ a CFG wrapper, ...) is a fewstep denoiser once its ``extra_args`` (``cond``, ...
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+import warnings
+from decimal import Decimal
 from typing import Any, Callable
 
 import torch
 
 from ..schedules import as_schedule
+from .comfyui import flow_times
 
 
 class KDiffusionDenoiser:
@@ -50,10 +57,45 @@ def to_kdiffusion(schedule: Any, device: str | torch.device | None = None,
     return as_schedule(schedule).sigmas.to(device=device, dtype=dtype)
 
 
-def to_comfyui(schedule: Any) -> str:
-    """The sigmas as the comma-separated text that ComfyUI custom-sigmas nodes read (e.g. "14.61, 6.47, ..., 0.0").
+def import_kdiffusion() -> tuple[types.ModuleType, types.ModuleType]:
+    """k-diffusion's ``sampling`` and ``external`` modules.
 
-    Full float precision; ``Schedule.to_list()`` gives the same numbers as a list (for a SIGMAS tensor:
-    ``torch.tensor(schedule.to_list())``).
+    k-diffusion 0.1.1's package ``__init__`` imports its training helpers (torchvision, scikit-image, ...);
+    where those are missing (k-diffusion installed with ``--no-deps``, as this repository's tests install it)
+    the two files are loaded without it, as the private package ``fewstep._k_diffusion`` next to a ``utils``
+    with the one helper they use (``append_dims``); the name ``k_diffusion`` is left alone.
     """
-    return ", ".join(repr(v) for v in as_schedule(schedule).to_list())
+    try:
+        from k_diffusion import external, sampling
+        return sampling, external
+    except ImportError:
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None:
+            raise ImportError("k-diffusion is not installed: pip install --no-deps k-diffusion torchdiffeq torchsde") \
+                from None
+    name = "fewstep._k_diffusion"
+    if name not in sys.modules:
+        pkg, utils = types.ModuleType(name), types.ModuleType(f"{name}.utils")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]  # k_diffusion.utils.append_dims
+        pkg.utils = utils
+        sys.modules.update({name: pkg, f"{name}.utils": utils})
+    return importlib.import_module(f"{name}.sampling"), importlib.import_module(f"{name}.external")
+
+
+def to_comfyui(schedule: Any, flow: bool = False) -> str:
+    """The sigmas as the comma-separated text that ComfyUI's custom-sigmas nodes read (e.g. "14.61, 6.47, ..., 0.0").
+
+    Full float precision, never an exponent (ComfyUI's ManualSigmas reads 1e-05 as two numbers). ``flow``:
+    the flow times t = sigma / (1 + sigma), the sigmas of ComfyUI's flow models (SD3, Flux). The text carries no
+    solver options: a schedule with per-step ``orders`` warns, and runs as made with the fewstep nodes
+    (``comfyui-fewstep/``: FewstepSigmas + FewstepSampler).
+    """
+    sched = as_schedule(schedule)
+    if sched.per_sample:
+        raise ValueError("a per-sample policy has no single sigma list for ComfyUI: pass a global Schedule")
+    if "orders" in sched.solver_options:
+        warnings.warn(f"the schedule's per-step solver orders {sched.solver_options['orders']} are not in the text: "
+                      "run it with the FewstepSampler node to keep them", stacklevel=2)
+    values = flow_times(sched.sigmas) if flow else sched.sigmas
+    return ", ".join(format(Decimal(repr(v)), "f") for v in values.tolist())

@@ -671,9 +671,9 @@ def _fit(sched: Schedule, keys: dict) -> Schedule:
 
 def _tuned_model_config(folder: Path) -> dict:
     """The scheduler config of the shipped model a tune run in ``folder`` was made on."""
-    try:
-        model = json.loads((folder / "results.json").read_text())["key"]["model"]
-    except (OSError, ValueError, KeyError):
+    try:  # the model's name (its id in the key also carries the version and its weights' fingerprint)
+        model = json.loads((folder / "results.json").read_text())["model"]["name"]
+    except (OSError, ValueError, KeyError, TypeError):
         model = None
     path = ASSETS / str(model) / "scheduler" / "scheduler_config.json"
     if model is None or not path.is_file():

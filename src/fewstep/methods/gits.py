@@ -190,7 +190,7 @@ def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     return (pairs + 1) // 2 * nfe * b + (opts.grid ** 2 * b if get_solver(solver).calls_per_step == 2 else 0)
 
 
-@register("gits", Options, tune_options={"grid": 40}, cost=cost)
+@register("gits", Options, tune_options={"grid": 40, "warmup": 16}, cost=cost)
 @torch.no_grad()
 def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """GITS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid:

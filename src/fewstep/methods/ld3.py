@@ -226,19 +226,21 @@ class GlobalStage:
     """The options of LD3's global schedule, shared by ``ld3`` and ``instance`` (its first stage): the
     ``Training`` ones ``loss``, ``radius`` (default 0.001 D / steps^2, 0 for a hard teacher), ``valid``
     and ``seed``; ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
-    many schedules to start from (the OSS schedule, on an ``oss_grid``-point grid, then the best
-    baselines; the best result is kept)."""
+    many schedules to start from (the OSS schedule, on an ``oss_grid``-point grid with ``oss_batch``
+    noises, then the best baselines; the best result is kept)."""
 
     loss: str = Training.loss
     radius: float | None = None
     learn_last: bool = True
     starts: int = 1
     oss_grid: int = DEFAULT_SIZE
+    oss_batch: int | None = None
     valid: float = Training.valid
     seed: int = Training.seed
 
     def __post_init__(self):
         Training(loss=self.loss, valid=self.valid)  # checks loss and valid
+        OSSOptions(batch=self.oss_batch)  # checks oss_batch
         if int(self.starts) != self.starts or self.starts < 1:
             raise ValueError(f"starts must be a positive integer, got {self.starts!r}")
 
@@ -274,7 +276,7 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
             longer = builtin(name, steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
             candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
     if opts.oss:
-        oss_opts = OSSOptions(grid=opts.oss_grid)  # filed as fewstep.optimize(den, "oss", ...) files it
+        oss_opts = OSSOptions(grid=opts.oss_grid, batch=opts.oss_batch)  # filed as optimize(den, "oss", ...) files it
         candidates["oss"] = ctx.memo("optimize", memo_key(ctx, "oss", solver, nfe, oss_opts),
                                      lambda: oss_schedule(ctx, solver, nfe, oss_opts)).sigmas
     ranked = []
@@ -340,7 +342,7 @@ def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     return 6 * n * nfe + opts.starts * opts.iters * n * nfe
 
 
-@register("ld3", Options, tune_options={"oss_grid": 40, "iters": 30}, quick_options={"iters": 10},
+@register("ld3", Options, tune_options={"oss_grid": 40, "oss_batch": 16, "iters": 20}, quick_options={"iters": 10},
           cost=cost, tier=1)
 def ld3(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver."""

@@ -22,7 +22,7 @@ plus G * B to rerun the winners. Replays cost no calls but O(K^2 G^2 B) solver a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -51,24 +51,30 @@ def _land(ctx: Calibration, model: Counter, solver: str, orders, steps: int, k: 
 @dataclass(frozen=True)
 class Options:
     """OSS's options: ``grid`` candidate grid points; ``substeps`` teacher steps per grid interval
-    (None: the teacher's steps spread over the grid)."""
+    (None: the teacher's steps spread over the grid); ``batch``: the DP propagates the first that many
+    calibration states (default: all of them; its cost is linear in it)."""
 
     grid: int = DEFAULT_SIZE
     substeps: int | None = None
+    batch: int | None = None
+
+    def __post_init__(self):
+        if self.batch is not None and (int(self.batch) != self.batch or self.batch < 1):
+            raise ValueError(f"batch must be a positive integer or None, got {self.batch!r}")
 
 
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     """K * G * B: one model call per kept grid point and sample at each of the K levels; Heun's corrector
     call for every candidate pair, (G^2 / 2) * B per level."""
-    steps = plan(solver, nfe)[0]
-    return steps * opts.grid * n * (1 + (opts.grid // 2 if get_solver(solver).calls_per_step == 2 else 0))
+    steps, b = plan(solver, nfe)[0], min(n, opts.batch or n)
+    return steps * opts.grid * b * (1 + (opts.grid // 2 if get_solver(solver).calls_per_step == 2 else 0))
 
 
-@register("oss", Options, tune_options={"grid": 40}, cost=cost)
+@register("oss", Options, tune_options={"grid": 40, "batch": 16}, cost=cost)
 @torch.no_grad()
 def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid."""
-    grid = opts.grid
+    grid, ctx = opts.grid, replace(ctx, x=ctx.x[:opts.batch])
     steps, sopts = plan(solver, nfe)
     check_steps(steps, grid)
     orders = sopts.get("orders")

@@ -4,8 +4,8 @@ Cells are (nfe, method, solver). Baseline methods are the built-in schedules; ev
 ``fewstep.optimize`` knows is a method too. Calibration and test noises are disjoint seeded batches; the
 teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the errors the run measures.
 
-The race (default): karras with every solver ranks the solvers; the other baselines and the optimizers
-run for the best solvers at each NFE (the learned ones, LD3 and instance, for the best two and one);
+The race (default): the baselines with every solver rank the solvers; the optimizers run for the best
+three solvers at each NFE (the learned ones, LD3 and instance, for the best two and one);
 every cell is scored on a first round of test noises, and rounds of twice as many go to the cells whose
 paired difference to the leader is not clearly positive, until one is left or the test set is used up.
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
@@ -44,7 +44,7 @@ RESULTS_VERSION = 2
 FIRST_ROUND = 16  # test noises every scored cell gets
 CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (the learned methods: fewer)
 COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
-Z = 2.0  # a cell leaves the race when its paired difference to the leader is Z standard errors above 0
+Z = 3.0  # a cell leaves the race when its paired difference to the leader is Z standard errors above 0
 TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
 
 
@@ -89,6 +89,7 @@ class _Run:
     out: Path | None
     key: dict
     exhaustive: bool
+    first: int = FIRST_ROUND  # test noises in the first round
     progress: Any = None
     results: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)  # cell name -> per-sample errors on the first test noises
@@ -99,7 +100,7 @@ class _Run:
         n = len(self.x_test)
         if self.exhaustive:
             return [n]
-        sizes, k = [], min(FIRST_ROUND, n)
+        sizes, k = [], min(self.first, n)
         while k < n:
             sizes.append(k)
             k *= 2
@@ -120,8 +121,7 @@ class _Run:
                        "cells": list(self.results.values()), "cost": self.cost()}
             write_atomic(self.out / "results.json", json.dumps(payload, indent=1))
         if self.progress is not None:
-            self.progress.n = self.meter.total
-            self.progress.refresh()
+            self.progress.update(self.meter.total - self.progress.n)
 
     def cost(self) -> dict:
         return {**self.meter.report(), "teacher": {"steps": self.teacher.steps(self.info["sigma_max"]),
@@ -283,21 +283,23 @@ def _close(d: torch.Tensor) -> bool:
     return len(d) < 2 or float(d.mean()) <= Z * float(d.std()) / math.sqrt(len(d))
 
 
-def _tune_nfe(run: _Run, k: int, methods: list[str], solvers: list[str]) -> None:
-    """All the stages at NFE ``k``: karras with every solver, the other baselines and the optimizers for
-    the best solvers, the learned methods for the best of those, then the race."""
+def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) -> None:
+    """The stages, each for every NFE before the next (so a budget that runs out leaves every NFE with
+    what came first): the baselines with every solver (cheap: scoring only), the optimizers for the
+    solvers with the best cells so far (learned methods: fewer), then the race."""
     base = [m for m in methods if m in BUILTIN_SCHEDULES]
-    first = base[:1] if "karras" not in base else ["karras"]
-    _stage(run, k, first, solvers, solvers, len(solvers), "")
-    ranked = _ranked_solvers(run, k, solvers) or solvers
-    why = f"not among the {CONTENDERS} best solvers at NFE {k} (by {first[0] if first else 'their'} error)"
-    _stage(run, k, [m for m in base if m not in first], solvers, ranked, CONTENDERS, why)
+    for k in nfes:
+        _stage(run, k, base, solvers, solvers, len(solvers), "")
     for tier in sorted({METHODS[m].tier for m in methods if m in METHODS}):
-        count, ranked = _solver_count(tier), _ranked_solvers(run, k, solvers) or solvers
-        why = f"not among the {count} best solver(s) at NFE {k} so far" + (" (a learned method)" if tier else "")
-        _stage(run, k, [m for m in methods if m in METHODS and METHODS[m].tier == tier], solvers, ranked, count, why)
+        count = _solver_count(tier)
+        why = f"not among the {count} best solver(s) so far (by their best scored cell)" + (" (a learned method)" if tier else "")
+        for k in nfes:
+            ranked = _ranked_solvers(run, k, solvers) or solvers
+            _stage(run, k, [m for m in methods if m in METHODS and METHODS[m].tier == tier], solvers, ranked, count,
+                   f"NFE {k}: {why}")
     if not run.exhaustive:
-        _race(run, k)
+        for k in nfes:
+            _race(run, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,12 +374,12 @@ def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
 
 
 def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: int, n_test: int,
-              teacher_steps: int, options: dict, exhaustive: bool) -> dict:
+              teacher_steps: int, options: dict, exhaustive: bool, first: int = FIRST_ROUND) -> dict:
     """Evaluations each stage is expected to cost (the methods' own cost formulas, ``Method.cost``)."""
-    n1 = n_test if exhaustive else min(FIRST_ROUND, n_test)
+    n1 = n_test if exhaustive else min(first, n_test)
     est = {"teacher": (n_calib + n_test) * (teacher_steps + 1)}
     for m in methods:
-        count = len(solvers) if exhaustive or m == "karras" else min(len(solvers), CONTENDERS)
+        count = len(solvers) if exhaustive or m in BUILTIN_SCHEDULES else min(len(solvers), CONTENDERS)
         if m in METHODS and METHODS[m].tier and not exhaustive:
             count = _solver_count(METHODS[m].tier)
         per = 0  # a method's cost per solver: its mean over the solvers (which ones race is not known yet)
@@ -393,7 +395,7 @@ def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: 
 def _plan(run: _Run, nfes, methods, solvers, n_calib, n_test, options, seconds: float) -> dict:
     """The run's plan: its cells, sizes and the evaluations each stage is expected to cost, printed."""
     est = _estimate(methods, solvers, nfes, n_calib, n_test, run.teacher.steps(run.info["sigma_max"]), options,
-                    run.exhaustive)
+                    run.exhaustive, run.first)
     total = sum(est.values())
     plan_ = {"nfe": nfes, "methods": methods, "solvers": solvers, "n_calib": n_calib, "n_test": n_test,
              "mode": "exhaustive" if run.exhaustive else "race", "estimated_evaluations": est,
@@ -409,6 +411,7 @@ def plan_text(plan_: dict) -> str:
     lines.append(f"  {'total':14} ~{plan_['estimated_total']:>12,} evaluations, ~{plan_['estimated_hours'] * 60:.1f} "
                  f"min at {plan_['seconds_per_evaluation'] * 1e3:.3g} ms per evaluation (timed)"
                  + (f"; budget {plan_['budget']:,}: what does not fit is left out" if plan_["budget"] else ""))
+    lines += [f"  left out for the budget: {what}" for what in plan_.get("left_out", [])]
     return "\n".join(lines)
 
 
@@ -466,26 +469,50 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
                Teacher(meter, sigma_min=info["sigma_min"], model_id=model_id, shape=info["shape"],
                        cache_dir=out / "teacher" if out else None, progress=progress))
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
+    with meter.at("teacher"):
+        steps = teacher.steps(info["sigma_max"])  # its error control (on fixed noises) runs here
+    sizes = _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive)
+    methods, n_calib, n_test, first = sizes["methods"], sizes["n_calib"], sizes["n_test"], sizes["first"]
     key = {"model": model_id, "fewstep": __version__, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
            "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED, "test_seed": TEST_SEED,
            "teacher_sigma_min": teacher.sigma_min, "teacher_tol": teacher.tol, "method_options": options,
            "mode": "exhaustive" if exhaustive else "race", "budget": budget, "methods": methods, "solvers": solvers}
     run = _Run(meter, info, noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"]),
                noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"]), teacher, options, out,
-               key, exhaustive)
+               key, exhaustive, first)
     run.results = _load_results(out / "results.json", key, retry_failed) if out else {}
-    with meter.at("teacher"):
-        plan_ = _plan(run, nfes, methods, solvers, n_calib, n_test, options, seconds)
+    plan_ = {**_plan(run, nfes, methods, solvers, n_calib, n_test, options, seconds), "left_out": sizes["left_out"]}
     if progress:
         tqdm.write(plan_text(plan_))
-    run.progress = tqdm(total=plan_["estimated_total"], desc="tune (evaluations)", disable=not progress, unit="ev")
+    run.progress = tqdm(total=plan_["estimated_total"], desc="tune (evaluations)", disable=not progress, unit="ev",
+                        mininterval=1.0)
     try:
         _teacher_to_errors(run, max(nfes), methods, solvers)
-        for k in sorted(nfes, reverse=True):
-            _tune_nfe(run, k, methods, solvers)
+        _stages(run, nfes, methods, solvers)
     finally:
         run.progress.close()
     return _finish(run, nfes, plan_, report, seconds_per_eval)
+
+
+def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive) -> dict:
+    """Sizes and methods whose estimated cost is at most 90% of ``budget``: the first round, the test and
+    the calibration sizes halved (to 4, 16 and 8 at least), then methods left out from the costliest
+    tier down; what was cut is listed (``left_out``). Without a budget: as given."""
+    first, left_out, methods = FIRST_ROUND, [], list(methods)
+
+    def fits() -> bool:
+        est = _estimate(methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive, first)
+        return budget is None or sum(est.values()) <= 0.9 * budget
+
+    while not fits() and (first > 4 or n_test > 16 or n_calib > 8):
+        first, n_test, n_calib = max(4, first // 2), max(16, n_test // 2), max(8, n_calib // 2)
+        left_out = [f"sizes: first round {first}, up to {n_test} test and {n_calib} calibration noises"]
+    optimizers = sorted((m for m in methods if m in METHODS), key=lambda m: (METHODS[m].tier, m))
+    while not fits() and optimizers:
+        m = optimizers.pop()
+        methods.remove(m)
+        left_out.append(f"method {m} (its estimated cost does not fit the budget)")
+    return {"methods": methods, "n_calib": n_calib, "n_test": n_test, "first": first, "left_out": left_out}
 
 
 def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_eval: float | None) -> dict:
@@ -502,7 +529,7 @@ def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_e
         if report:
             from .report import write_report
             with run.meter.at("scoring"):
-                write_report(run.out, summary, run.meter, run.teacher, run.x_test[:FIRST_ROUND])
+                write_report(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
     return summary
 
 

@@ -111,7 +111,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="propagation"):
         fewstep.optimize(den, "gits", "euler", 4, propagation=-1, **kw)
     with pytest.raises(ValueError, match="warmup"):
-        fewstep.optimize(den, "gits", "euler", 4, warmup=5, **kw)
+        fewstep.optimize(den, "gits", "euler", 4, warmup=0, **kw)
+    # more warm-up noises than the batch holds: all of them (fewstep tune asks for 16 of any batch)
+    assert fewstep.optimize(den, "gits", "euler", 4, warmup=5, **kw).metadata["provenance"]["warmup"] == 4
     with pytest.raises(ValueError, match="history"):
         fewstep.optimize(den, "gits", "ipndm", 4, history=4, **kw)
 

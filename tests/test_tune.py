@@ -115,3 +115,52 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, tuned):
     assert 4 <= partial < 18, "the run was not interrupted half way"
     subprocess.run([sys.executable, "-c", SCRIPT, str(out)], env=env, check=True)
     assert _errors(out / "results.json") == _errors(tuned[0] / "results.json")
+
+
+class _Rows:
+    """The model with an outside count of the rows it evaluates."""
+
+    def __init__(self, den):
+        self.den, self.rows = den, 0
+        self.shape, self.sigma_min, self.sigma_max, self.name = den.shape, den.sigma_min, den.sigma_max, "rows"
+
+    def __call__(self, x, sigma):
+        self.rows += x.shape[0]
+        return self.den(x, sigma)
+
+
+def test_every_evaluation_is_counted_and_the_plan_printed(capsys):
+    den = _Rows(fewstep.load_model("gmm2d"))
+    s = tune(den, nfe=[3, 4], methods=["karras", "ays", "oss", "ld3"], solvers=["euler", "dpmpp_2m", "heun"],
+             n_calib=8, n_test=32, report=False, progress=True, seconds_per_eval=0.1)
+    assert "fewstep tune plan (race)" in capsys.readouterr().out
+    cost = s["cost"]
+    assert cost["total"] == den.rows == sum(cost["evaluations"].values())
+    assert set(cost["evaluations"]) == {"probe", "teacher", "method", "scoring"}
+    assert cost["at_seconds_per_eval"]["hours"] == pytest.approx(den.rows * 0.1 / 3600, rel=1e-3)
+    assert cost["teacher"]["steps"] > 0 and 0 <= cost["teacher"]["error"] < 0.05
+    ok = [c for c in s["cells"] if c["status"] == "ok"]
+    assert sum(c["evaluations"]["scoring"] for c in ok) == cost["evaluations"]["scoring"]
+    assert all(c["evaluations"]["method"] > 0 for c in ok if c["method"] in ("oss", "ld3"))
+    assert all(c["n"] == len(c["errors"]) for c in ok)
+
+
+def test_a_budget_is_never_exceeded_and_what_is_left_out_is_said(tmp_path):
+    den = _Rows(fewstep.load_model("gmm2d"))
+    s = tune(den, nfe=[4, 6], outdir=tmp_path, budget=6000, n_calib=16, n_test=64, progress=False)
+    assert den.rows <= 6000 and s["cost"]["total"] <= 6000
+    pruned = [c for c in s["cells"] if c["status"] == "pruned"]
+    assert pruned and s["best"]  # something was left out, and a winner was found with the rest
+    md = (tmp_path / "report.md").read_text()
+    assert "Cells left out" in md and "budget" in md.lower()
+
+
+def test_the_race_finds_the_exhaustive_winner_or_one_as_good():
+    den = fewstep.load_model("gmm2d")
+    kw = dict(nfe=[5], methods=["karras", "logsnr_uniform", "time_quadratic", "oss", "gits"],
+              solvers=["euler", "dpmpp_2m", "unipc", "heun"], n_calib=16, n_test=128, report=False, progress=False)
+    full, race = tune(den, exhaustive=True, **kw), tune(den, **kw)
+    assert race["cost"]["total"] < full["cost"]["total"]
+    win, ref = race["best"]["5"]["winner"], full["best"]["5"]["winner"]
+    cells = {(c["method"], c["solver"]): c for c in full["cells"]}
+    assert cells[(win["method"], win["solver"])]["mean"] <= ref["mean_ci95"][1]  # within the winner's interval

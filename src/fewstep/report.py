@@ -196,7 +196,8 @@ def _cost_lines(summary: dict) -> list[str]:
 
 
 def _cell_lists(summary: dict) -> list[str]:
-    lines = []
+    left = summary.get("plan", {}).get("left_out") or []
+    lines = ["## Left out for the budget", "", *[f"- {w}" for w in left], ""] if left else []
     for status, title, note in (
             ("pruned", "Cells left out", "Not run: the race gave them no chance, or the budget had run out."),
             ("skipped", "Skipped cells", "The method refused the setting."),

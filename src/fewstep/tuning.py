@@ -203,7 +203,9 @@ def _do(run: _Run, k: int, method: str, solver: str, n: int) -> dict:
         return row
     if row is not None:
         run.errors[name] = torch.tensor(row["errors"], dtype=torch.float64)
-    run.results[name] = _run_cell(run, k, method, solver, n)
+    new = _run_cell(run, k, method, solver, n)
+    if row is None or new["status"] != "pruned":  # more noises that the budget could not pay: the row stays
+        run.results[name] = new
     run.save()
     return run.results[name]
 
@@ -274,7 +276,7 @@ def _race(run: _Run, k: int) -> None:
         alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
         if len([r for r in alive if r is not base]) <= 1:
             return
-        for r in alive:
+        for r in sorted(alive, key=lambda r: r["mean"]):  # the closest first, should the budget run out
             _do(run, k, r["method"], r["solver"], n)
 
 
@@ -382,13 +384,14 @@ def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: 
         count = len(solvers) if exhaustive or m in BUILTIN_SCHEDULES else min(len(solvers), CONTENDERS)
         if m in METHODS and METHODS[m].tier and not exhaustive:
             count = _solver_count(METHODS[m].tier)
-        per = 0  # a method's cost per solver: its mean over the solvers (which ones race is not known yet)
+        per = 0  # a method's cost for its ``count`` cheapest solvers (a race leaves out the costly ones)
         if m in METHODS:
             opts = METHODS[m].make_options(m, options[m])
-            per = sum(METHODS[m].cost(opts, s, k, n_calib) for k in nfes for s in solvers) / len(solvers)
+            each = sorted(sum(METHODS[m].cost(opts, s, k, n_calib) for k in nfes) for s in solvers)
+            per = sum(each[:count]) / count
         est[m] = int(count * (per + n1 * sum(nfes)))
-    if not exhaustive:
-        est["race"] = 3 * (n_test - n1) * sum(nfes)
+    if not exhaustive:  # about 6 cells per NFE stay in the race
+        est["race"] = 6 * (n_test - n1) * sum(nfes)
     return est
 
 
@@ -467,11 +470,12 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     model_id = model_id or f"{info['name']}@{fingerprint(denoiser)}"
     teacher = (teacher.using(meter) if teacher is not None else
                Teacher(meter, sigma_min=info["sigma_min"], model_id=model_id, shape=info["shape"],
-                       cache_dir=out / "teacher" if out else None, progress=progress))
+                       cache_dir=out / "teacher" if out else None))
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
     with meter.at("teacher"):
         steps = teacher.steps(info["sigma_max"])  # its error control (on fixed noises) runs here
-    sizes = _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive)
+    left = None if budget is None else budget - meter.total
+    sizes = _fit(left, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive)
     methods, n_calib, n_test, first = sizes["methods"], sizes["n_calib"], sizes["n_test"], sizes["first"]
     key = {"model": model_id, "fewstep": __version__, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
            "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED, "test_seed": TEST_SEED,
@@ -495,31 +499,42 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
 
 
 def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive) -> dict:
-    """Sizes and methods whose estimated cost is at most 90% of ``budget``: the first round, the test and
-    the calibration sizes halved (to 4, 16 and 8 at least), then methods left out from the costliest
-    tier down; what was cut is listed (``left_out``). Without a budget: as given."""
+    """Sizes and methods whose estimated cost is at most 90% of what is left of ``budget``: the first
+    round, the test and the calibration sizes halved (to 8, 32 and 16), then methods left out from the
+    costliest tier down, then the sizes halved again (to 4, 16 and 8); what was cut is listed
+    (``left_out``). Without a budget: as given."""
     first, left_out, methods = FIRST_ROUND, [], list(methods)
 
     def fits() -> bool:
         est = _estimate(methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive, first)
         return budget is None or sum(est.values()) <= 0.9 * budget
 
-    while not fits() and (first > 4 or n_test > 16 or n_calib > 8):
-        first, n_test, n_calib = max(4, first // 2), max(16, n_test // 2), max(8, n_calib // 2)
-        left_out = [f"sizes: first round {first}, up to {n_test} test and {n_calib} calibration noises"]
+    def shrink(floor: tuple) -> None:
+        nonlocal first, n_test, n_calib
+        while not fits() and (first > floor[0] or n_test > floor[1] or n_calib > floor[2]):
+            first, n_test, n_calib = (min(v, max(f, v // 2)) for v, f in zip((first, n_test, n_calib), floor))
+            left_out[:] = [w for w in left_out if not w.startswith("sizes")] + [
+                f"sizes: first round {first}, up to {n_test} test and {n_calib} calibration noises"]
+
+    shrink((8, 32, 16))
     optimizers = sorted((m for m in methods if m in METHODS), key=lambda m: (METHODS[m].tier, m))
     while not fits() and optimizers:
         m = optimizers.pop()
         methods.remove(m)
-        left_out.append(f"method {m} (its estimated cost does not fit the budget)")
+        left_out.append(f"method {m}: its estimated cost does not fit the budget")
+    shrink((4, 16, 8))
     return {"methods": methods, "n_calib": n_calib, "n_test": n_test, "first": first, "left_out": left_out}
 
 
 def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_eval: float | None) -> dict:
     run.save()
     scored = max((len(e) for e in run.errors.values()), default=0)
+    error = None
     with run.meter.at("teacher"):  # on every test noise a result is measured on
-        error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored)) if scored else None
+        try:
+            error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored)) if scored else None
+        except BudgetExhausted:  # not estimated: the budget is spent
+            pass
     cost = {**run.cost(), **run.meter.report(seconds_per_eval)}
     cost["teacher"]["error"] = error
     summary = {"version": RESULTS_VERSION, "key": run.key, "model": run.info, "plan": plan_, "cost": cost,

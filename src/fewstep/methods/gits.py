@@ -83,8 +83,8 @@ class Options:
     (AUTO_PROPAGATION). Of all the pairs, the schedule with the least error on the warm-up batch is kept.
     ``history``: 0 costs each step as the solver's first-order step from the teacher (the reference's
     choice); 1-3 give a multistep solver that many teacher-forced points of the kept path as history.
-    ``warmup``: the number of calibration trajectories used for the cost and the choice (default: all
-    of them; the reference uses 256).
+    ``warmup``: the number of calibration trajectories used for the cost and the choice (default, or
+    more than the batch holds: all of them; the reference uses 256).
     """
 
     grid: int = DEFAULT_SIZE
@@ -101,6 +101,8 @@ class Options:
             raise ValueError(f"propagation must be >= 0 or 'auto', got {self.propagation!r}")
         if self.history not in range(MAX_HISTORY + 1):
             raise ValueError(f"history must be 0..{MAX_HISTORY}, got {self.history!r}")
+        if self.warmup is not None and (int(self.warmup) != self.warmup or self.warmup < 1):
+            raise ValueError(f"warmup must be a positive integer or None, got {self.warmup!r}")
 
     def coeffs(self) -> list[float]:
         return list(AUTO_COEFFS) if self.coeff == "auto" else _floats(self.coeff)
@@ -197,9 +199,7 @@ def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     the DP for every (coeff, p) pair (``Options``), and the schedule with the least warm-up error."""
     steps, sopts = plan(solver, nfe)
     check_steps(steps, opts.grid)
-    n = ctx.x.shape[0] if opts.warmup is None else int(opts.warmup)
-    if not 1 <= n <= ctx.x.shape[0]:
-        raise ValueError(f"warmup must be between 1 and the calibration batch size {ctx.x.shape[0]}, got {opts.warmup}")
+    n = ctx.x.shape[0] if opts.warmup is None else min(int(opts.warmup), ctx.x.shape[0])
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, opts.grid)
     end, orders, model = opts.grid, sopts.get("orders"), Counter(ctx.denoiser)
     traj, den, final, weight = _on_teacher(ctx, sig, n, opts.substeps)

@@ -30,7 +30,7 @@ class Meter:
         self.rows: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
         self.stage = "method"
-        for attr in ("shape", "sigma_min", "sigma_max", "name", "device", "model_id"):
+        for attr in ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance"):
             if getattr(denoiser, attr, None) is not None:
                 setattr(self, attr, getattr(denoiser, attr))
 
@@ -41,12 +41,12 @@ class Meter:
     def left(self) -> float:
         return float("inf") if self.budget is None else self.budget - self.total
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         if x.shape[0] > self.left():
             raise BudgetExhausted(f"the budget of {self.budget:,} evaluations is spent ({self.total:,} used; a call of "
                                   f"{x.shape[0]} rows would exceed it)")
         start = time.perf_counter()
-        out = self.denoiser(x, sigma)
+        out = self.denoiser(x, sigma, **kw)  # kw: cond=, for a conditional denoiser
         self.rows[self.stage] += x.shape[0]
         self.seconds[self.stage] += time.perf_counter() - start
         return out
@@ -71,13 +71,14 @@ class Meter:
         return out
 
 
-def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float) -> float:
+def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float, cond=None) -> float:
     """Wall seconds per evaluated row, from one timed call on ``x`` (after one untimed warm-up call)."""
     s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+    kw = {} if cond is None else {"cond": cond}
     with torch.no_grad():
-        denoiser(x, s)
+        denoiser(x, s, **kw)
         start = time.perf_counter()
-        denoiser(x, s)
+        denoiser(x, s, **kw)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
     return (time.perf_counter() - start) / x.shape[0]

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import conditions
 from .metrics import rmse, summarize, w2_exact
 from .models.info import model_info
 from .models.reference import GaussianMixture
@@ -18,9 +19,10 @@ from .teacher import Teacher
 @torch.no_grad()
 def evaluate(denoiser: Callable, schedule: Any, solver: str | None = None, x: torch.Tensor | None = None, *,
              n: int = 256, seed: int = TEST_SEED, teacher: Teacher | None = None, shape=None,
-             distribution: bool = True, ci: bool = False) -> dict:
-    """Per-sample RMSE to the teacher (mean, median, p90) and the NFE, on held-out noises; for a
-    GaussianMixture also the exact W2 between the samples and as many exact data samples (``w2``, ``w2_n``)."""
+             distribution: bool = True, ci: bool = False, cond=None) -> dict:
+    """Per-sample RMSE to the teacher (mean, median, p90) and the NFE, on held-out noises (and, for a
+    conditional denoiser, ``cond``: one condition per noise, held out too); for a GaussianMixture also the
+    exact W2 between the samples and as many exact data samples (``w2``, ``w2_n``)."""
     sched = as_schedule(schedule)
     sigma_max = float(sched.sigma_max or getattr(denoiser, "sigma_max", SIGMA_MAX))
     if x is None:
@@ -28,12 +30,14 @@ def evaluate(denoiser: Callable, schedule: Any, solver: str | None = None, x: to
             raise ValueError(f"n (held-out noises) must be a positive integer, got {n!r}")
         info = model_info(denoiser, shape)
         x = noise(n, info["shape"], sigma_max, seed, device=info["device"])
-    teacher = teacher or Teacher(denoiser, sigma_min=float(getattr(denoiser, "sigma_min", SIGMA_MIN)))
-    ref = teacher.solve(x, sigma_max=sigma_max)
-    out = sample(denoiser, x, sched, solver)
+    conditions.check_model(denoiser, cond)
+    teacher = teacher or Teacher(denoiser, sigma_min=float(getattr(denoiser, "sigma_min", SIGMA_MIN)), check_cond=cond,
+                                 shape=tuple(x.shape[1:]))
+    ref = teacher.solve(x, sigma_max=sigma_max, cond=cond)
+    out = sample(denoiser, x, sched, solver, cond=cond)
     result = summarize(rmse(out, ref), ci=ci)
     result["nfe"] = nfe(sched, solver)
-    if distribution and isinstance(denoiser, GaussianMixture):
+    if distribution and isinstance(denoiser, GaussianMixture) and cond is None:
         g = torch.Generator().manual_seed(int(seed) + 10_000)
         result["w2"] = w2_exact(out, denoiser.sample(out.shape[0], generator=g))  # on the CPU
         result["w2_n"] = out.shape[0]

@@ -176,6 +176,21 @@ def _header(summary: dict) -> list[str]:
             "Intervals: bootstrap 95% of the mean, on each cell's own test noises (n).", ""]
 
 
+def _condition_lines(summary: dict) -> list[str]:
+    """For a conditional model: the conditions each side used, and the winners' spread over the test ones."""
+    conds = summary.get("conditions") or {}
+    if not conds.get("test"):
+        return []
+    lines = ["## Conditions", "", f"Calibrated on {conds['calibration']} conditions; scored on {conds['test']} "
+             "other conditions (disjoint rows of the pool). The winner's mean error per test condition:", "",
+             "| NFE | conditions | min | median | max |", "|---|---|---|---|---|"]
+    for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
+        p = entry.get("per_condition")
+        if p:
+            lines.append(f"| {k} | {p['conditions']} | {p['min']:.4g} | {p['median']:.4g} | {p['max']:.4g} |")
+    return lines + [""]
+
+
 def _cost_lines(summary: dict) -> list[str]:
     """Evaluations per stage and per method, and the run's cost at the given seconds per evaluation."""
     cost = summary.get("cost", {})
@@ -223,7 +238,7 @@ def _markdown(summary: dict, images: dict[str, str]) -> str:
         if "policy" in r:
             lines.append(f"|  | per-sample policy {r['policy']} | | | | |")
     lines += ["", "ratio < 1: the tuned schedule's held-out error is that fraction of the best baseline's.", ""]
-    lines += _cost_lines(summary)
+    lines += _condition_lines(summary) + _cost_lines(summary)
     for title, name in images.items():
         lines += [f"## {title}", "", f"![{title}](plots/{name})", ""]
     return "\n".join(lines + _cell_lists(summary)) + "\n"

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from . import conditions
 from .corrections import corrected
 from .files import FewstepWarning
 from .noises import noise
@@ -48,22 +49,46 @@ def nfe(schedule: Any, solver: str | None = None, **options: Any) -> int:
                for i in range(sched.steps))
 
 
+class _Count:
+    def __init__(self):
+        self.calls = self.rows = 0
+
+
 class CheckedDenoiser:
-    """Calls the user's denoiser with sigma of shape [batch] (and the step, if it takes one: ``solvers.stepped``),
-    checks what comes back, and counts: ``calls`` (batched calls) and ``rows`` (network evaluations: a
-    call on a batch of 128 is 128)."""
+    """Calls the user's denoiser with sigma of shape [batch] (and the step, if it takes one: ``solvers.stepped``;
+    and ``cond=`` rows, if given: ``conditions``), checks what comes back, and counts: ``calls`` (batched
+    calls) and ``rows`` (network evaluations: a call on a batch of 128 is 128). A batch of k times the
+    condition's rows is k candidates stacked whole (``conditions.tile``). ``bind(cond)``: the same
+    denoiser and count for other rows."""
 
     takes_step = True
 
-    def __init__(self, denoiser: Callable):
-        self.denoiser, self._call = denoiser, stepped(denoiser)
-        self.calls = self.rows = 0
+    def __init__(self, denoiser: Callable, cond=None, count: _Count | None = None):
+        self.denoiser, self._call, self.cond = denoiser, stepped(denoiser), cond
+        self._count = count or _Count()
+        self._n = conditions.length(cond)
+
+    calls = property(lambda self: self._count.calls)
+    rows = property(lambda self: self._count.rows)
+
+    def bind(self, cond) -> "CheckedDenoiser":
+        return CheckedDenoiser(self.denoiser, cond, self._count)
+
+    def _cond(self, b: int):
+        if b == self._n:
+            return self.cond
+        if b % self._n:
+            raise ValueError(f"internal error: a batch of {b} rows for {self._n} conditions")
+        return conditions.tile(self.cond, b // self._n)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
         sig = sigma.to(device=x.device, dtype=x.dtype)
         sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
-        out = self._call(x, sig, step)
-        self.calls, self.rows = self.calls + 1, self.rows + x.shape[0]
+        if self.cond is None:
+            out = self._call(x, sig, step)
+        else:
+            out = self.denoiser(x, sig, cond=self._cond(x.shape[0]))
+        self._count.calls, self._count.rows = self._count.calls + 1, self._count.rows + x.shape[0]
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DenoiserError(f"denoiser returned shape {got} for input of shape {tuple(x.shape)}")
@@ -78,11 +103,12 @@ class CheckedDenoiser:
 _PROBED: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
 
 
-def probe_denoiser(denoiser: Callable, info: dict) -> int:
+def probe_denoiser(denoiser: Callable, info: dict, cond=None) -> int:
     """Call the denoiser on 2 rows at two sigmas, then on row 1 alone at each: a named error if it fails on
     a batch of this sample shape, returns another shape or NaN; a warning if it answers row 1 at row 0's
     sigma (it reads only sigma[0]; fewstep passes one sigma per row). Once per denoiser object (weakly
-    held). Returns the rows it evaluated (4, or 0 when already probed)."""
+    held; ``cond``: conditions for a conditional denoiser, taken in turn). Returns the rows it evaluated (4,
+    or 0 when already probed)."""
     try:
         if _PROBED.get(denoiser):
             return 0
@@ -92,10 +118,11 @@ def probe_denoiser(denoiser: Callable, info: dict) -> int:
     mid = math.sqrt(lo * hi)
     s = torch.tensor([mid, min(hi, 4 * mid)], dtype=torch.float64, device=info["device"])
     x = noise(2, info["shape"], 1.0, seed=2 ** 31 - 1, device=info["device"]) * s.reshape(-1, *[1] * len(info["shape"]))
-    model = CheckedDenoiser(denoiser)
+    two = conditions.to(conditions.cycle(cond, 2), info["device"])
+    model, second = CheckedDenoiser(denoiser, two), CheckedDenoiser(denoiser, conditions.rows(two, slice(1, None)))
     try:
         with torch.no_grad():
-            both, alone, at_first = model(x, s), model(x[1:], s[1:]), model(x[1:], s[:1])
+            both, alone, at_first = model(x, s), second(x[1:], s[1:]), second(x[1:], s[:1])
     except DenoiserError:
         raise
     except Exception as e:
@@ -132,26 +159,27 @@ def _progress(show: bool, total: int, name: str, callback: Callable | None) -> I
         bar.close()
 
 
-def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None, *,
+def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | None = None, *, cond=None,
            callback: Callable[[dict], None] | None = None, progress: bool = False, **options: Any) -> torch.Tensor:
     """Solve the probability-flow ODE from ``x`` (the state at sigma_max: ``noise * sigmas[0]``).
 
     ``schedule``: any ``ScheduleLike`` (a Schedule, a per-sample policy), or a list/tensor of sigmas.
     ``solver`` defaults to the one the schedule was made for; ``options`` override the schedule's
-    ``solver_options``. Gradients flow only when x, the sigmas or the corrections require them (a
+    ``solver_options``. ``cond``: one condition per row of x for a conditional denoiser D(x, sigma, cond=c). Gradients flow only when x, the sigmas or the corrections require them (a
     network whose weights require grad builds no graph here).
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
         raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
     if not torch.isfinite(x).all():
         raise ValueError("the initial states x contain NaN or inf")
+    conditions.check(cond, x.shape[0])
     sched = as_schedule(schedule)
     name = _solver_name(sched, solver)
     spec = get_solver(name)
     sigmas, corrections = sched.for_batch(x)
     opts = _options(sched, spec, options, len(sigmas) - 1)
     sigmas = sigmas.to(x.device)
-    model = corrected(CheckedDenoiser(denoiser), corrections)
+    model = corrected(CheckedDenoiser(denoiser, conditions.to(cond, x.device)), corrections)
     grad = any(t.requires_grad for t in (x, sigmas, *(corrections or ())))
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()), \
             _progress(progress, len(sigmas) - 1, name, callback) as cb:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import conditions
 from .distributed import shard_map
 from .files import FewstepWarning, load_cached, save_cached
 from .models.info import fingerprint
@@ -69,10 +70,11 @@ def content_key(*parts) -> str:
 class Teacher:
     """Reference ODE solutions for a denoiser, to a tolerance, cached in memory and (optionally) on disk.
 
-    ``tol``: the target error of x0 (mean per-sample RMSE; default ``DEFAULT_REL_TOL`` times the RMS of
-    the answers); ``steps``: a fixed number of steps instead (also the denoiser's ``teacher_steps``
+    ``tol``: the target error of x0 (mean per-sample RMSE; default ``rel_tol`` times the RMS of the
+    answers); ``steps``: a fixed number of steps instead (also the denoiser's ``teacher_steps``
     attribute). ``grid``: the candidate points (from sigma_max to sigma_min) the fine grid refines.
     ``sigma_min``: where the solve stops before its final step (default: the denoiser's, else 0.002).
+    ``check_cond``: for a conditional denoiser, the conditions its error control's check noises take in turn.
     ``model_id`` names the model in the disk cache key (default: its name and ``models.info.fingerprint``,
     which changes with its weights). Cache entries carry a format version, their key and a checksum
     (``files.load_cached``): a damaged or foreign file is recomputed with a warning naming it.
@@ -80,7 +82,8 @@ class Teacher:
 
     def __init__(self, denoiser: Callable, steps: int | None = None, sigma_min: float | None = None,
                  cache_dir: str | Path | None = None, model_id: str | None = None, batch_size: int = 512,
-                 progress: bool = False, tol: float | None = None, grid: int = DEFAULT_GRID, shape=None):
+                 progress: bool = False, tol: float | None = None, grid: int = DEFAULT_GRID, shape=None,
+                 check_cond=None, rel_tol: float = DEFAULT_REL_TOL):
         steps = steps if steps is not None else getattr(denoiser, "teacher_steps", None)
         if steps is not None and (int(steps) != steps or steps < 1):
             raise ValueError(f"teacher steps must be a positive integer, got {steps!r}")
@@ -91,6 +94,7 @@ class Teacher:
         sigma_min = sigma_min if sigma_min is not None else getattr(denoiser, "sigma_min", SIGMA_MIN)
         self.denoiser, self.sigma_min, self.tol, self.grid = denoiser, float(sigma_min), tol, int(grid)
         self.shape = tuple(shape if shape is not None else getattr(denoiser, "shape", ()))
+        self.check_cond, self.rel_tol = check_cond, float(rel_tol)
         self.fixed = None if steps is None else int(steps)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         name = str(getattr(denoiser, "name", type(denoiser).__name__))
@@ -104,7 +108,7 @@ class Teacher:
         """A teacher of the same settings and cache around ``denoiser`` (the same model, e.g. counted)."""
         return Teacher(denoiser, steps=self.fixed, sigma_min=self.sigma_min, cache_dir=self.cache_dir,
                        model_id=self.model_id, batch_size=self.batch_size, progress=self.progress, tol=self.tol,
-                       grid=self.grid, shape=self.shape or None)
+                       grid=self.grid, shape=self.shape or None, check_cond=self.check_cond, rel_tol=self.rel_tol)
 
     # ----------------------------------------------------------------------------------------
     # The grid and its accuracy
@@ -135,20 +139,21 @@ class Teacher:
             self._control[s] = (self.fixed, self._estimate(s, self.fixed)[0])
         return self._controlled(s)[1]
 
-    def error_on(self, x: torch.Tensor, sigma_max: float | None = None, x0: torch.Tensor | None = None) -> float:
+    def error_on(self, x: torch.Tensor, sigma_max: float | None = None, x0: torch.Tensor | None = None,
+                 cond=None) -> float:
         """The estimated error of the teacher's x0 for the states ``x``, every one of them: the mean of the
         per-sample |x_N/2 - x_N| / (2^q - 1), q the order observed on the check noises (``_order``; x_N/2 on its
         own grid of N/2 steps: N/2 + 1 more calls each).
         ``x0``: the teacher's answer for ``x`` if the caller has it (else it is solved, or read from the cache)."""
         steps = self.steps(sigma_max)
-        a = x0 if x0 is not None else self._cached("x0", x, self.fine_grid(sigma_max), None, tuple(x.shape))
-        b = self._cached("x0", x, self.fine_grid(sigma_max, max(1, steps // 2)), None, tuple(x.shape))
+        a = x0 if x0 is not None else self._cached("x0", x, self.fine_grid(sigma_max), None, tuple(x.shape), cond)
+        b = self._cached("x0", x, self.fine_grid(sigma_max, max(1, steps // 2)), None, tuple(x.shape), cond)
         return _mean_rmse(a, b) / (2 ** self._order(self._sigma_max(sigma_max), steps) - 1)
 
     def _order(self, sigma_max: float, steps: int) -> float:
         """The order observed on the check noises, log2(|x_N/2 - x_N| / |x_N - x_2N|), in [1.5, ORDER]."""
         x = self._check_noises(sigma_max)
-        a, b, c = (self._cached("x0", x, self.fine_grid(sigma_max, n), None, tuple(x.shape))
+        a, b, c = (self._cached("x0", x, self.fine_grid(sigma_max, n), None, tuple(x.shape), self._check_cond())
                    for n in (max(1, steps // 2), steps, 2 * steps))
         ratio = _mean_rmse(a, b) / max(_mean_rmse(b, c), 1e-300)
         return min(float(ORDER), max(1.5, math.log2(ratio))) if ratio > 0 else float(ORDER)
@@ -156,8 +161,13 @@ class Teacher:
     def _estimate(self, sigma_max: float, steps: int) -> tuple[float, float]:
         """(estimated error of the ``steps``-step x0, the RMS of the answers) on the check noises."""
         x = self._check_noises(sigma_max)
-        a, b = (self._cached("x0", x, self.fine_grid(sigma_max, n), None, tuple(x.shape)) for n in (steps, 2 * steps))
+        a, b = (self._cached("x0", x, self.fine_grid(sigma_max, n), None, tuple(x.shape), self._check_cond())
+                for n in (steps, 2 * steps))
         return _mean_rmse(a, b) / (1 - 2.0 ** -ORDER), float(b.pow(2).mean().sqrt())
+
+    def _check_cond(self):
+        """The check noises' conditions: ``check_cond`` in turn (a conditional model needs them)."""
+        return conditions.cycle(self.check_cond, CHECK_NOISES)
 
     def _check_noises(self, sigma_max: float) -> torch.Tensor:
         if not self.shape:
@@ -168,7 +178,7 @@ class Teacher:
         """Double N from ``steps`` until the estimated error is at most the tolerance (or N = MAX_STEPS)."""
         while True:
             err, scale = self._estimate(sigma_max, steps)
-            tol = self.tol if self.tol is not None else DEFAULT_REL_TOL * scale
+            tol = self.tol if self.tol is not None else self.rel_tol * scale
             if err <= tol:
                 return steps, err
             if 2 * steps > MAX_STEPS:
@@ -197,9 +207,9 @@ class Teacher:
     # Solving
 
     @torch.no_grad()
-    def _solve(self, x: torch.Tensor, fine: torch.Tensor, keep: list[int] | None):
+    def _solve(self, x: torch.Tensor, fine: torch.Tensor, keep: list[int] | None, cond=None):
         """DEIS on the fine grid: (x0, states at the fine indices ``keep``, outputs there)."""
-        model = CheckedDenoiser(self.denoiser)
+        model = CheckedDenoiser(self.denoiser, cond)
         spec, states, outs = SOLVERS[SOLVER], {}, {}
         bar = tqdm(total=len(fine) - 1, desc="teacher", leave=False, disable=not self.progress)
 
@@ -217,51 +227,55 @@ class Teacher:
             return x0, None, None
         return x0, torch.stack([states[i] for i in keep] + [x0]), torch.stack([outs[i] for i in keep])
 
-    def _cached(self, kind: str, x: torch.Tensor, fine: torch.Tensor, keep: list[int] | None, shape: tuple):
+    def _cached(self, kind: str, x: torch.Tensor, fine: torch.Tensor, keep: list[int] | None, shape: tuple,
+                cond=None):
         """The solve of ``x`` on ``fine`` (x0, or states and outputs at ``keep``), from memory, disk or now."""
-        key = content_key(kind, self.model_id, SOLVER, x.to(torch.float64), fine, keep)
+        key = content_key(kind, self.model_id, SOLVER, x.to(torch.float64), fine, keep, *conditions.parts(cond))
         if key in self._memory:
             return self._memory[key]
         file = self.cache_dir / f"teacher-{key}.pt" if self.cache_dir else None
         value = load_cached(file, key, shape) if file is not None else None
         if value is None:
-            def solve(xs: torch.Tensor) -> torch.Tensor:
-                parts = [self._solve(c, fine, keep) for c in xs.split(self.batch_size)]
+            def solve(idx: torch.Tensor) -> torch.Tensor:  # this rank's rows, in chunks of batch_size
+                parts = [self._solve(x[c], fine, keep, conditions.rows(cond, c)) for c in idx.split(self.batch_size)]
                 if keep is None:
                     return torch.cat([p[0] for p in parts])
                 return torch.cat([torch.cat([p[1], p[2]]) for p in parts], dim=1)
 
-            value = shard_map(solve, x, dim=0 if keep is None else 1)
+            value = shard_map(solve, torch.arange(len(x), device=x.device), dim=0 if keep is None else 1)
             if file is not None:
                 save_cached(file, value, key)
         self._memory[key] = value = value.to(x.device)
         return value
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor, cond=None) -> None:
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or not torch.isfinite(x).all():
             raise ValueError("the initial states x must be a finite tensor [batch, ...] (NaN or inf found)")
+        conditions.check(cond, x.shape[0])
 
-    def solve(self, x: torch.Tensor, sigma_max: float | None = None) -> torch.Tensor:
-        """x0 from initial states ``x`` at ``sigma_max`` (default: the denoiser's sigma_max, else 80)."""
-        self._check_input(x)
+    def solve(self, x: torch.Tensor, sigma_max: float | None = None, cond=None) -> torch.Tensor:
+        """x0 from initial states ``x`` at ``sigma_max`` (default: the denoiser's sigma_max, else 80), with
+        ``cond`` rows for a conditional denoiser."""
+        self._check_input(x, cond)
         fine = self.fine_grid(sigma_max)
-        return self._cached("x0", x, fine, None, tuple(x.shape))
+        return self._cached("x0", x, fine, None, tuple(x.shape), cond)
 
     def _on_grid(self, grid: torch.Tensor, fine: torch.Tensor) -> list[int] | None:
         """The fine indices of ``grid``'s positive points, if every one of them is on the fine grid."""
         idx = torch.searchsorted(-fine, -grid[grid > 0]).clamp(max=len(fine) - 1)
         return idx.tolist() if torch.allclose(fine[idx], grid[grid > 0], rtol=1e-12, atol=0) else None
 
-    def trajectory(self, x: torch.Tensor, grid, substeps: int | None = None) -> torch.Tensor:
+    def trajectory(self, x: torch.Tensor, grid, substeps: int | None = None, cond=None) -> torch.Tensor:
         """Teacher states at every sigma of ``grid`` (which starts at the sigma of ``x``; the last, 0, is the
         teacher's x0): ``[len(grid), batch, ...]`` float64. A grid on the teacher's fine grid (its candidate points, or
         any subset) comes from the one solve; another grid is solved with ``substeps`` steps per interval."""
-        return self.with_outputs(x, grid, substeps)[0]
+        return self.with_outputs(x, grid, substeps, cond)[0]
 
-    def with_outputs(self, x: torch.Tensor, grid, substeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_outputs(self, x: torch.Tensor, grid, substeps: int | None = None,
+                     cond=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(``trajectory``, the model's outputs D(state, sigma) at the grid's positive sigmas ``[len(grid) - 1,
         batch, ...]``): the solver evaluates the model there, so the outputs cost nothing more."""
-        self._check_input(x)
+        self._check_input(x, cond)
         grid = check_sigmas(grid)
         to_zero = float(grid[-1]) == 0  # else the states at the grid's points alone (the solve goes on to 0)
         full = grid if to_zero else torch.cat([grid, grid.new_zeros(1)])
@@ -271,5 +285,5 @@ class Teacher:
             fine = refine(full, max(1, math.ceil(self.steps(float(grid[0])) / (len(full) - 1))))
             keep = self._on_grid(full, fine)
         n = len(keep)
-        both = self._cached("traj", x, fine, keep, (2 * n + 1, *x.shape))
+        both = self._cached("traj", x, fine, keep, (2 * n + 1, *x.shape), cond)
         return (both[:n + 1] if to_zero else both[:n]), both[n + 1:]

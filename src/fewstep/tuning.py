@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import conditions
 from .costs import BudgetExhausted, Meter, seconds_per_row
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
@@ -37,7 +38,7 @@ from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import nfe as count_nfe, probe_denoiser, sample
 from .schedules import BASELINES, BUILTIN_SCHEDULES, Schedule, ScheduleLike, builtin
 from .solvers import SOLVERS, plan
-from .teacher import Teacher
+from .teacher import Teacher, content_key
 from .version import __version__
 
 RESULTS_VERSION = 2
@@ -46,6 +47,7 @@ CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (th
 COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
 Z = 3.0  # a cell leaves the race when its paired difference to the leader is Z standard errors above 0
 TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
+INITIAL_REL_TOL = 2e-2  # until then: this fraction of the RMS of its answers
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,9 @@ class _Run:
     results: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)  # cell name -> per-sample errors on the first test noises
     refs: list = field(default_factory=list)  # the teacher's x0 for the test rounds solved so far
+    calib_cond: Any = None  # the calibration noises' conditions (a conditional model), and the test noises'
+    test_cond: Any = None
+    pools: tuple = (None, None)  # conditions in the calibration and the test pools
 
     def rounds(self) -> list[int]:
         """Test noises after each round: 16, 32, 64, ... up to all of them (all at once if exhaustive)."""
@@ -112,7 +117,8 @@ class _Run:
         while sum(len(r) for r in self.refs) < n:
             a, b = bounds[len(self.refs)], bounds[len(self.refs) + 1]
             with self.meter.at("teacher"):
-                self.refs.append(self.teacher.solve(self.x_test[a:b], self.info["sigma_max"]))
+                self.refs.append(self.teacher.solve(self.x_test[a:b], self.info["sigma_max"],
+                                                    conditions.rows(self.test_cond, slice(a, b))))
         return torch.cat(self.refs)[:n]
 
     def save(self) -> None:
@@ -142,7 +148,7 @@ def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
         from .schedules import load_schedule
         return load_schedule(run.out / "schedules" / row["schedule_file"])
     with run.meter.at("method"):
-        return optimize(run.meter, method, solver, k, calib=run.calib, teacher=run.teacher,
+        return optimize(run.meter, method, solver, k, calib=run.calib, teacher=run.teacher, cond=run.calib_cond,
                         sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **run.method_options[method])
 
 
@@ -153,7 +159,7 @@ def _score(run: _Run, name: str, sched: ScheduleLike, n: int) -> None:
         return
     ref = run.ref(n)
     with run.meter.at("scoring"):
-        out = sample(run.meter, run.x_test[len(have):n], sched)
+        out = sample(run.meter, run.x_test[len(have):n], sched, cond=conditions.rows(run.test_cond, slice(len(have), n)))
     run.errors[name] = torch.cat([have, rmse(out, ref[len(have):n]).cpu()])
 
 
@@ -444,7 +450,7 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
          sigma_min: float | None = None, sigma_max: float | None = None, teacher: Teacher | None = None,
          method_options: dict | None = None, progress: bool = True, report: bool = True,
          model_id: str | None = None, retry_failed: bool = False, budget: int | None = None,
-         exhaustive: bool = False, seconds_per_eval: float | None = None) -> dict:
+         exhaustive: bool = False, seconds_per_eval: float | None = None, conds=None) -> dict:
     """The best schedule per NFE, raced on held-out noises (module docstring); returns and writes the results.
 
     Returns ``{"cells": [...], "best": {nfe: ...}, "plan": ..., "cost": ...}``. With ``outdir``:
@@ -454,48 +460,77 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     cell on every test noise; ``seconds_per_eval``: the report's cost in hours at that speed.
     ``model_id``: the model's identity in the resume key and the teacher cache (default: its name and
     ``models.info.fingerprint``). ``teacher``: its settings (steps or tolerance, cache) are used, around
-    the counted model.
+    the counted model. ``conds``: for a conditional denoiser D(x, sigma, cond=c), a pool of conditions
+    (a tensor or dict of tensors, one per row): its first half conditions the calibration noises, its
+    second half the test noises (each in turn), so every error is measured on conditions no optimizer saw.
     """
     if budget is not None and (isinstance(budget, bool) or int(budget) != budget or budget < 1):
         raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
     nfes, n_calib, n_test = _counts(nfe, n_calib, n_test, Sizes.quick() if quick else Sizes())
     methods, solvers = _checked(methods, solvers)
-    out = _writable(outdir)
-    info = model_info(denoiser, shape, sigma_min, sigma_max)
+    pools = _split(denoiser, conds)
+    out, info = _writable(outdir), model_info(denoiser, shape, sigma_min, sigma_max)
     meter = Meter(denoiser, budget)
     with meter.at("probe"):
-        probe_denoiser(meter, info)
+        probe_denoiser(meter, info, pools[1])
         seconds = seconds_per_row(meter, noise(min(n_calib, 16), info["shape"], info["sigma_max"], CALIB_SEED,
-                                               device=info["device"]), info["sigma_max"])
+                                               device=info["device"]), info["sigma_max"],
+                                  conditions.to(conditions.cycle(pools[1], min(n_calib, 16)), info["device"]))
     model_id = model_id or f"{info['name']}@{fingerprint(denoiser)}"
     teacher = (teacher.using(meter) if teacher is not None else
                Teacher(meter, sigma_min=info["sigma_min"], model_id=model_id, shape=info["shape"],
-                       cache_dir=out / "teacher" if out else None))
+                       cache_dir=out / "teacher" if out else None, rel_tol=INITIAL_REL_TOL))
+    teacher.check_cond = conditions.to(pools[1], info["device"])
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
     with meter.at("teacher"):
         steps = teacher.steps(info["sigma_max"])  # its error control (on fixed noises) runs here
-    left = None if budget is None else budget - meter.total
-    sizes = _fit(left, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive)
-    methods, n_calib, n_test, first = sizes["methods"], sizes["n_calib"], sizes["n_test"], sizes["first"]
-    key = {"model": model_id, "fewstep": __version__, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
-           "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED, "test_seed": TEST_SEED,
-           "teacher_sigma_min": teacher.sigma_min, "teacher_tol": teacher.tol, "method_options": options,
-           "mode": "exhaustive" if exhaustive else "race", "budget": budget, "methods": methods, "solvers": solvers}
-    run = _Run(meter, info, noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=info["device"]),
-               noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"]), teacher, options, out,
-               key, exhaustive, first)
-    run.results = _load_results(out / "results.json", key, retry_failed) if out else {}
-    plan_ = {**_plan(run, nfes, methods, solvers, n_calib, n_test, options, seconds), "left_out": sizes["left_out"]}
+    sizes = _fit(None if budget is None else budget - meter.total, methods, solvers, nfes, n_calib, n_test, steps,
+                 options, exhaustive)
+    run = _new_run(meter, info, teacher, options, out, sizes, pools, exhaustive,
+                   {"model": model_id, "budget": budget, "solvers": solvers})
+    run.results = _load_results(out / "results.json", run.key, retry_failed) if out else {}
+    plan_ = {**_plan(run, nfes, sizes["methods"], solvers, run.calib.shape[0], run.x_test.shape[0], options, seconds),
+             "left_out": sizes["left_out"]}
     if progress:
         tqdm.write(plan_text(plan_))
     run.progress = tqdm(total=plan_["estimated_total"], desc="tune (evaluations)", disable=not progress, unit="ev",
                         mininterval=1.0)
     try:
-        _teacher_to_errors(run, max(nfes), methods, solvers)
-        _stages(run, nfes, methods, solvers)
+        _teacher_to_errors(run, max(nfes), sizes["methods"], solvers)
+        _stages(run, nfes, sizes["methods"], solvers)
     finally:
         run.progress.close()
     return _finish(run, nfes, plan_, report, seconds_per_eval)
+
+
+def _split(denoiser: Callable, conds) -> tuple:
+    """(calibration pool, test pool): the pool's first and second halves (disjoint rows), or (None, None)."""
+    n = conditions.length(conds)
+    conditions.check_model(denoiser, conds)
+    if n is None:
+        return None, None
+    if n < 2:
+        raise ValueError(f"conds has {n} row(s): a pool of at least 2 conditions is needed, its first half to "
+                         "calibrate on and its second half held out for scoring")
+    return conditions.rows(conds, slice(None, n // 2)), conditions.rows(conds, slice(n // 2, None))
+
+
+def _new_run(meter: Meter, info: dict, teacher: Teacher, options: dict, out, sizes: dict, pools: tuple,
+             exhaustive: bool, ident: dict) -> _Run:
+    """The run's noises (and their conditions, each pool in turn) and its resume key."""
+    n_calib, n_test, dev = sizes["n_calib"], sizes["n_test"], info["device"]
+    key = {**ident, "fewstep": __version__, "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
+           "n_calib": n_calib, "n_test": n_test, "calib_seed": CALIB_SEED, "test_seed": TEST_SEED,
+           "teacher_sigma_min": teacher.sigma_min, "teacher_tol": teacher.tol, "method_options": options,
+           "mode": "exhaustive" if exhaustive else "race", "methods": sizes["methods"],
+           "conds": None if pools[0] is None else content_key(*conditions.parts(pools[0]), *conditions.parts(pools[1]))}
+    run = _Run(meter, info, noise(n_calib, info["shape"], info["sigma_max"], CALIB_SEED, device=dev),
+               noise(n_test, info["shape"], info["sigma_max"], TEST_SEED, device=dev), teacher, options, out, key,
+               exhaustive, sizes["first"])
+    run.calib_cond = conditions.to(conditions.cycle(pools[0], n_calib), dev)
+    run.test_cond = conditions.to(conditions.cycle(pools[1], n_test), dev)
+    run.pools = tuple(conditions.length(p) for p in pools)
+    return run
 
 
 def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive) -> dict:
@@ -532,13 +567,18 @@ def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_e
     error = None
     with run.meter.at("teacher"):  # on every test noise a result is measured on
         try:
-            error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored)) if scored else None
+            error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored),
+                                         conditions.rows(run.test_cond, slice(None, scored))) if scored else None
         except BudgetExhausted:  # not estimated: the budget is spent
             pass
     cost = {**run.cost(), **run.meter.report(seconds_per_eval)}
     cost["teacher"]["error"] = error
     summary = {"version": RESULTS_VERSION, "key": run.key, "model": run.info, "plan": plan_, "cost": cost,
-               "cells": list(run.results.values()), "best": _best(run.results, nfes)}
+               "cells": list(run.results.values()), "best": _best(run.results, nfes),
+               "conditions": {"calibration": run.pools[0], "test": run.pools[1]}}
+    if run.pools[1]:
+        for entry in summary["best"].values():
+            entry["per_condition"] = _per_condition(entry["winner"]["errors"], run.pools[1])
     if run.out is not None:
         _write_best(run.out, summary, run.info)
         if report:
@@ -546,6 +586,15 @@ def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_e
             with run.meter.at("scoring"):
                 write_report(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
     return summary
+
+
+def _per_condition(errors: list, pool: int) -> dict:
+    """The spread over the test conditions of a cell's mean error (test noise j has condition j mod pool)."""
+    e = torch.tensor(errors, dtype=torch.float64)
+    idx = torch.arange(len(e)) % pool
+    means = torch.stack([e[idx == c].mean() for c in range(min(pool, len(e)))])
+    return {"conditions": len(means), "min": float(means.min()), "median": float(means.median()),
+            "max": float(means.max())}
 
 
 def _best(results: dict, nfes: list[int]) -> dict:

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from .models.device import to_device
-from .models.reference import EmpiricalDenoiser, GaussianMixture
+from .models.reference import ConditionalGaussianMixture, EmpiricalDenoiser, GaussianMixture
 
 
 def digits() -> EmpiricalDenoiser:
@@ -75,6 +75,28 @@ def gmm_scales() -> GaussianMixture:
     return GaussianMixture(means, covs, name="gmm-scales")
 
 
+def gmm_cond(guidance: float = 1.0) -> ConditionalGaussianMixture:
+    """A class-conditional mixture in 16-d (8 modes, spectra decaying, scales 0.05..0.5) for 10 classes
+    given as one-hot condition vectors (``class_conditions``): each class moves every mean and reweights
+    the modes; ``guidance``: classifier-free guidance with the null condition (the zero vector)."""
+    g = torch.Generator().manual_seed(16)
+    k, d, m = 8, 16, 10
+    means = 0.8 * torch.randn(k, d, dtype=torch.float64, generator=g)
+    scales = torch.logspace(math.log10(0.05), math.log10(0.5), k, dtype=torch.float64)
+    spectrum = torch.arange(1, d + 1, dtype=torch.float64) ** -1.0
+    covs = torch.stack([(u := _rotation(d, g)) @ torch.diag(s ** 2 * spectrum) @ u.T for s in scales])
+    cond_means = 0.6 * torch.randn(k, d, m, dtype=torch.float64, generator=g)
+    cond_logits = 2.0 * torch.randn(k, m, dtype=torch.float64, generator=g)
+    return ConditionalGaussianMixture(means, covs, cond_means, cond_logits, guidance=guidance, shape=(1, 4, 4),
+                                      name=f"gmm-cond@w{guidance:g}")
+
+
+def class_conditions(n: int, classes: int = 10, seed: int = 0) -> torch.Tensor:
+    """``n`` one-hot condition vectors of uniformly drawn classes, seeded: a pool for a class-conditional model."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.nn.functional.one_hot(torch.randint(classes, (int(n),), generator=g), classes).to(torch.float64)
+
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -105,6 +127,7 @@ def digits_flow() -> Callable:
 
 
 BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64, "gmm-scales": gmm_scales,
+                                       "gmm-cond": gmm_cond,
                                        "digits-unet": digits_unet, "digits-flow": digits_flow}
 DEFAULT_MODEL = "digits-unet"
 

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import conditions
 from ..distributed import on_every_rank
 from ..files import FewstepWarning
 from ..models.info import model_info
@@ -27,13 +28,15 @@ from . import gits, oss, sdm, ld3, instance  # noqa: F401,E402  (the registry's 
 __all__ = ["METHODS", "Calibration", "optimize"]
 
 
-def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min, sigma_max, teacher, progress):
+def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min, sigma_max, teacher, progress,
+                 cond=None):
     """The Calibration context: the model's facts, the calibration states at sigma_max (given, or drawn from
     ``seed``) on the denoiser's device, and the teacher."""
     if shape is None and getattr(denoiser, "shape", None) is None and isinstance(calib, torch.Tensor):
         shape = tuple(calib.shape[1:])  # the calibration batch gives the shape only if the model has none
     info = model_info(denoiser, shape, sigma_min, sigma_max)
-    probe_denoiser(denoiser, info)
+    conditions.check_model(denoiser, cond)
+    probe_denoiser(denoiser, info, cond)
     if calib is None:
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"n (calibration noises) must be a positive integer, got {n!r}")
@@ -43,9 +46,12 @@ def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min,
         raise ValueError(f"calibration batch must have shape [n, {', '.join(map(str, info['shape']))}], got {got}")
     else:
         _check_scale(calib, info["sigma_max"])
-    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress)
-    ctx = Calibration(CheckedDenoiser(denoiser), calib.to(info["device"], torch.float64), info["sigma_min"],
-                      info["sigma_max"], teacher, seed, progress)
+    conditions.check(cond, calib.shape[0], "the calibration batch")
+    cond = conditions.to(cond, info["device"])
+    teacher = teacher or Teacher(denoiser, sigma_min=info["sigma_min"], model_id=info["name"], progress=progress,
+                                 shape=info["shape"], check_cond=cond)
+    ctx = Calibration(CheckedDenoiser(denoiser, cond), calib.to(info["device"], torch.float64), info["sigma_min"],
+                      info["sigma_max"], teacher, seed, progress, cond)
     return ctx, info
 
 
@@ -64,10 +70,12 @@ def _check_scale(calib: torch.Tensor, sigma_max: float) -> None:
 def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torch.Tensor | None = None, *,
              shape=None, n: int = 64, seed: int = CALIB_SEED, sigma_min: float | None = None,
              sigma_max: float | None = None, teacher: Teacher | None = None, progress: bool = False,
-             **options: Any) -> ScheduleLike:
+             cond=None, **options: Any) -> ScheduleLike:
     """Optimize a schedule of exactly ``nfe`` denoiser calls with ``solver`` for ``denoiser``.
 
-    ``calib``: initial states at sigma_max (``noise * sigma_max``), or give ``shape``/``n``/``seed``.
+    ``calib``: initial states at sigma_max (``noise * sigma_max``), or give ``shape``/``n``/``seed``;
+    ``cond``: for a conditional denoiser D(x, sigma, cond=c), one condition per calibration state (a
+    schedule good over a distribution of conditions is calibrated on many of them).
     ``options``: the method's options (its ``Options`` dataclass, e.g. ``fewstep.methods.gits.Options``).
     Returns a ScheduleLike carrying its solver, solver options and a record of how it was made.
     """
@@ -78,7 +86,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     entry = METHODS[method]
     opts = entry.make_options(method, options)
-    ctx, info = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress)
+    ctx, info = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress, cond)
     teacher_rows0, start = ctx.teacher.rows, time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's
     # schedule, inside fewstep.tune) is answered from memory.

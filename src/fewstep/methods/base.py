@@ -14,6 +14,8 @@ from typing import Any, Callable
 
 import torch
 
+from .. import conditions
+from ..noises import noise
 from ..sampling import CheckedDenoiser
 from ..schedules import ScheduleLike
 from ..teacher import Teacher, content_key
@@ -77,7 +79,8 @@ _MEMO: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
 
 @dataclass
 class Calibration:
-    """What a method may use: the counted denoiser, the calibration states at sigma_max, the teacher."""
+    """What a method may use: the counted denoiser (bound to ``cond``, the calibration states' conditions
+    for a conditional model, else None), the calibration states at sigma_max, the teacher."""
 
     denoiser: CheckedDenoiser
     x: torch.Tensor
@@ -86,11 +89,32 @@ class Calibration:
     teacher: Teacher
     seed: int
     progress: bool = False
+    cond: Any = None
+
+    def subset(self, index) -> "Calibration":
+        """The context of the calibration states ``index`` (a slice or index tensor): their conditions, and
+        the denoiser bound to them (the same count)."""
+        cond = conditions.rows(self.cond, index)
+        return dataclasses.replace(self, x=self.x[index], cond=cond, denoiser=self.denoiser.bind(cond))
+
+    def target(self) -> torch.Tensor:
+        """The teacher's x0 for the calibration states."""
+        return self.teacher.solve(self.x, self.sigma_max, cond=self.cond)
+
+    def extended(self, n: int) -> "Calibration":
+        """The batch extended to at least ``n`` states with fresh noises from the calibration seed's stream,
+        after the batch's own (their conditions: the batch's in turn)."""
+        if self.x.shape[0] >= n:
+            return self
+        x = torch.cat([self.x, noise(int(n), self.x.shape[1:], self.sigma_max, self.seed, device=self.x.device)[len(self.x):]])
+        cond = conditions.cycle(self.cond, len(x))
+        return dataclasses.replace(self, x=x, cond=cond, denoiser=self.denoiser.bind(cond))
 
     def memo(self, name: str, settings: Any, compute: Callable[[], Any]) -> Any:
-        """``compute()`` once per (denoiser, calibration batch, ``name``, ``settings``); later calls on
-        the same denoiser and batch reuse the result (denoisers that cannot be weakly referenced: no reuse)."""
-        key = (name, content_key(repr(settings), tuple(self.x.shape), self.x))
+        """``compute()`` once per (denoiser, calibration batch and conditions, ``name``, ``settings``); later
+        calls on the same denoiser and batch reuse the result (denoisers that cannot be weakly referenced:
+        no reuse)."""
+        key = (name, content_key(repr(settings), tuple(self.x.shape), self.x, *conditions.parts(self.cond)))
         try:
             table = _MEMO.setdefault(self.denoiser.denoiser, {})
         except TypeError:

@@ -151,11 +151,11 @@ def _dp(steps: int, end: int, coeff: float, weight: torch.Tensor, final: torch.T
     return paths[best].tolist() + [end]
 
 
-def _on_teacher(ctx: Calibration, sig: torch.Tensor, n: int, substeps: int | None):
-    """The teacher on the grid from the first ``n`` calibration states, the model's outputs on its states
-    (the solver's history; they come with the teacher's solve), the final step's cost at each point, and
-    the propagation weight w_j."""
-    traj, den = teacher_on_grid(ctx.teacher, ctx.x[:n], sig, substeps)
+def _on_teacher(ctx: Calibration, sig: torch.Tensor, substeps: int | None):
+    """The teacher on the grid from the calibration states, the model's outputs on its states (the
+    solver's history; they come with the teacher's solve), the final step's cost at each point, and the
+    propagation weight w_j."""
+    traj, den = teacher_on_grid(ctx.teacher, ctx.x, sig, substeps, ctx.cond)
     end = len(sig) - 1
     final = batch_rmse(den, traj[end].expand_as(den))
     # how much of an error at sigma_j reaches the sample: spread(x_0) / spread(x_sigma_j) over the batch,
@@ -200,16 +200,17 @@ def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     steps, sopts = plan(solver, nfe)
     check_steps(steps, opts.grid)
     n = ctx.x.shape[0] if opts.warmup is None else min(int(opts.warmup), ctx.x.shape[0])
+    ctx = ctx.subset(slice(None, n))
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, opts.grid)
     end, orders, model = opts.grid, sopts.get("orders"), Counter(ctx.denoiser)
-    traj, den, final, weight = _on_teacher(ctx, sig, n, opts.substeps)
+    traj, den, final, weight = _on_teacher(ctx, sig, opts.substeps)
     history = opts.history if get_solver(solver).calls_per_step == 1 else 0  # a two-call solver (Heun) has none
     level_cost = _level_costs(model, solver, orders, steps, history, traj, den, sig)
     tried, errors = [], {}
     for c, p in itertools.product(opts.coeffs(), opts.propagations()):
         path = _dp(steps, end, c, weight ** p, final, level_cost)
         if tuple(path) not in errors:
-            out = sample(model, ctx.x[:n], Schedule(sig[path], solver=solver, solver_options=sopts))
+            out = sample(model, ctx.x, Schedule(sig[path], solver=solver, solver_options=sopts))
             errors[tuple(path)] = float(rmse(out, traj[-1]).mean())
         tried.append([c, p, errors[tuple(path)]])
     c, p, calib = min(tried, key=lambda t: t[2])

@@ -24,14 +24,14 @@ def candidate_grid(sigma_min: float, sigma_max: float, size: int = DEFAULT_SIZE,
     return polynomial(int(size), sigma_min, sigma_max, rho, final_zero=True).sigmas
 
 
-def teacher_on_grid(teacher, x: torch.Tensor, grid: torch.Tensor,
-                    substeps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_on_grid(teacher, x: torch.Tensor, grid: torch.Tensor, substeps: int | None = None,
+                    cond=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher states from ``x`` (at grid[0]) at every grid sigma, ``[len(grid), batch, ...]`` float64, and
     the model's outputs at them (but the last, 0): from the teacher's one solve when the grid is its
     candidate grid (``substeps`` None), else solved with ``substeps`` steps per interval."""
     if substeps is not None and (int(substeps) != substeps or substeps < 1):
         raise ValueError(f"teacher substeps must be a positive integer, got {substeps!r}")
-    return teacher.with_outputs(x, grid, None if substeps is None else int(substeps))
+    return teacher.with_outputs(x, grid, None if substeps is None else int(substeps), cond)
 
 
 def check_steps(steps: int, size: int) -> None:

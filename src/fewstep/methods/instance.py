@@ -106,7 +106,7 @@ class Targets:
     def __init__(self, y: torch.Tensor):
         self.y = y
 
-    def solve(self, x: torch.Tensor, sigma_max: float | None = None) -> torch.Tensor:
+    def solve(self, x: torch.Tensor, sigma_max: float | None = None, cond=None) -> torch.Tensor:
         return self.y
 
 
@@ -368,6 +368,9 @@ def instance(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePol
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top
     (``Options``); phi is kept only where its validation gain passes the gate. phi's initialisation is
     seeded by ``o.seed``; the caller's random state is left as it was."""
+    if ctx.cond is not None:
+        raise ValueError("instance: phi sees the initial noise only, not the condition; for a conditional model "
+                         "use ld3 (one schedule over the conditions) or the other methods")
     with torch.random.fork_rng(devices=[]):
         return _train(ctx, solver, nfe, o)
 

@@ -145,17 +145,18 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
     opts = {**spec.options, **solver_options}
     n_train, _ = train.split(ctx.x.shape[0])
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
-    target = ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)
-    x_train, x_valid, y_train, y_valid = ctx.x[:n_train], ctx.x[n_train:], target[:n_train], target[n_train:]
+    target = ctx.target()
+    tr, va = ctx.subset(slice(None, n_train)), ctx.subset(slice(n_train, None))
+    x_train, x_valid, y_train, y_valid = tr.x, va.x, target[:n_train], target[n_train:]
     teacher_calls = ctx.teacher.calls - teacher_calls0
 
-    def student(x_start: torch.Tensor, x_phi: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
-        sig, corrections = plan_fn(x_phi)
-        return spec.fn(corrected(_NeedsGrad(ctx.denoiser, desc), corrections), x_start, sig, **opts)
+    def student(part: Calibration, x_start: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
+        sig, corrections = plan_fn(part.x)
+        return spec.fn(corrected(_NeedsGrad(part.denoiser, desc), corrections), x_start, sig, **opts)
 
     def valid_error() -> float:
         with torch.no_grad():
-            return float(per_sample_loss(student(x_valid, x_valid), y_valid, train.loss).mean())
+            return float(per_sample_loss(student(va, x_valid), y_valid, train.loss).mean())
 
     delta = torch.zeros_like(x_train, requires_grad=bool(train.radius))  # x'_T = x_T + sigma_max * delta
     shift_lr = 12.0 / (len(plan_fn(x_train[:1])[0]) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
@@ -164,7 +165,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
     bar = tqdm(range(train.iters), desc=desc, leave=False, disable=not ctx.progress)
     for it in bar:
-        err = per_sample_loss(student(x_train + ctx.sigma_max * delta, x_train), y_train, train.loss)
+        err = per_sample_loss(student(tr, x_train + ctx.sigma_max * delta), y_train, train.loss)
         opt.zero_grad()
         err.mean().backward()
         if not _finite(err, params, delta):  # not taken: back to the best parameters, smaller steps
@@ -268,7 +269,7 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
     programming optimum of the batch's error over a fine grid, for this solver), taken from
     ``fewstep.optimize``'s memo when the ``oss`` method already ran on this model and batch."""
     spec, learn_last = get_solver(solver), opts.learn_last
-    x, y = ctx.x[:n_train], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[:n_train]
+    train, y = ctx.subset(slice(None, n_train)), ctx.target()[:n_train]
     candidates = {}
     for name in BASELINES:
         candidates[name] = builtin(name, steps, ctx.sigma_min, ctx.sigma_max).sigmas
@@ -284,7 +285,7 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
         for name, sig in candidates.items():
             logits = logits_from_sigmas(sig, ctx.sigma_min, learn_last)
             sig = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
-            out = spec.fn(ctx.denoiser, x, sig, **{**spec.options, **solver_options})
+            out = spec.fn(train.denoiser, train.x, sig, **{**spec.options, **solver_options})
             ranked.append((float(per_sample_loss(out, y, opts.loss).mean()), name, logits))
     return sorted(ranked, key=lambda r: r[0])
 

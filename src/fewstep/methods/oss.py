@@ -22,7 +22,7 @@ plus G * B to rerun the winners. Replays cost no calls but O(K^2 G^2 B) solver a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -74,12 +74,12 @@ def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
 @torch.no_grad()
 def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid."""
-    grid, ctx = opts.grid, replace(ctx, x=ctx.x[:opts.batch])
+    grid, ctx = opts.grid, ctx.subset(slice(None, opts.batch))
     steps, sopts = plan(solver, nfe)
     check_steps(steps, grid)
     orders = sopts.get("orders")
     sig = candidate_grid(ctx.sigma_min, ctx.sigma_max, grid)
-    traj, _ = teacher_on_grid(ctx.teacher, ctx.x, sig, opts.substeps)
+    traj, _ = teacher_on_grid(ctx.teacher, ctx.x, sig, opts.substeps, ctx.cond)
     end, b = grid, ctx.x.shape[0]
     model = Counter(ctx.denoiser)
     nodes = torch.zeros(1, dtype=torch.long)  # grid index of each kept point at this level

@@ -27,7 +27,6 @@ from typing import Any, Callable
 import torch
 
 from ..metrics import rmse
-from ..noises import noise
 from ..sampling import CheckedDenoiser, nfe as count_nfe, sample
 from ..schedules import RHO, Schedule, polynomial
 from ..solvers import get_solver, plan
@@ -374,11 +373,10 @@ def _choose(ctx: Calibration, solver: str, candidates: list, gate_samples: int) 
     ``gate_samples`` noises, and that error (the only candidate: None)."""
     if len(candidates) == 1:
         return candidates[0], None
-    x = ctx.x
-    if x.shape[0] < gate_samples:  # fresh noises from the calibration seed's stream, after the batch's own
-        x = torch.cat([x, noise(int(gate_samples), x.shape[1:], ctx.sigma_max, ctx.seed, device=x.device)[x.shape[0]:]])
-    ref = ctx.teacher.solve(x, sigma_max=ctx.sigma_max)
-    errs = [float(rmse(sample(ctx.denoiser, x, Schedule(c[0]), solver, orders=c[1]), ref).mean()) for c in candidates]
+    ext = ctx.extended(gate_samples)  # fresh noises from the calibration seed's stream, after the batch's own
+    ref = ext.target()
+    errs = [float(rmse(sample(ext.denoiser, ext.x, Schedule(c[0]), solver, orders=c[1]), ref).mean())
+            for c in candidates]
     err = min(errs)
     return candidates[errs.index(err)], err
 
@@ -398,9 +396,9 @@ def sdm(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
         raise ValueError(f"sdm needs nfe >= 2 (a step to sigma_min and the final step to 0), got {nfe}")
     settings = opts.search_settings()
     # The search depends on neither the solver nor the NFE: shared by every sdm call on this batch.
-    xs = ctx.x[:opts.search_samples]
-    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings, len(xs)),
-                                  lambda: search(ctx.denoiser, xs, ctx.sigma_min, ctx.sigma_max, **settings))
+    sub = ctx.subset(slice(None, opts.search_samples))
+    path, etas, second = ctx.memo("sdm-search", (ctx.sigma_min, ctx.sigma_max, settings, len(sub.x)),
+                                  lambda: search(sub.denoiser, sub.x, ctx.sigma_min, ctx.sigma_max, **settings))
     info = {"path_steps": len(path) - 1, "search_calls": ctx.denoiser.calls, "path": path.tolist(), "eta": etas.tolist()}
     high = get_solver(solver).max_order()
     if not opts.gate or high == 1:

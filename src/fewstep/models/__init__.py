@@ -2,8 +2,8 @@
 Built-in models by name: ``fewstep.zoo`` (``fewstep.load_model``)."""
 
 from .info import model_info
-from .reference import EmpiricalDenoiser, GaussianMixture
+from .reference import ConditionalGaussianMixture, EmpiricalDenoiser, GaussianMixture
 from .wrappers import FlowDenoiser, VPContinuousDenoiser, VPDiscreteDenoiser
 
-__all__ = ["model_info", "EmpiricalDenoiser", "GaussianMixture", "FlowDenoiser", "VPContinuousDenoiser",
+__all__ = ["model_info", "ConditionalGaussianMixture", "EmpiricalDenoiser", "GaussianMixture", "FlowDenoiser", "VPContinuousDenoiser",
            "VPDiscreteDenoiser"]

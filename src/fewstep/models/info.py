@@ -55,13 +55,13 @@ def _tensors(obj: Any, prefix: str, depth: int, seen: set) -> Iterator[tuple[str
 
 
 def fingerprint(den: Any, depth: int = 4, sample: int = 4096) -> str:
-    """A short hash of what the denoiser computes with: its class and name, and every tensor it holds
+    """A short hash of what the denoiser computes with: its class, name and guidance, and every tensor it holds
     (``_tensors``), each by its path, shape, dtype and up to ``sample`` evenly spaced values, so a
     checkpoint changed in place changes it. A ``model_id`` attribute, if the denoiser has one, is used
     instead (a user's own name for exactly these weights)."""
     if getattr(den, "model_id", None):
         return str(den.model_id)
-    h = hashlib.sha1(f"{type(den).__qualname__}:{getattr(den, 'name', '')}".encode())
+    h = hashlib.sha1(f"{type(den).__qualname__}:{getattr(den, 'name', '')}:{getattr(den, 'guidance', '')}".encode())
     for path, t in _tensors(den, "", depth, set()):
         flat = t.detach().reshape(-1)
         flat = flat[:: max(1, flat.numel() // sample)][:sample]

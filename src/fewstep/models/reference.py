@@ -54,21 +54,27 @@ class GaussianMixture:
             setattr(self, attr, getattr(self, attr).to(device))
         return self
 
-    def _components(self, xf: torch.Tensor, s2: torch.Tensor):
-        """Eigenbasis coordinates z, variances lam + s2 and log N(x; mu_k, C_k + s2 I) per component."""
-        z = torch.einsum("kde,bkd->bke", self.evecs, xf[:, None, :] - self.means[None])
+    def _components(self, xf: torch.Tensor, s2: torch.Tensor, means: torch.Tensor | None = None):
+        """Eigenbasis coordinates z, variances lam + s2 and log N(x; mu_k, C_k + s2 I) per component
+        (``means``: [1 or batch, K, d], default the mixture's)."""
+        means = self.means[None] if means is None else means
+        z = torch.einsum("kde,bkd->bke", self.evecs, xf[:, None, :] - means)
         var = self.evals[None] + s2[:, None, None]
         logn = -0.5 * ((z ** 2 / var).sum(-1) + var.log().sum(-1) + self.dim * math.log(2 * math.pi))
         return z, var, logn
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _posterior(self, x: torch.Tensor, sigma: torch.Tensor, means: torch.Tensor, logw: torch.Tensor) -> torch.Tensor:
+        """E[x0 | x] for means [1 or batch, K, d] and log weights [1 or batch, K]."""
         b = x.shape[0]
         xf = x.reshape(b, -1).to(torch.float64)
         s2 = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(b) ** 2
-        z, var, logn = self._components(xf, s2)
-        r = torch.softmax(logn + self.weights.log()[None], dim=1)
-        post = self.means[None] + torch.einsum("kde,bke->bkd", self.evecs, self.evals[None] / var * z)
+        z, var, logn = self._components(xf, s2, means)
+        r = torch.softmax(logn + logw, dim=1)
+        post = means + torch.einsum("kde,bke->bkd", self.evecs, self.evals[None] / var * z)
         return (r[:, :, None] * post).sum(1).reshape(x.shape).to(x.dtype)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return self._posterior(x, sigma, self.means[None], self.weights.log()[None])
 
     def log_prob(self, x: torch.Tensor, sigma: float = 0.0) -> torch.Tensor:
         """log density of x under the data distribution convolved with N(0, sigma^2 I)."""
@@ -82,6 +88,52 @@ class GaussianMixture:
         eps = torch.randn(n, self.dim, dtype=torch.float64, generator=generator).to(self.device)
         scaled = torch.einsum("nde,ne->nd", self.evecs[comp], self.evals[comp].sqrt() * eps)
         return (self.means[comp] + scaled).reshape(n, *self.shape)
+
+
+class ConditionalGaussianMixture(GaussianMixture):
+    """A mixture whose means and weights depend on a condition vector c in R^m, with an exact denoiser for
+    every c: mu_k(c) = mu_k + A_k c, log w_k(c) = log w_k + B_k . c (then normalized), C_k fixed.
+
+    ``guidance`` w: classifier-free guidance (Ho & Salimans 2022) with the null condition c = 0,
+    D = D(x | 0) + w (D(x | c) - D(x | 0)); w = 1 is the conditional denoiser itself. ``cond_means``
+    A: [K, d, m]; ``cond_logits`` B: [K, m]. Called as ``D(x, sigma, cond=c)``, c: [batch, m].
+    """
+
+    def __init__(self, means, covs, cond_means, cond_logits, weights=None, guidance: float = 1.0, **kw):
+        super().__init__(means, covs, weights, **kw)
+        self.cond_means = torch.as_tensor(cond_means, dtype=torch.float64)
+        self.cond_logits = torch.as_tensor(cond_logits, dtype=torch.float64)
+        k, d = self.means.shape
+        if self.cond_means.ndim != 3 or self.cond_means.shape[:2] != (k, d) or self.cond_logits.shape != (k, self.cond_dim):
+            raise ValueError(f"cond_means must be [K, d, m] = [{k}, {d}, m] and cond_logits [K, m], got "
+                             f"{tuple(self.cond_means.shape)} and {tuple(self.cond_logits.shape)}")
+        self.guidance = float(guidance)
+
+    @property
+    def cond_dim(self) -> int:
+        return self.cond_means.shape[2]
+
+    def to(self, device) -> "ConditionalGaussianMixture":
+        super().to(device)
+        self.cond_means, self.cond_logits = self.cond_means.to(device), self.cond_logits.to(device)
+        return self
+
+    def given(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(means [batch, K, d], log weights [batch, K]) for conditions ``cond`` [batch, m]."""
+        c = torch.as_tensor(cond, dtype=torch.float64, device=self.means.device)
+        if c.ndim != 2 or c.shape[1] != self.cond_dim:
+            raise ValueError(f"cond must be [batch, {self.cond_dim}] condition vectors, got {tuple(c.shape)}")
+        means = self.means[None] + torch.einsum("kdm,bm->bkd", self.cond_means, c)
+        return means, torch.log_softmax(self.weights.log()[None] + c @ self.cond_logits.T, dim=1)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if cond.shape[0] != x.shape[0]:
+            raise ValueError(f"cond has {cond.shape[0]} rows for {x.shape[0]} samples")
+        d_c = self._posterior(x, sigma, *self.given(cond))
+        if self.guidance == 1.0:
+            return d_c
+        d_0 = self._posterior(x, sigma, self.means[None], self.weights.log()[None])
+        return d_0 + self.guidance * (d_c - d_0)
 
 
 class EmpiricalDenoiser:

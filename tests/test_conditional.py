@@ -1,0 +1,96 @@
+"""Conditional denoisers D(x, sigma, cond=c) end to end (issue #17): rows follow the samples through
+sampling, the teacher, the optimizers and tune; calibration and scoring use disjoint conditions."""
+
+import pytest
+import torch
+
+import fewstep
+from fewstep.zoo import class_conditions, gmm_cond
+
+
+@pytest.fixture(scope="module")
+def cg():
+    return gmm_cond(guidance=2.0)
+
+
+def test_the_conditional_mixture_is_exact_and_guided(cg):
+    """For a fixed condition the model is a GaussianMixture (its exact denoiser); CFG is D0 + w (Dc - D0)."""
+    c = class_conditions(5, seed=1)
+    x = fewstep.noise(5, cg.shape, 3.0, seed=2)
+    s = torch.full((5,), 3.0, dtype=torch.float64)
+    for i in range(5):
+        means, logw = cg.given(c[i:i + 1])
+        fixed = fewstep.GaussianMixture(means[0], cg.covs, logw[0].exp(), shape=cg.shape)
+        null = fewstep.GaussianMixture(cg.means, cg.covs, cg.weights, shape=cg.shape)
+        want = null(x[i:i + 1], s[:1]) + 2.0 * (fixed(x[i:i + 1], s[:1]) - null(x[i:i + 1], s[:1]))
+        assert torch.allclose(cg(x[i:i + 1], s[:1], cond=c[i:i + 1]), want, atol=1e-12)
+
+
+def test_rows_follow_the_samples(cg):
+    """sample / the teacher with cond equal row-by-row runs, whatever the batch."""
+    c, x = class_conditions(6, seed=0), fewstep.noise(6, cg.shape, 80.0, seed=0)
+    sched = fewstep.schedules.karras(5)
+    joint = fewstep.sample(cg, x, sched, "dpmpp_2m", cond=c)
+    teacher = fewstep.Teacher(cg, steps=78, check_cond=c)
+    ref = teacher.solve(x, cond=c)
+    for i in (0, 3, 5):
+        assert torch.allclose(joint[i], fewstep.sample(cg, x[i:i + 1], sched, "dpmpp_2m", cond=c[i:i + 1])[0], atol=1e-10)
+        assert torch.allclose(ref[i], fewstep.Teacher(cg, steps=78).solve(x[i:i + 1], cond=c[i:i + 1])[0], atol=1e-10)
+    other = teacher.solve(x, cond=class_conditions(6, seed=5))  # the cache key holds the conditions
+    assert not torch.allclose(other, ref)
+
+
+@pytest.mark.parametrize("method,opts", [("gits", {"grid": 16}), ("oss", {"grid": 16, "batch": 6}),
+                                         ("sdm", {"search_samples": 4}), ("ld3", {"iters": 5, "oss_grid": 16})])
+def test_optimizers_take_conditions(cg, method, opts):
+    calib, c = fewstep.noise(12, cg.shape, 80.0, seed=0), class_conditions(12, seed=0)
+    sched = fewstep.optimize(cg, method, "dpmpp_2m", 5, calib=calib, cond=c,
+                             teacher=fewstep.Teacher(cg, steps=78, check_cond=c), **opts)
+    assert fewstep.nfe(sched) == 5 and torch.isfinite(sched.sigmas).all()
+
+
+def test_bad_conditions_are_named(cg):
+    x, c = fewstep.noise(4, cg.shape, 80.0, seed=0), class_conditions(4, seed=0)
+    gmm = fewstep.load_model("gmm2d")
+    cases = [
+        (lambda: fewstep.sample(cg, x, fewstep.schedules.karras(3), "euler", cond=c[:3]), "3 rows for 4"),
+        (lambda: fewstep.optimize(cg, "oss", "euler", 3, calib=x, grid=8), "conditional"),
+        (lambda: fewstep.optimize(gmm, "oss", "euler", 3, n=4, cond=c, grid=8), "unconditional"),
+        (lambda: fewstep.tune(cg, nfe=[3], methods=["karras"], solvers=["euler"], conds=c[:1], progress=False,
+                              report=False), "at least 2 conditions"),
+        (lambda: fewstep.tune(cg, nfe=[3], methods=["karras"], solvers=["euler"], progress=False, report=False),
+         "conditional"),
+        (lambda: fewstep.sample(cg, x, fewstep.schedules.karras(3), "euler", cond={"a": c, "b": c[:2]}), "rows"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_tune_calibrates_and_scores_on_disjoint_conditions(cg, tmp_path):
+    pool = class_conditions(20, seed=3)
+    seen = []
+
+    def spy(x, sigma, cond):
+        seen.append(cond)
+        return cg(x, sigma, cond=cond)
+
+    spy.shape, spy.sigma_min, spy.sigma_max, spy.name = cg.shape, cg.sigma_min, cg.sigma_max, "spy"
+    s = fewstep.tune(spy, nfe=[4], methods=["karras", "oss"], solvers=["dpmpp_2m"], conds=pool, n_calib=8,
+                     n_test=16, outdir=tmp_path, progress=False)
+    assert s["conditions"] == {"calibration": 10, "test": 10}
+    rows = {tuple(r.tolist()) for c in seen for r in c}
+    assert rows <= {tuple(r.tolist()) for r in pool}
+    p = s["best"]["4"]["per_condition"]
+    assert p["conditions"] == 10 and p["min"] <= p["median"] <= p["max"]
+    assert "## Conditions" in (tmp_path / "report.md").read_text()
+    oss = fewstep.load_schedule(tmp_path / "schedules" / "nfe4-oss-dpmpp_2m.json")
+    test_x = fewstep.noise(16, cg.shape, 80.0, seed=1)  # the test noises are scored with the second half only
+    err = fewstep.rmse(fewstep.sample(cg, test_x, oss, cond=fewstep.conditions.cycle(pool[10:], 16)),
+                       fewstep.Teacher(cg, steps=s["cost"]["teacher"]["steps"]).solve(test_x, cond=fewstep.conditions.cycle(pool[10:], 16)))
+    cell = next(c for c in s["cells"] if c["method"] == "oss")
+    assert float(err[:cell["n"]].mean()) == pytest.approx(cell["mean"], rel=1e-6)
+    calib = fewstep.noise(8, cg.shape, 80.0, seed=0)  # and the calibration noises with the first half only
+    again = fewstep.optimize(cg, "oss", "dpmpp_2m", 4, calib=calib, cond=fewstep.conditions.cycle(pool[:10], 8),
+                             teacher=fewstep.Teacher(cg, steps=s["cost"]["teacher"]["steps"]), grid=40, batch=16)
+    assert torch.allclose(again.sigmas, oss.sigmas, rtol=1e-12)

@@ -97,6 +97,13 @@ def class_conditions(n: int, classes: int = 10, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.one_hot(torch.randint(classes, (int(n),), generator=g), classes).to(torch.float64)
 
 
+def simplex_conditions(n: int, classes: int = 10, seed: int = 0) -> torch.Tensor:
+    """``n`` condition vectors drawn on the simplex (softmax of a standard normal), seeded: every one new,
+    a pool whose held-out rows are conditions no optimizer saw even in kind."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.softmax(torch.randn(int(n), classes, generator=g, dtype=torch.float64), dim=1)
+
+
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 

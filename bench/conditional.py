@@ -30,19 +30,20 @@ from machine import describe  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--guidance", default="1,3")
-    ap.add_argument("--nfe", default="4,5,6,8,10")
+    numbers = lambda kind: lambda text: [kind(v) for v in text.split(",")]  # noqa: E731
+    ap.add_argument("--guidance", type=numbers(float), default=[1.0, 3.0])
+    ap.add_argument("--nfe", type=numbers(int), default=[4, 5, 6, 8, 10])
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--n", type=int, default=512)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    nfes = [int(v) for v in args.nfe.split(",")]
+    nfes = args.nfe
     print(describe())
     print(f"held out: {args.n} noises (seed 2) under {args.n} fresh conditions (seed 7); tune pool {args.pool} "
           "(first half calibrates, second half scores)")
     print(f"{'w':>3} {'nfe':>3} | {'winner':22} {'error':>7} | {'best baseline':24} {'error':>7} | "
           f"{'diff':>8} {'+-se':>7} {'ratio':>6} | {'evals':>8}")
-    for w in [float(v) for v in args.guidance.split(",")]:
+    for w in args.guidance:
         den, out = gmm_cond(w), Path(tempfile.mkdtemp())
         summary = fewstep.tune(den, nfe=nfes, conds=simplex_conditions(args.pool, seed=3), outdir=out, progress=False,
                                report=False)

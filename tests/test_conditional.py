@@ -94,3 +94,18 @@ def test_tune_calibrates_and_scores_on_disjoint_conditions(cg, tmp_path):
     again = fewstep.optimize(cg, "oss", "dpmpp_2m", 4, calib=calib, cond=fewstep.conditions.cycle(pool[:10], 8),
                              teacher=fewstep.Teacher(cg, steps=s["cost"]["teacher"]["steps"]), grid=40, batch=16)
     assert torch.allclose(again.sigmas, oss.sigmas, rtol=1e-12)
+
+
+def test_cli_tunes_a_class_conditional_model_from_a_conds_file(tmp_path, monkeypatch, capsys):
+    import json
+
+    from fewstep import cli, zoo
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    torch.save(zoo.class_conditions(8, seed=3), tmp_path / "classes.pt")
+    assert cli.main(["tune", "--model", "gmm-cond", "--conds", str(tmp_path / "classes.pt"), "--guidance-scale", "2",
+                     "--nfe", "4", "--methods", "karras,gits", "--solvers", "euler", "--n-calib", "8", "--n-test", "8",
+                     "--json", "-o", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model"]["guidance"] == 2.0 and results["model"]["name"].endswith("@w2")
+    assert {c["method"] for c in results["cells"] if c["status"] == "ok"} == {"karras", "gits"}

@@ -199,29 +199,34 @@ def byte_level_clip_tokenizer(folder: Path):
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
-@pytest.fixture(scope="module")
-def sd_pipe(tmp_path_factory):
+def tiny_sd(tok, channels=(32, 64), groups=8, hidden=32, layers=2):
+    """A random-weight StableDiffusionPipeline on 8x8x4 latents (diffusers' own tests build theirs so)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tok = byte_level_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=channels, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=8, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+        cross_attention_dim=hidden, norm_num_groups=groups, attention_head_dim=8)
+    vae = AutoencoderKL(block_out_channels=channels, in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=8)
+                        norm_num_groups=groups)
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77))
+        hidden_size=hidden, intermediate_size=37, num_attention_heads=4, num_hidden_layers=layers,
+        max_position_embeddings=77))
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory):
+    return tiny_sd(byte_level_clip_tokenizer(tmp_path_factory.mktemp("tokenizer")))
 
 
 PROMPT, GUIDANCE = "a handwritten digit", 4.0
@@ -285,6 +290,101 @@ def test_bare_network_with_cond_and_uncond_equals_the_pipeline_wrapping(sd_pipe)
     with pytest.raises(ValueError, match="needs the unconditional inputs"):
         fewstep.from_diffusers(sd_pipe.unet, sd_pipe.scheduler, guidance_scale=GUIDANCE,
                                cond={"encoder_hidden_states": pos})
+
+
+def test_a_pipeline_without_a_prompt_is_conditional_on_encoded_prompts(sd_pipe):
+    """from_diffusers(pipe) with no prompt takes cond= rows of encode_prompts: each row is its own prompt, guided
+    as the pipeline guides it; FewstepScheduler in the pipeline on a list of prompts == fewstep.sample with them."""
+    config = dict(sd_pipe.scheduler.config)
+    den = fewstep.from_diffusers(sd_pipe, guidance_scale=GUIDANCE)
+    prompts = ["a cat", PROMPT, "seven"]
+    pool = fewstep.encode_prompts(sd_pipe, prompts, batch_size=2)
+    assert set(pool) == {"encoder_hidden_states"} and pool["encoder_hidden_states"].shape[0] == 3
+    x, sigma = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * 3, torch.full((3,), 3.0)
+    out = den(x, sigma, cond=pool)
+    for i, p in enumerate(prompts):
+        fixed = fewstep.from_diffusers(sd_pipe, prompt=p, guidance_scale=GUIDANCE)
+        assert rel(out[i:i + 1], fixed(x[i:i + 1], sigma[i:i + 1])) <= 1e-5, p
+    assert den.name.endswith("@w4") and den.guidance == GUIDANCE
+    fp = fewstep.models.info.fingerprint
+    assert fp(den) != fp(fewstep.from_diffusers(sd_pipe, guidance_scale=2.0))
+    with pytest.raises(TypeError, match="cond"):
+        den(x, sigma)
+    n = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(6))
+    sched = karras(5, den.sigma_min, den.sigma_max)
+    sd_pipe.scheduler = fewstep.FewstepScheduler.from_schedule(sched, config, solver="dpmpp_2m")
+    got = sd_pipe(prompts[:2], guidance_scale=GUIDANCE, latents=n.clone(), output_type="latent",
+                  num_inference_steps=5).images
+    want = fewstep.sample(den, n * math.sqrt(1 + den.sigma_max ** 2), sched, "dpmpp_2m",
+                          cond=fewstep.encode_prompts(sd_pipe, prompts[:2]))
+    assert rel(got, want) <= 1e-5
+    sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)
+    assert torch.equal(fewstep.encode_prompts(sd_pipe, "a cat")["encoder_hidden_states"],
+                       pool["encoder_hidden_states"][:1])  # one prompt: one row
+    for bad in ([], [1], ["a cat", None]):
+        with pytest.raises(ValueError, match="non-empty list of strings"):
+            fewstep.encode_prompts(sd_pipe, bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        fewstep.encode_prompts(sd_pipe, prompts, batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def sd_folder(tmp_path_factory):
+    """A smaller random SD pipeline saved as a folder (save_pretrained), and a prompts file of four prompts."""
+    folder = tmp_path_factory.mktemp("sd")
+    tiny_sd(byte_level_clip_tokenizer(folder), channels=(8, 16), groups=4, hidden=16, layers=1).save_pretrained(
+        folder / "pipe")
+    (folder / "prompts.txt").write_text("a handwritten digit\na cat\n\nseven\nzero\n")
+    return folder
+
+
+def test_cli_tunes_a_pipeline_folder_over_its_prompts(sd_folder, tmp_path, monkeypatch, capsys):
+    """fewstep tune --model FOLDER --prompts FILE --guidance-scale: calibrated on two prompts, scored on the two
+    others; the best schedule samples the pipeline's model with the prompts in turn."""
+    from fewstep import cli
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    model = ["--model", str(sd_folder / "pipe"), "--prompts", str(sd_folder / "prompts.txt"), "--guidance-scale", "4"]
+    assert cli.main(["tune", *model, "--nfe", "4", "--methods", "karras,ays,gits", "--solvers", "euler,dpmpp_2m",
+                     "--n-calib", "4", "--n-test", "8", "--teacher-steps", "16", "--json", "-o",
+                     str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model"]["guidance"] == 4.0 and results["key"]["conds"]
+    assert all(c["status"] == "ok" for c in results["cells"]) and len(results["cells"]) == 6
+    assert "Calibrated on 2 conditions; scored on 2 other conditions" in (tmp_path / "out" / "report.md").read_text()
+    capsys.readouterr()
+    assert cli.main(["sample", *model, "--schedule", str(tmp_path / "out" / "best" / "nfe-4.json"), "--n", "3",
+                     "-o", str(tmp_path / "s.pt")]) == 0
+    assert torch.load(tmp_path / "s.pt")["samples"].shape == (3, 4, 8, 8)
+
+
+def test_cli_conditioning_errors(sd_folder, tmp_path, monkeypatch, capsys):
+    from fewstep import cli
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    pipe, prompts = str(sd_folder / "pipe"), str(sd_folder / "prompts.txt")
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "one.txt").write_text("a cat\n")
+    (tmp_path / "junk.pt").write_text("not a torch file")
+    torch.save(torch.zeros(0, 10), tmp_path / "none.pt")
+    tune = ["tune", "--nfe", "4", "--methods", "karras", "--solvers", "euler", "--n-calib", "2", "--n-test", "2",
+            "-o", str(tmp_path / "out")]
+    cases = [
+        (["--model", pipe, "--prompts", str(tmp_path / "empty.txt")], "has no prompts"),
+        (["--model", pipe, "--prompts", str(tmp_path / "missing.txt")], "could not be read"),
+        (["--model", "gmm2d", "--prompts", prompts], "--prompts needs a diffusers pipeline folder"),
+        (["--model", pipe, "--prompts", prompts, "--conds", str(tmp_path / "none.pt")], "not both"),
+        (["--model", pipe], "conditional"),
+        (["--model", pipe, "--prompts", str(tmp_path / "one.txt")], "at least 2 conditions"),
+        (["--model", "gmm-cond", "--conds", str(tmp_path / "junk.pt")], "could not be read as a torch file"),
+        (["--model", "gmm-cond", "--conds", str(tmp_path / "none.pt")], "holds no conditions"),
+        (["--model", "gmm2d", "--negative-prompt", "blurry"], "--negative-prompt is for a diffusers pipeline"),
+        (["--model", str(tmp_path), "--prompts", prompts], "--prompts needs a diffusers pipeline folder"),
+    ]
+    for args, match in cases:
+        assert cli.main([*tune, *args]) == 2, args
+        assert match in capsys.readouterr().err, (args, match)
+    assert not (tmp_path / "out").exists()  # nothing half-written
 
 
 def test_to_diffusers_errors(digits_unet, sd_pipe):

@@ -22,7 +22,7 @@ from .tuning import tune
 from .version import __version__
 from .zoo import load_model
 
-_DIFFUSERS = ("from_diffusers", "FewstepScheduler", "to_diffusers")  # need diffusers: imported on first use
+_DIFFUSERS = ("from_diffusers", "encode_prompts", "FewstepScheduler", "to_diffusers")  # need diffusers: imported on first use
 
 
 def __getattr__(name):

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import conditions, distributed
 from .evaluation import evaluate
 from .files import write_atomic
 from .methods import METHODS, optimize
@@ -26,7 +26,7 @@ from .solvers import SOLVERS
 from .teacher import Teacher
 from .tuning import all_methods, baseline, tune
 from .version import __version__
-from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, load_model
+from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, is_pipeline, load_model, load_pipeline
 
 DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
@@ -81,16 +81,26 @@ def cache_dir() -> Path:
 
 
 def _model_id(spec: str, den) -> str:
-    """The model's identity for the teacher cache and tune's resume key: the built-in name or the model
-    file's content hash, and the weights' fingerprint (``models.info.fingerprint``)."""
-    code = __version__ if spec in BUILTIN_MODELS else hashlib.sha1(Path(spec.rpartition(":")[0]).read_bytes()).hexdigest()[:12]
+    """The model's identity for the teacher cache and tune's resume key: the built-in name, the pipeline folder
+    or the model file's content hash, and the weights' fingerprint (``models.info.fingerprint``: the guidance
+    scale too)."""
+    if spec in BUILTIN_MODELS or is_pipeline(spec):
+        code = __version__ if spec in BUILTIN_MODELS else "pipeline"
+    else:
+        code = hashlib.sha1(Path(spec.rpartition(":")[0]).read_bytes()).hexdigest()[:12]
     return f"{spec}@{code}:{fingerprint(den)}"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in model ({', '.join(BUILTIN_MODELS)}) or path/to/file.py:factory "
-                        f"(a function returning a denoiser D(x, sigma)); default {DEFAULT_MODEL}")
+                   help=f"built-in model ({', '.join(BUILTIN_MODELS)}), a diffusers pipeline folder (save_pretrained; "
+                        f"local files only), or path/to/file.py:factory (a function returning a denoiser D(x, sigma)); "
+                        f"default {DEFAULT_MODEL}")
+    p.add_argument("--prompts", help="for a pipeline folder: a text file of prompts, one per line (the conditions)")
+    p.add_argument("--conds", help="for a conditional model: a torch file of conditions (a tensor, or a dict of "
+                                   "tensors, one row per condition)")
+    p.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (a pipeline folder, gmm-cond)")
+    p.add_argument("--negative-prompt", help="for a pipeline folder: the guidance's negative prompt (default empty)")
     p.add_argument("--shape", type=_ints, help="sample shape for a user model without .shape, e.g. 3,32,32")
     p.add_argument("--sigma-min", type=float, help="smallest positive sigma (default: the model's, else 0.002)")
     p.add_argument("--sigma-max", type=float, help="largest sigma (default: the model's, else 80)")
@@ -103,13 +113,62 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    user_auto = args.device == "auto" and args.model not in BUILTIN_MODELS
-    den = load_model(args.model, None if user_auto else args.device)
+    """(denoiser, its info, the teacher, the pool of conditions or None)."""
+    user_auto = args.device == "auto" and args.model not in BUILTIN_MODELS and not is_pipeline(args.model)
+    device = None if user_auto else args.device
+    if args.prompts and not is_pipeline(args.model):
+        raise ValueError(f"--prompts needs a diffusers pipeline folder as --model (one with model_index.json), got "
+                         f"{args.model!r}; for another conditional model give --conds")
+    if args.prompts and args.conds:
+        raise ValueError("give --prompts or --conds, not both")
+    if is_pipeline(args.model):
+        from .integrations.diffusers import encode_prompts, from_diffusers
+
+        pipe = load_pipeline(args.model, device)
+        den = from_diffusers(pipe, guidance_scale=args.guidance_scale, negative_prompt=args.negative_prompt)
+        pool = encode_prompts(pipe, read_prompts(args.prompts)) if args.prompts else None
+    else:
+        if args.negative_prompt is not None:
+            raise ValueError("--negative-prompt is for a diffusers pipeline folder")
+        den, pool = load_model(args.model, device, args.guidance_scale), read_conds(args.conds) if args.conds else None
     info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
-    probe_denoiser(den, info)
+    conditions.check_model(den, pool)
+    probe_denoiser(den, info, pool)
     teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
                       model_id=_model_id(args.model, den), progress=True, shape=info["shape"])
-    return den, info, teacher
+    return den, info, teacher, pool
+
+
+def _each(pool, n: int, info: dict):
+    """One condition per sample: the pool's rows in turn (None for an unconditional model)."""
+    return conditions.to(conditions.cycle(pool, n), info["device"])
+
+
+def read_prompts(path: str) -> list[str]:
+    """The prompts of a text file, one per non-empty line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"prompts file {path} could not be read: {type(e).__name__}: {e}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompts file {path} has no prompts (one per line)")
+    return prompts
+
+
+def read_conds(path: str):
+    """A pool of conditions from a torch file: a tensor or a dict of tensors, one row per condition."""
+    try:
+        pool = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing file, or not a torch file (pickle and zip errors alike)
+        raise ValueError(f"conditions file {path} could not be read as a torch file: {type(e).__name__}: {e}") from None
+    try:
+        rows = conditions.length(pool)
+    except ValueError as e:
+        raise ValueError(f"conditions file {path}: {e}") from None
+    if not rows:
+        raise ValueError(f"conditions file {path} holds no conditions (0 rows)")
+    return pool
 
 
 def _print_table(rows: list[dict], cols: list[str]) -> None:
@@ -124,13 +183,14 @@ def _fmt(v) -> str:
 
 
 def cmd_demo(args) -> int:
-    den, info, teacher = _load(args)
+    den, info, teacher, pool = _load(args)
     x = noise(args.n, info["shape"], info["sigma_max"], TEST_SEED, device=info["device"])
-    teacher.solve(x, info["sigma_max"])
+    cond = _each(pool, args.n, info)
+    teacher.solve(x, info["sigma_max"], cond)
     rows = []
     cells = [(s, sol, k) for k in args.nfe for s in args.schedules for sol in args.solvers]
     for sched_name, solver, k in tqdm(cells, desc="demo", disable=args.json):
-        res = evaluate(den, baseline(sched_name, solver, k, info), x=x, teacher=teacher)
+        res = evaluate(den, baseline(sched_name, solver, k, info), x=x, teacher=teacher, cond=cond)
         rows.append({"nfe": k, "schedule": sched_name, "solver": solver, **res})
     if args.json:
         print(json.dumps({"model": info["name"], "n": args.n, "seed": TEST_SEED, "rows": rows}, indent=2))
@@ -165,10 +225,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample(args) -> int:
-    den, info, _ = _load(args)
+    den, info, _, pool = _load(args)
     sched = _load_schedule(args, info)
     x = noise(args.n, info["shape"], sched.sigma_max, args.seed, device=info["device"])
-    out = sample(den, x, sched, args.solver, progress=True).cpu()
+    out = sample(den, x, sched, args.solver, progress=True, cond=_each(pool, args.n, info)).cpu()
     sigmas = sched.for_batch(x).sigmas  # [steps + 1(, n)]
     buf = io.BytesIO()
     torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
@@ -179,9 +239,10 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    den, info, teacher = _load(args)
+    den, info, teacher, pool = _load(args)
     sched = _load_schedule(args, info)
-    res = evaluate(den, sched, args.solver, n=args.n, seed=args.seed, teacher=teacher, shape=info["shape"], ci=True)
+    res = evaluate(den, sched, args.solver, n=args.n, seed=args.seed, teacher=teacher, shape=info["shape"], ci=True,
+                   cond=_each(pool, args.n, info))
     res.update({"model": info["name"], "solver": args.solver or sched.solver, "seed": args.seed,
                 "sigmas": sched.describe().get("sigmas", "per sample")})
     if args.json:
@@ -196,11 +257,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_optimize(args) -> int:
-    den, info, teacher = _load(args)
+    den, info, teacher, pool = _load(args)
     options = args.options or {}
     sched = optimize(den, args.method, args.solver, args.nfe, n=args.n_calib, seed=args.seed, shape=info["shape"],
                      sigma_min=info["sigma_min"], sigma_max=info["sigma_max"], teacher=teacher, progress=True,
-                     **options)
+                     cond=_each(pool, args.n_calib, info), **options)
     if distributed.rank() != 0:
         return 0
     output = Path(args.output)
@@ -216,12 +277,12 @@ def cmd_optimize(args) -> int:
 def cmd_tune(args) -> int:
     from .report import improvement_rows  # matplotlib: imported only when a report is made
 
-    den, info, teacher = _load(args)
+    den, info, teacher, pool = _load(args)
     summary = tune(den, nfe=args.nfe, methods=args.methods or "all", solvers=args.solvers or "all",
                    outdir=args.output, quick=args.quick, n_calib=args.n_calib, n_test=args.n_test,
                    shape=info["shape"], sigma_min=info["sigma_min"], sigma_max=info["sigma_max"],
                    teacher=teacher, progress=not args.json, model_id=teacher.model_id, retry_failed=args.retry_failed,
-                   budget=args.budget, exhaustive=args.exhaustive, seconds_per_eval=args.seconds_per_eval)
+                   budget=args.budget, exhaustive=args.exhaustive, seconds_per_eval=args.seconds_per_eval, conds=pool)
     rows, cost = improvement_rows(summary), summary["cost"]
     if args.json:
         print(json.dumps({"output": str(args.output), "best": rows, "cost": cost}, indent=2))

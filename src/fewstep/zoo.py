@@ -5,15 +5,16 @@ The shipped networks are diffusers models, so this module sits above ``integrati
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from .models.device import to_device
+from .models.device import resolve_device, to_device
 from .models.reference import ConditionalGaussianMixture, EmpiricalDenoiser, GaussianMixture
 
 
@@ -107,6 +108,10 @@ def simplex_conditions(n: int, classes: int = 10, seed: int = 0) -> torch.Tensor
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
+def _guided(factory: Callable) -> bool:
+    return "guidance" in inspect.signature(factory).parameters
+
+
 def _shipped(name: str) -> Callable:
     """A network shipped in fewstep/assets/<name> (diffusers format, made by scripts/train_digits.py)."""
     try:
@@ -139,11 +144,43 @@ BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64"
 DEFAULT_MODEL = "digits-unet"
 
 
-def load_model(spec: str, device: str | None = None) -> Callable:
-    """A built-in model by name, or ``path/to/file.py:factory`` (a function returning a denoiser);
-    moved to ``device`` if given ('auto': CUDA when available; ``models.device.to_device``)."""
+def is_pipeline(spec: str) -> bool:
+    """Whether ``spec`` names a diffusers pipeline folder (``save_pretrained``: it holds model_index.json)."""
+    return (Path(spec) / "model_index.json").is_file()
+
+
+def load_pipeline(folder: str | Path, device: str | None = None) -> Any:
+    """A diffusers pipeline saved with ``save_pretrained``, from local files only (nothing is downloaded), on
+    ``device`` ('auto': CUDA when available), its progress bars off."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise ImportError("a pipeline folder needs diffusers: pip install 'fewstep[diffusers]'") from None
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    except Exception as e:  # diffusers' own errors: a missing component, a config it cannot read
+        raise ValueError(f"{folder} could not be loaded as a diffusers pipeline: {type(e).__name__}: {e}") from e
+    pipe.set_progress_bar_config(disable=True)
+    dev = resolve_device(device)
+    return pipe if dev is None else pipe.to(dev)
+
+
+def load_model(spec: str, device: str | None = None, guidance: float | None = None) -> Callable:
+    """A built-in model by name, a diffusers pipeline folder (a conditional denoiser: ``from_diffusers(pipe,
+    guidance_scale=guidance)``), or ``path/to/file.py:factory`` (a function returning a denoiser); moved to
+    ``device`` if given ('auto': CUDA when available; ``models.device.to_device``). ``guidance``: for a pipeline,
+    or a built-in model whose factory takes it (gmm-cond)."""
+    if is_pipeline(spec):
+        from .integrations.diffusers import from_diffusers
+
+        return from_diffusers(load_pipeline(spec, device), guidance_scale=guidance)
+    if guidance is not None and not (spec in BUILTIN_MODELS and _guided(BUILTIN_MODELS[spec])):
+        raise ValueError(f"model {spec!r} takes no guidance scale: it is for a diffusers pipeline folder or a built-in "
+                         f"conditional model ({', '.join(n for n, f in BUILTIN_MODELS.items() if _guided(f))}); a "
+                         "factory sets its own")
     if spec in BUILTIN_MODELS:
-        return to_device(BUILTIN_MODELS[spec](), device)
+        den = BUILTIN_MODELS[spec]() if guidance is None else BUILTIN_MODELS[spec](guidance=guidance)
+        return to_device(den, device)
     if ":" not in spec:
         raise ValueError(f"unknown model {spec!r}; built-in: {', '.join(BUILTIN_MODELS)}, or give path/to/file.py:factory")
     path, _, factory = spec.rpartition(":")

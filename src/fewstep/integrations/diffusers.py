@@ -30,11 +30,11 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from diffusers.utils import logging
 
-from ..models.wrappers import PREDICTIONS, FlowDenoiser, VPDiscreteDenoiser
+from ..models.wrappers import PREDICTIONS, Conditional, FlowDenoiser, VPDiscreteDenoiser
 from ..sampling import nfe, sample
 from ..schedules import BUILTIN_SCHEDULES, Schedule, ScheduleError, as_schedule, builtin, flow_shift
 from ..solvers import get_solver
-from .pipelines import Conditioning, encode, flow_time_scale
+from .pipelines import Conditioning, encode, encode_prompts, flow_time_scale, network, per_prompt
 from .ranges import clip_to_range
 
 logger = logging.get_logger(__name__)
@@ -160,7 +160,8 @@ def _join(u: Any, c: Any) -> Any:
 
 
 class DiffusersNet:
-    """``net(x, t) -> output`` for a diffusers UNet / transformer, with conditioning fixed at wrap time.
+    """``net(x, t, cond=None) -> output`` for a diffusers UNet / transformer, with conditioning fixed at wrap time
+    and, as ``cond``, per-sample inputs (a dict of network arguments, one row per sample) on top of it.
 
     With ``uncond`` and ``guidance_scale`` != 1: classifier-free guidance, out_u + g (out_c - out_u)
     (Ho & Salimans 2022), computed as the pipelines do: one batch [uncond, cond] (``batched``, SD / SD3), or
@@ -169,24 +170,28 @@ class DiffusersNet:
     """
 
     def __init__(self, net, cond: dict | None = None, uncond: dict | None = None, guidance_scale: float = 1.0,
-                 batched: bool = True):
+                 batched: bool = True, rows: tuple[str, ...] = ()):
         self.net, self.cond, self.uncond, self.guidance_scale = net, dict(cond or {}), uncond, float(guidance_scale)
         self.cfg, self.batched = uncond is not None and self.guidance_scale != 1.0, batched
-        if self.cfg and batched:
-            _join(uncond, self.cond)  # same keys, or a clear error now
+        if self.cfg and batched:  # same keys, or a clear error now
+            _join(uncond, {**self.cond, **{k: uncond[k] for k in rows if k in uncond}})
         self.dtype = getattr(net, "dtype", torch.float32)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
         b = x.shape[0]
         x = x.to(self.dtype)
         t = t.to(torch.float32)
+        if cond is not None and not isinstance(cond, dict):
+            raise ValueError("cond for a diffusers network is a dict of its keyword arguments, one row per sample "
+                             f"(e.g. fewstep.encode_prompts(pipe, prompts)), got {type(cond).__name__}")
+        kw_c = {**_expand(self.cond, b), **(cond or {})}
         if not self.cfg:
-            return self.net(x, timestep=t, **_expand(self.cond, b)).sample
+            return self.net(x, timestep=t, **kw_c).sample
         if not self.batched:
-            out_c = self.net(x, timestep=t, **_expand(self.cond, b)).sample
+            out_c = self.net(x, timestep=t, **kw_c).sample
             out_u = self.net(x, timestep=t, **_expand(self.uncond, b)).sample
         else:
-            kw = _join(_expand(self.uncond, b), _expand(self.cond, b))
+            kw = _join(_expand(self.uncond, b), kw_c)
             out_u, out_c = self.net(torch.cat([x, x]), timestep=torch.cat([t, t]), **kw).sample.chunk(2)
         return out_u + self.guidance_scale * (out_c - out_u)
 
@@ -207,18 +212,24 @@ def from_diffusers(model: Any, scheduler_config: Any = None, *, prediction_type:
     mean in ``pipe(...)``: for Flux, ``guidance_scale`` is the distilled guidance the transformer takes
     (default: the pipeline's) and ``true_cfg_scale`` the classifier-free one. A flow network takes its
     timestep in the unit its pipeline uses (SD3: the scheduler's timesteps, Flux: t); ``time_scale``
-    overrides it. The result has ``.sigma_min``, ``.sigma_max``, ``.name`` and, when known, ``.shape``.
+    overrides it. The result has ``.sigma_min``, ``.sigma_max``, ``.name``, ``.guidance`` and, when known,
+    ``.shape``. A text pipeline without ``prompt=`` gives a conditional denoiser D(x, sigma, cond): ``cond`` holds
+    each sample's prompt inputs (rows of ``encode_prompts(pipe, prompts)``), the negative prompt (default the
+    empty one) is encoded now for the guidance.
     """
     net, conditioning = model, None
     if hasattr(model, "scheduler") and (hasattr(model, "unet") or hasattr(model, "transformer")):
-        net = model.unet if getattr(model, "unet", None) is not None else model.transformer
+        net = network(model)
         scheduler_config = scheduler_config if scheduler_config is not None else model.scheduler
-        if prompt is not None or pipeline_kwargs:
-            if cond is not None or uncond is not None:
-                raise ValueError("pass either prompt= (and the pipeline's arguments) or cond= / uncond=, not both")
-            if not hasattr(model, "encode_prompt"):
+        if (cond is not None or uncond is not None) and (prompt is not None or pipeline_kwargs):
+            raise ValueError("pass either prompt= (and the pipeline's arguments) or cond= / uncond=, not both")
+        if cond is None and uncond is None and not hasattr(model, "encode_prompt"):
+            if prompt is not None or pipeline_kwargs:
                 raise ValueError(f"{type(model).__name__} has no encode_prompt: pass cond= / uncond= network arguments")
+        elif prompt is not None or "prompt_embeds" in pipeline_kwargs:
             conditioning = encode(model, net, prompt, negative_prompt, guidance_scale, pipeline_kwargs)
+        elif cond is None and uncond is None:
+            conditioning = per_prompt(model, net, negative_prompt, guidance_scale, pipeline_kwargs)
     elif prompt is not None or pipeline_kwargs:
         raise ValueError("prompt= and pipeline arguments need a pipeline (with encode_prompt); for a bare network "
                          f"pass cond= / uncond= (got {sorted(pipeline_kwargs) or 'prompt='})")
@@ -239,7 +250,10 @@ def _denoiser(net, config, prediction_type, c: Conditioning, mu, time_scale, nam
         spec["time_scale"] = flow_time_scale(net, spec["num_train_timesteps"], time_scale)
     elif time_scale is not None:
         raise ValueError("time_scale= is for flow-matching networks; a DDPM-style network takes integer timesteps")
-    den = wrap(spec, DiffusersNet(net, c.cond, c.uncond, c.guidance_scale, c.batched), name=name or type(net).__name__)
+    guided = c.guidance_scale if c.uncond is not None else 1.0
+    default = type(net).__name__ if guided == 1.0 else f"{type(net).__name__}@w{guided:g}"
+    den = wrap(spec, DiffusersNet(net, c.cond, c.uncond, c.guidance_scale, c.batched, c.rows), name=name or default)
+    den.guidance = guided
     if spec["kind"] == "flow":
         cfg = scheduler_config(config)
         if mu is None and c.image_seq_len is not None and cfg.get("use_dynamic_shifting"):
@@ -248,7 +262,7 @@ def _denoiser(net, config, prediction_type, c: Conditioning, mu, time_scale, nam
     shape = c.shape if c.shape is not None else _sample_shape(getattr(net, "config", None))
     if shape is not None:
         den.shape = shape
-    return den
+    return Conditional(den) if c.rows else den
 
 
 def flux_mu(cfg: dict, image_seq_len: int) -> float:

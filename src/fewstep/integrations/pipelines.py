@@ -46,6 +46,18 @@ class Conditioning:
     batched: bool = True  # [uncond, cond] in one network call (SD, SD3); False: two calls (Flux's true CFG)
     shape: tuple[int, ...] | None = None
     image_seq_len: int | None = None  # Flux: packed latent tokens, from which the pipeline computes mu
+    rows: tuple[str, ...] = ()  # inputs given per sample at call time (cond=), the prompt's; cond holds the rest
+
+
+# The network inputs that come from the prompt, one row per prompt; the others (Flux's ids and distilled guidance)
+# are the same for every prompt.
+ROW_KEYS = {"sd": ("encoder_hidden_states",), "sd3": ("encoder_hidden_states", "pooled_projections"),
+            "flux": ("encoder_hidden_states", "pooled_projections")}
+
+
+def network(pipe: Any) -> Any:
+    """The pipeline's denoising network (its UNet or transformer)."""
+    return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
 
 
 def family(net: Any) -> str:
@@ -85,6 +97,34 @@ def encode(pipe: Any, net: Any, prompt, negative_prompt, guidance_scale: float |
     pos, neg = out
     uncond = {"encoder_hidden_states": neg} if neg is not None else None
     return Conditioning({"encoder_hidden_states": pos}, uncond, g, shape=shape)
+
+
+def per_prompt(pipe: Any, net: Any, negative_prompt, guidance_scale: float | None, kwargs: dict) -> Conditioning:
+    """``Conditioning`` for a denoiser that takes the prompt at call time (``cond=``, rows from ``encode_prompts``):
+    the negative prompt's branch and every input shared by all prompts fixed now, the prompt's inputs left out."""
+    c = encode(pipe, net, "", negative_prompt, guidance_scale, kwargs)
+    c.rows = ROW_KEYS[family(net)]
+    c.cond = {k: v for k, v in c.cond.items() if k not in c.rows}
+    return c
+
+
+def encode_prompts(pipe: Any, prompts, batch_size: int = 16, **kwargs: Any) -> dict:
+    """A pool of conditions for ``from_diffusers(pipe, guidance_scale=w)``: the network inputs of each prompt
+    (``ROW_KEYS``: SD's text embeddings; SD3 and Flux's pooled embeddings too), one row per prompt, encoded
+    ``batch_size`` at a time; ``kwargs`` are the pipeline's encoding arguments (``max_sequence_length``, ...)."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"encode_prompts needs a non-empty list of strings, got {prompts[:3]!r}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    net = network(pipe)
+    keys = ROW_KEYS[family(net)]
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), int(batch_size)):
+            c = encode(pipe, net, prompts[i:i + int(batch_size)], None, 1.0, dict(kwargs))
+            parts.append([c.cond[k] for k in keys])
+    return {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(keys)}
 
 
 def _latent_shape(pipe, net, height, width) -> tuple[int, ...] | None:

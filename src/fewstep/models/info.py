@@ -26,6 +26,8 @@ def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dic
         "name": str(getattr(den, "name", type(den).__name__)),
         "device": str(model_device(den)),
     }
+    if getattr(den, "guidance", None) is not None:  # classifier-free guidance changes the ODE: part of the identity
+        info["guidance"] = float(den.guidance)
     if not 0 < info["sigma_min"] < info["sigma_max"]:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {info['sigma_min']} and {info['sigma_max']}")
     return info

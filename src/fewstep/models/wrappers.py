@@ -37,18 +37,23 @@ def vp_output_to_x0(out: torch.Tensor, x_vp: torch.Tensor, alpha: torch.Tensor, 
     return out
 
 
+def _call(model: Callable, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """model(x, t), with ``cond=`` passed on only when there is one (an unconditional network need not take it)."""
+    return model(x, t) if cond is None else model(x, t, cond=cond)
+
+
 class _VPDenoiser:
     prediction: str
 
     def _time(self, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         alpha = _bshape(1 / torch.sqrt(1 + sigma ** 2), x)
         s = _bshape(sigma, x) * alpha
         x_vp = x * alpha
-        out = self.model(x_vp, self._time(sigma))
+        out = _call(self.model, x_vp, self._time(sigma), cond)
         return vp_output_to_x0(out.to(x.dtype), x_vp, alpha, s, self.prediction)
 
 
@@ -105,9 +110,25 @@ class FlowDenoiser:
     def __init__(self, model: Callable, time_scale: float = 1.0, name: str = "flow"):
         self.model, self.time_scale, self.name = model, time_scale, name
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond=None) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         t = sigma / (1 + sigma)
         x_t = x / _bshape(1 + sigma, x)
-        v = self.model(x_t, t * self.time_scale).to(x.dtype)
+        v = _call(self.model, x_t, t * self.time_scale, cond).to(x.dtype)
         return x_t - _bshape(t, x) * v
+
+
+class Conditional:
+    """A wrapped denoiser whose network needs a condition: ``D(x, sigma, cond)``, ``cond`` required (so
+    fewstep names a missing one, ``conditions.check_model``); its attributes are the wrapped denoiser's."""
+
+    def __init__(self, denoiser: Callable):
+        self.denoiser = denoiser
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tensor:
+        return self.denoiser(x, sigma, cond=cond)
+
+    def __getattr__(self, name: str):
+        if name == "denoiser":  # not set yet (unpickling, copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.denoiser, name)

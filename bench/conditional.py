@@ -1,12 +1,15 @@
 """Schedules for a conditional model, calibrated on one set of conditions and judged on others (issue #17).
 
-    OMP_NUM_THREADS=1 python bench/conditional.py [--guidance 1,3] [--nfe 4,5,6,8,10] [--pool 64] [--n 512]
+    OMP_NUM_THREADS=1 python bench/conditional.py [--model gmm-cond] [--guidance 1,3] [--nfe 4,5,6,8,10]
+                                                  [--pool 64] [--n 512]
 
-For the exact class-conditional mixture ``gmm-cond`` (classifier-free guidance w) with condition vectors
-on the simplex: ``fewstep.tune`` with a pool of ``--pool`` conditions (its first half calibrates, its
-second half scores); then every NFE's winner and every baseline with every solver are scored on ``--n``
-fresh noises (seed 2) under as many fresh conditions (seed 7, in no pool), against a fine teacher. Prints
-the winner, the best baseline, and the paired difference winner - best baseline with its standard error.
+``fewstep.tune`` at guidance w with a pool of ``--pool`` conditions (its first half calibrates, its second
+half scores); then every NFE's winner and every baseline with every solver are scored on ``--n`` fresh
+noises (seed 2) under conditions in no pool, against a fine teacher. Conditions: for ``gmm-cond`` (the exact
+class-conditional mixture) condition vectors on the simplex, the held-out ones fresh (seed 7); for
+``digits-cond`` (the shipped class-conditional network) the pool's first half is digits 0-4 and its second
+half digits 5-9, and the held-out samples are digits 5-9: classes no optimizer saw. Prints the winner, the
+best baseline, and the paired difference winner - best baseline with its standard error.
 """
 
 from __future__ import annotations
@@ -22,15 +25,30 @@ import torch
 import fewstep
 from fewstep.schedules import BASELINES
 from fewstep.tuning import baseline
-from fewstep.zoo import gmm_cond, simplex_conditions
+from fewstep.zoo import digits_cond, gmm_cond, simplex_conditions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
 
+def digit_pool(n: int, digits: range, seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"class_labels": torch.tensor(list(digits))[torch.randint(len(digits), (n,), generator=g)]}
+
+
+MODELS = {  # name: (model at guidance w, the tune's pool of n, held-out conditions for n samples)
+    "gmm-cond": (gmm_cond, lambda n: simplex_conditions(n, seed=3), lambda n: simplex_conditions(n, seed=7)),
+    "digits-cond": (digits_cond,
+                    lambda n: {"class_labels": torch.cat([digit_pool(n // 2, range(5), 3)["class_labels"],
+                                                          digit_pool(n - n // 2, range(5, 10), 4)["class_labels"]])},
+                    lambda n: digit_pool(n, range(5, 10), 7)),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     numbers = lambda kind: lambda text: [kind(v) for v in text.split(",")]  # noqa: E731
+    ap.add_argument("--model", choices=sorted(MODELS), default="gmm-cond")
     ap.add_argument("--guidance", type=numbers(float), default=[1.0, 3.0])
     ap.add_argument("--nfe", type=numbers(int), default=[4, 5, 6, 8, 10])
     ap.add_argument("--pool", type=int, default=64)
@@ -39,15 +57,15 @@ def main() -> None:
     torch.set_num_threads(1)
     nfes = args.nfe
     print(describe())
-    print(f"held out: {args.n} noises (seed 2) under {args.n} fresh conditions (seed 7); tune pool {args.pool} "
+    make, pool, held_out = MODELS[args.model]
+    print(f"{args.model}; held out: {args.n} noises (seed 2) under conditions in no pool; tune pool {args.pool} "
           "(first half calibrates, second half scores)")
     print(f"{'w':>3} {'nfe':>3} | {'winner':22} {'error':>7} | {'best baseline':24} {'error':>7} | "
           f"{'diff':>8} {'+-se':>7} {'ratio':>6} | {'evals':>8}")
     for w in args.guidance:
-        den, out = gmm_cond(w), Path(tempfile.mkdtemp())
-        summary = fewstep.tune(den, nfe=nfes, conds=simplex_conditions(args.pool, seed=3), outdir=out, progress=False,
-                               report=False)
-        x, c = fewstep.noise(args.n, den.shape, den.sigma_max, 2), simplex_conditions(args.n, seed=7)
+        den, out = make(w), Path(tempfile.mkdtemp())
+        summary = fewstep.tune(den, nfe=nfes, conds=pool(args.pool), outdir=out, progress=False, report=False)
+        x, c = fewstep.noise(args.n, den.shape, den.sigma_max, 2), held_out(args.n)
         ref = fewstep.Teacher(den, tol=1e-4, check_cond=c).solve(x, cond=c)
         for k in nfes:
             win, sched = summary["best"][str(k)]["winner"], fewstep.Schedule.load(out / "best" / f"nfe-{k}.json")

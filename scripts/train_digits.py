@@ -1,14 +1,17 @@
 """Train fewstep's shipped networks on scikit-learn's digits (8x8, pixels scaled to [-1, 1]).
 
-Two tiny diffusers ``UNet2DModel`` denoisers of the same data, saved the way diffusers saves models:
+Three tiny diffusers ``UNet2DModel`` denoisers of the same data, saved the way diffusers saves models:
 - ``digits-unet``: VP / DDPM, epsilon prediction, linear betas 1e-4..0.02 over 1000 steps
   (Ho et al. 2020, Alg. 1), with a ``DDPMScheduler`` config;
 - ``digits-flow``: rectified flow, x_t = (1 - t) x0 + t n, target v = n - x0, t ~ U(0, 1), fed to the
-  network as t * 1000 (Liu et al. 2022; as SD3 / Flux), with a ``FlowMatchEulerDiscreteScheduler`` config.
+  network as t * 1000 (Liu et al. 2022; as SD3 / Flux), with a ``FlowMatchEulerDiscreteScheduler`` config;
+- ``digits-cond``: as ``digits-unet``, class-conditional (``class_labels`` 0-9, and 10 the null label each
+  label is replaced by with probability 0.1, so one network gives both terms of classifier-free guidance:
+  Ho & Salimans 2022, Alg. 1).
 Each folder gets ``unet/``, ``scheduler/`` and ``training.json`` (seed, settings, versions, loss curve).
 The weights saved are an exponential moving average of the training weights.
 
-    OMP_NUM_THREADS=1 python scripts/train_digits.py            # both models, ~5 min each on one CPU core
+    OMP_NUM_THREADS=1 python scripts/train_digits.py            # all three, ~7 min each on one CPU core
     OMP_NUM_THREADS=1 python scripts/train_digits.py --which flow --steps 200 --out /tmp/try
 """
 
@@ -37,21 +40,30 @@ UNET_CONFIG = dict(
 DDPM_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                    prediction_type="epsilon", clip_sample=False)
 FLOW_CONFIG = dict(num_train_timesteps=1000, shift=1.0)
+OBJECTIVES = {"unet": "ddpm_epsilon", "flow": "rectified_flow_velocity",
+              "cond": "ddpm_epsilon, class_labels 0-9 dropped to the null label 10 with probability 0.1"}
+NULL_LABEL, P_UNCOND = 10, 0.1  # digits-cond: the null class, and how often a label is dropped to it
 
 
-def digits_data() -> torch.Tensor:
+def digits_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 1797 images [n, 1, 8, 8] in [-1, 1] and their digits [n]."""
     from sklearn.datasets import load_digits
 
-    return torch.tensor(load_digits().images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0, torch.tensor(d.target)
 
 
-def ddpm_loss(unet, x0, g, alphas_cumprod):
-    """Ho et al. 2020, Alg. 1: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2."""
+def ddpm_loss(unet, x0, g, alphas_cumprod, labels=None):
+    """Ho et al. 2020, Alg. 1: || eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t) ||^2; with labels,
+    each dropped to the null label with probability P_UNCOND (Ho & Salimans 2022, Alg. 1)."""
     t = torch.randint(0, len(alphas_cumprod), (x0.shape[0],), generator=g)
     eps = torch.randn(x0.shape, generator=g)
     abar = alphas_cumprod[t].reshape(-1, 1, 1, 1)
     x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * eps
-    return (unet(x_t, t).sample - eps).pow(2).mean()
+    if labels is None:
+        return (unet(x_t, t).sample - eps).pow(2).mean()
+    labels = torch.where(torch.rand(labels.shape, generator=g) < P_UNCOND, NULL_LABEL, labels)
+    return (unet(x_t, t, class_labels=labels).sample - eps).pow(2).mean()
 
 
 def flow_loss(unet, x0, g, num_train_timesteps):
@@ -63,20 +75,24 @@ def flow_loss(unet, x0, g, num_train_timesteps):
     return (unet(x_t, t * num_train_timesteps).sample - (n - x0)).pow(2).mean()
 
 
-def train(which: str, args, data: torch.Tensor) -> dict:
+def setup(which: str, g: torch.Generator):
+    """(unet, scheduler, loss(x0, labels)) for one of the shipped models."""
     from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 
+    unet = UNet2DModel(**UNET_CONFIG, **({"num_class_embeds": NULL_LABEL + 1} if which == "cond" else {}))
+    if which == "flow":
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_CONFIG)
+        return unet, scheduler, lambda x0, y: flow_loss(unet, x0, g, FLOW_CONFIG["num_train_timesteps"])
+    scheduler = DDPMScheduler(**DDPM_CONFIG)
+    ac = scheduler.alphas_cumprod.float()
+    return unet, scheduler, lambda x0, y: ddpm_loss(unet, x0, g, ac, y if which == "cond" else None)
+
+
+def train(which: str, args, data: tuple[torch.Tensor, torch.Tensor]) -> dict:
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
-    unet = UNet2DModel(**UNET_CONFIG)
+    unet, scheduler, loss_fn = setup(which, g)
     ema = copy.deepcopy(unet).requires_grad_(False)
-    if which == "unet":
-        scheduler = DDPMScheduler(**DDPM_CONFIG)
-        ac = scheduler.alphas_cumprod.float()
-        loss_fn = lambda x0: ddpm_loss(unet, x0, g, ac)  # noqa: E731
-    else:
-        scheduler = FlowMatchEulerDiscreteScheduler(**FLOW_CONFIG)
-        loss_fn = lambda x0: flow_loss(unet, x0, g, FLOW_CONFIG["num_train_timesteps"])  # noqa: E731
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, weight_decay=0.0)
     # linear warm-up, then cosine decay to 0
     warm = max(1, args.steps // 20)
@@ -84,8 +100,8 @@ def train(which: str, args, data: torch.Tensor) -> dict:
         opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(i, args.steps) / args.steps))))
     curve, window, t0 = [], [], time.time()
     for step in range(1, args.steps + 1):
-        x0 = data[torch.randint(0, data.shape[0], (args.batch,), generator=g)]
-        loss = loss_fn(x0)
+        pick = torch.randint(0, data[0].shape[0], (args.batch,), generator=g)
+        loss = loss_fn(data[0][pick], data[1][pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -109,11 +125,11 @@ def train(which: str, args, data: torch.Tensor) -> dict:
     import diffusers
 
     record = {
-        "model": f"digits-{which}", "objective": "ddpm_epsilon" if which == "unet" else "rectified_flow_velocity",
+        "model": f"digits-{which}", "objective": OBJECTIVES[which],
         "data": "sklearn.datasets.load_digits images / 8 - 1, shape [1797, 1, 8, 8]",
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "ema": args.ema,
         "optimizer": "AdamW(weight_decay=0), grad clip 1.0, linear warm-up then cosine decay",
-        "unet_config": UNET_CONFIG, "scheduler_config": DDPM_CONFIG if which == "unet" else FLOW_CONFIG,
+        "unet_config": dict(unet.config), "scheduler_config": FLOW_CONFIG if which == "flow" else DDPM_CONFIG,
         "parameters": sum(p.numel() for p in unet.parameters()),
         "final_loss": curve[-1][1], "loss_curve": curve, "wall_seconds": round(wall, 1),
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
@@ -128,7 +144,7 @@ def train(which: str, args, data: torch.Tensor) -> dict:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--which", choices=["unet", "flow", "both"], default="both")
+    p.add_argument("--which", choices=["unet", "flow", "cond", "all"], default="all")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -139,7 +155,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     torch.use_deterministic_algorithms(True, warn_only=True)
     data = digits_data()
-    for which in (["unet", "flow"] if args.which == "both" else [args.which]):
+    for which in (["unet", "flow", "cond"] if args.which == "all" else [args.which]):
         train(which, args, data)
 
 

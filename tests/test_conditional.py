@@ -109,3 +109,49 @@ def test_cli_tunes_a_class_conditional_model_from_a_conds_file(tmp_path, monkeyp
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"]["guidance"] == 2.0 and results["model"]["name"].endswith("@w2")
     assert {c["method"] for c in results["cells"] if c["status"] == "ok"} == {"karras", "gits"}
+
+
+def test_the_shipped_class_conditional_network_is_guided_and_knows_its_classes():
+    """digits-cond: D_w = D_0 + w (D_1 - D_0) (one network, the null label for D_0); at guidance 3 its samples of
+    each class are nearest to training digits of that class; a missing condition is named."""
+    import json
+
+    from sklearn.datasets import load_digits
+
+    from fewstep.zoo import ASSETS, class_labels, digits_cond
+
+    record = json.loads((ASSETS / "digits-cond" / "training.json").read_text())
+    assert record["seed"] == 0 and record["unet_config"]["num_class_embeds"] == 11
+    u, c, g = digits_cond(0.0), digits_cond(1.0), fewstep.load_model("digits-cond", guidance=3.0)
+    assert (c.name, g.name, g.guidance) == ("digits-cond", "digits-cond@w3", 3.0)
+    labels = class_labels(6, seed=2)
+    x, s = fewstep.noise(6, g.shape, 5.0, seed=3), torch.full((6,), 5.0, dtype=torch.float64)
+    d0, d1 = u(x, s, cond=labels), c(x, s, cond=labels)
+    assert torch.allclose(g(x, s, cond=labels), d0 + 3.0 * (d1 - d0), atol=1e-5)
+    assert (d1 - d0).abs().max() > 1e-2  # the label changes the estimate
+    with pytest.raises(ValueError, match="cond"):
+        fewstep.conditions.check_model(g, None)
+    digits = load_digits()
+    train = torch.tensor(digits.images, dtype=torch.float64).reshape(-1, 64) / 8 - 1
+    want = {"class_labels": torch.arange(10).repeat(5)}
+    with torch.no_grad():
+        out = fewstep.sample(g, fewstep.noise(50, g.shape, g.sigma_max, seed=4),
+                             fewstep.schedules.karras(40, g.sigma_min, g.sigma_max), "heun", cond=want)
+    nearest = torch.tensor(digits.target)[torch.cdist(out.reshape(50, 64).double(), train).argmin(1)]
+    assert (nearest == want["class_labels"]).float().mean() >= 0.9
+
+
+def test_cli_tunes_the_shipped_class_conditional_network(tmp_path, monkeypatch):
+    import json
+
+    from fewstep import cli
+    from fewstep.zoo import class_labels
+
+    monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
+    torch.save(class_labels(8, seed=5), tmp_path / "labels.pt")
+    assert cli.main(["tune", "--model", "digits-cond", "--conds", str(tmp_path / "labels.pt"), "--guidance-scale", "3",
+                     "--nfe", "4", "--methods", "karras,ays,gits", "--solvers", "euler,dpmpp_2m", "--n-calib", "8",
+                     "--n-test", "8", "--teacher-steps", "32", "--json", "-o", str(tmp_path / "out")]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["model"]["name"] == "digits-cond@w3" and results["key"]["conds"]
+    assert sum(c["status"] == "ok" for c in results["cells"]) == 6

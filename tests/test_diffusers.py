@@ -181,6 +181,11 @@ def test_from_diffusers_errors(digits_unet, digits_flow):
     den = fewstep.from_diffusers(unet, config)
     with pytest.raises(ValueError, match="outside the model's trained range"):
         fewstep.sample(den, torch.randn(1, 1, 8, 8) * 80, karras(5, 0.002, 80.0), "euler")
+    with pytest.raises(ValueError, match="given per sample .* and fixed"):
+        fewstep.from_diffusers(unet, config, cond={"class_labels": torch.tensor([1])}, per_sample=("class_labels",))
+    with pytest.raises(ValueError, match="per_sample= is for a bare network"):
+        fewstep.from_diffusers(DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(config)),
+                               per_sample=("class_labels",))
 
 
 # --------------------------------------------------------------------------------------------

@@ -106,14 +106,16 @@ def simplex_conditions(n: int, classes: int = 10, seed: int = 0) -> torch.Tensor
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"
+NULL_DIGIT = 10  # digits-cond: the null class label, trained for classifier-free guidance (scripts/train_digits.py)
 
 
 def _guided(factory: Callable) -> bool:
     return "guidance" in inspect.signature(factory).parameters
 
 
-def _shipped(name: str) -> Callable:
-    """A network shipped in fewstep/assets/<name> (diffusers format, made by scripts/train_digits.py)."""
+def _shipped(name: str, guidance: float | None = None, **kwargs) -> Callable:
+    """A network shipped in fewstep/assets/<name> (diffusers format, made by scripts/train_digits.py); with
+    ``guidance``: named <name>@w<guidance> unless it is 1 (``kwargs``: from_diffusers' conditioning)."""
     try:
         from diffusers import UNet2DModel
     except ImportError:
@@ -125,12 +127,29 @@ def _shipped(name: str) -> Callable:
         raise FileNotFoundError(f"{folder} is missing: reinstall fewstep, or recreate it with scripts/train_digits.py")
     unet = UNet2DModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    return from_diffusers(unet, config, name=name)
+    if guidance not in (None, 1.0):
+        name = f"{name}@w{guidance:g}"
+    return from_diffusers(unet, config, name=name, guidance_scale=guidance, **kwargs)
 
 
 def digits_unet() -> Callable:
     """Trained DDPM UNet (epsilon, linear betas, 1000 steps) on the 8x8 digits, as a VP denoiser."""
     return _shipped("digits-unet")
+
+
+def digits_cond(guidance: float = 1.0) -> Callable:
+    """Trained class-conditional DDPM UNet on the 8x8 digits (labels 0-9, null label 10), as a conditional VP
+    denoiser D(x, sigma, cond) with classifier-free guidance ``guidance`` (Ho & Salimans 2022); ``cond`` is
+    ``{"class_labels": labels}``, one digit per sample (``class_labels``)."""
+    null = {"class_labels": torch.tensor([NULL_DIGIT])}
+    return _shipped("digits-cond", float(guidance), uncond=null, per_sample=("class_labels",))
+
+
+def class_labels(n: int, classes: int = 10, seed: int = 0) -> dict:
+    """``n`` uniformly drawn class labels, seeded, as a class-conditional diffusers UNet takes them: a pool for
+    ``digits-cond``."""
+    g = torch.Generator().manual_seed(int(seed))
+    return {"class_labels": torch.randint(classes, (int(n),), generator=g)}
 
 
 def digits_flow() -> Callable:
@@ -140,7 +159,8 @@ def digits_flow() -> Callable:
 
 BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64": gmm64, "gmm-scales": gmm_scales,
                                        "gmm-cond": gmm_cond,
-                                       "digits-unet": digits_unet, "digits-flow": digits_flow}
+                                       "digits-unet": digits_unet, "digits-flow": digits_flow,
+                                       "digits-cond": digits_cond}
 DEFAULT_MODEL = "digits-unet"
 
 

@@ -200,7 +200,7 @@ def from_diffusers(model: Any, scheduler_config: Any = None, *, prediction_type:
                    prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None,
                    guidance_scale: float | None = None, cond: dict | None = None, uncond: dict | None = None,
                    mu: float | None = None, time_scale: float | None = None, name: str | None = None,
-                   **pipeline_kwargs: Any) -> Callable:
+                   per_sample: tuple[str, ...] = (), **pipeline_kwargs: Any) -> Callable:
     """A fewstep denoiser D(x, sigma) from a diffusers UNet / transformer and its scheduler (or its config),
     or from a pipeline.
 
@@ -215,12 +215,17 @@ def from_diffusers(model: Any, scheduler_config: Any = None, *, prediction_type:
     overrides it. The result has ``.sigma_min``, ``.sigma_max``, ``.name``, ``.guidance`` and, when known,
     ``.shape``. A text pipeline without ``prompt=`` gives a conditional denoiser D(x, sigma, cond): ``cond`` holds
     each sample's prompt inputs (rows of ``encode_prompts(pipe, prompts)``), the negative prompt (default the
-    empty one) is encoded now for the guidance.
+    empty one) is encoded now for the guidance. For a bare network, ``per_sample`` names the network arguments
+    given at call time as ``cond`` rows (a class-conditional UNet: ``("class_labels",)``, its null label in
+    ``uncond``): the denoiser is then conditional too.
     """
     net, conditioning = model, None
     if hasattr(model, "scheduler") and (hasattr(model, "unet") or hasattr(model, "transformer")):
         net = network(model)
         scheduler_config = scheduler_config if scheduler_config is not None else model.scheduler
+        if per_sample:
+            raise ValueError("per_sample= is for a bare network: a pipeline wrapped without prompt= takes its prompts "
+                             "per sample (cond= rows of encode_prompts)")
         if (cond is not None or uncond is not None) and (prompt is not None or pipeline_kwargs):
             raise ValueError("pass either prompt= (and the pipeline's arguments) or cond= / uncond=, not both")
         if cond is None and uncond is None and not hasattr(model, "encode_prompt"):
@@ -236,8 +241,11 @@ def from_diffusers(model: Any, scheduler_config: Any = None, *, prediction_type:
     if scheduler_config is None:
         raise ValueError("from_diffusers needs the scheduler config (e.g. pipe.scheduler.config) to know the noise "
                          "schedule and prediction_type")
+    if set(per_sample) & set(cond or {}):
+        raise ValueError(f"{sorted(set(per_sample) & set(cond))} are given per sample (per_sample=) and fixed (cond=)")
     if conditioning is None:
-        conditioning = Conditioning(dict(cond or {}), uncond, 1.0 if guidance_scale is None else guidance_scale)
+        conditioning = Conditioning(dict(cond or {}), uncond, 1.0 if guidance_scale is None else guidance_scale,
+                                    rows=tuple(per_sample))
         if conditioning.guidance_scale != 1.0 and uncond is None:
             raise ValueError("guidance_scale != 1 needs the unconditional inputs: pass uncond= (or a pipeline and "
                              "prompt=)")

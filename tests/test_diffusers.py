@@ -311,6 +311,12 @@ def test_a_pipeline_without_a_prompt_is_conditional_on_encoded_prompts(sd_pipe):
         fixed = fewstep.from_diffusers(sd_pipe, prompt=p, guidance_scale=GUIDANCE)
         assert rel(out[i:i + 1], fixed(x[i:i + 1], sigma[i:i + 1])) <= 1e-5, p
     assert den.name.endswith("@w4") and den.guidance == GUIDANCE
+    # the embeddings hold no graph into the text encoder: a learned method backpropagates through them many times
+    fixed = fewstep.from_diffusers(sd_pipe, prompt=PROMPT, guidance_scale=GUIDANCE)
+    for d, c in ((den, pool), (fixed, None)):
+        sched = fewstep.optimize(d, "ld3", "dpmpp_2m", 3, n=2, cond=c and fewstep.conditions.rows(c, slice(0, 2)),
+                                 teacher=fewstep.Teacher(d, steps=8), iters=3)
+        assert len(sched.sigmas) == 4
     fp = fewstep.models.info.fingerprint
     assert fp(den) != fp(fewstep.from_diffusers(sd_pipe, guidance_scale=2.0))
     with pytest.raises(TypeError, match="cond"):
@@ -350,15 +356,15 @@ def test_cli_tunes_a_pipeline_folder_over_its_prompts(sd_folder, tmp_path, monke
 
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path / "cache"))
     model = ["--model", str(sd_folder / "pipe"), "--prompts", str(sd_folder / "prompts.txt"), "--guidance-scale", "4"]
-    assert cli.main(["tune", *model, "--nfe", "4", "--methods", "karras,ays,gits", "--solvers", "euler,dpmpp_2m",
-                     "--n-calib", "4", "--n-test", "8", "--teacher-steps", "16", "--json", "-o",
-                     str(tmp_path / "out")]) == 0
+    assert cli.main(["tune", *model, "--quick", "--json", "-o", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"]["guidance"] == 4.0 and results["key"]["conds"]
-    assert all(c["status"] == "ok" for c in results["cells"]) and len(results["cells"]) == 6
+    status = {(c["method"], c["status"]) for c in results["cells"]}
+    assert {s for _, s in status} <= {"ok", "skipped", "pruned"} and ("instance", "skipped") in status
+    assert {m for m, s in status if s == "ok"} >= {"gits", "oss", "ld3", "karras"}
     assert "Calibrated on 2 conditions; scored on 2 other conditions" in (tmp_path / "out" / "report.md").read_text()
     capsys.readouterr()
-    assert cli.main(["sample", *model, "--schedule", str(tmp_path / "out" / "best" / "nfe-4.json"), "--n", "3",
+    assert cli.main(["sample", *model, "--schedule", str(tmp_path / "out" / "best" / "nfe-5.json"), "--n", "3",
                      "-o", str(tmp_path / "s.pt")]) == 0
     assert torch.load(tmp_path / "s.pt")["samples"].shape == (3, 4, 8, 8)
 

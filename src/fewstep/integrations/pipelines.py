@@ -65,9 +65,12 @@ def family(net: Any) -> str:
     return FAMILIES.get(type(net).__name__, "sd")
 
 
+@torch.no_grad()
 def encode(pipe: Any, net: Any, prompt, negative_prompt, guidance_scale: float | None, kwargs: dict) -> Conditioning:
     """``Conditioning`` for ``pipe(prompt, negative_prompt=..., guidance_scale=..., **kwargs)``; ``kwargs`` are the
-    pipeline's own arguments (height, width, prompt_2, max_sequence_length, true_cfg_scale, prompt_embeds, ...)."""
+    pipeline's own arguments (height, width, prompt_2, max_sequence_length, true_cfg_scale, prompt_embeds, ...).
+    Without gradients, as ``pipe(...)`` encodes: embeddings holding a graph into the text encoders would break
+    every backward through the denoiser after the first (LD3's training)."""
     fam = family(net)
     kwargs = dict(kwargs)
     height, width = kwargs.pop("height", None), kwargs.pop("width", None)
@@ -120,10 +123,9 @@ def encode_prompts(pipe: Any, prompts, batch_size: int = 16, **kwargs: Any) -> d
     net = network(pipe)
     keys = ROW_KEYS[family(net)]
     parts = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), int(batch_size)):
-            c = encode(pipe, net, prompts[i:i + int(batch_size)], None, 1.0, dict(kwargs))
-            parts.append([c.cond[k] for k in keys])
+    for i in range(0, len(prompts), int(batch_size)):
+        c = encode(pipe, net, prompts[i:i + int(batch_size)], None, 1.0, dict(kwargs))
+        parts.append([c.cond[k] for k in keys])
     return {k: torch.cat([p[j] for p in parts]) for j, k in enumerate(keys)}
 
 

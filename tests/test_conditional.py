@@ -155,3 +155,34 @@ def test_cli_tunes_the_shipped_class_conditional_network(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"]["name"] == "digits-cond@w3" and results["key"]["conds"]
     assert sum(c["status"] == "ok" for c in results["cells"]) == 6
+
+
+def test_instance_policies_read_the_condition_beside_the_noise(cg, tmp_path):
+    """phi's inputs include the condition (one-hot classes for integer labels, numbers otherwise, projected
+    on the calibration conditions' principal directions): one noise under two conditions can get two
+    schedules; the policy saves and loads with its condition spec, and names a missing condition."""
+    from fewstep.policy import SchedulePolicy, cond_rows, cond_spec
+
+    labels = {"class_labels": torch.tensor([0, 3, 1])}
+    assert cond_spec(labels) == [["class_labels", "classes", 4]] and cond_spec(None) is None
+    assert cond_rows(cond_spec(labels), {"class_labels": torch.tensor([2, 7])}).tolist() == [[0, 0, 1, 0], [0] * 4]
+    c = class_conditions(32, seed=1)
+    x = fewstep.noise(32, cg.shape, cg.sigma_max, seed=0)
+    pol = fewstep.optimize(cg, "instance", "euler", 4, calib=x, cond=c, policy="residual", ld3_iters=5, iters=5,
+                           corrections_iters=3, teacher=fewstep.Teacher(cg, steps=32))
+    assert pol.config["cond"] == [[None, "values", 10]]
+    with torch.no_grad():  # a phi that reads the condition: its residual's output layer made non-zero
+        torch.manual_seed(0)
+        pol.net.mlp[-1].weight.normal_(0, 0.3)
+    one = x[:1].repeat(2, *([1] * (x.ndim - 1)))
+    two = torch.nn.functional.one_hot(torch.tensor([2, 5]), 10).double()
+    sig = pol.sigmas_for(one, two)
+    assert (sig[1:-1, 0] - sig[1:-1, 1]).abs().max() > 1e-3
+    back = fewstep.load_schedule(pol.save(tmp_path / "pol.pt"))
+    assert torch.equal(back.sigmas_for(one, two), sig)
+    with pytest.raises(ValueError, match="trained for a conditional model"):
+        fewstep.sample(lambda x, s: x * 0, one, back)
+    held = class_conditions(64, seed=9)
+    xt = fewstep.noise(64, cg.shape, cg.sigma_max, seed=5)
+    assert torch.isfinite(fewstep.sample(cg, xt, back, cond=held)).all()
+    assert isinstance(back, SchedulePolicy) and back.per_sample

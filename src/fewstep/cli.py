@@ -228,8 +228,9 @@ def cmd_sample(args) -> int:
     den, info, _, pool = _load(args)
     sched = _load_schedule(args, info)
     x = noise(args.n, info["shape"], sched.sigma_max, args.seed, device=info["device"])
-    out = sample(den, x, sched, args.solver, progress=True, cond=_each(pool, args.n, info)).cpu()
-    sigmas = sched.for_batch(x).sigmas  # [steps + 1(, n)]
+    cond = _each(pool, args.n, info)
+    out = sample(den, x, sched, args.solver, progress=True, cond=cond).cpu()
+    sigmas = sched.for_batch(x, cond).sigmas  # [steps + 1(, n)]
     buf = io.BytesIO()
     torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
     write_atomic(args.output, buf.getvalue())

@@ -6,8 +6,9 @@ Two kinds of phi: ``residual`` (an MLP's residual logits on top of a global LD3 
 softmax in lambda = -log sigma (``schedules.sigmas_from_logits``), so every sample's schedule is
 strictly decreasing from sigma_max to 0. With ``corrections`` (the paper's time shift and output scale),
 phi also gives each step a shift of the sigma the denoiser is evaluated at and a scale of its epsilon
-(``corrections.Corrected``). A SchedulePolicy is a ``schedules.ScheduleLike``: it samples, evaluates,
-saves and loads wherever a Schedule does.
+(``corrections.Corrected``). For a conditional model phi also sees each sample's condition (``cond_spec``).
+A SchedulePolicy is a ``schedules.ScheduleLike``: it samples, evaluates, saves and loads wherever a
+Schedule does.
 """
 
 from __future__ import annotations
@@ -22,29 +23,61 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import conditions
 from .corrections import corrections_from_raw
 from .files import write_atomic
 from .schedules import BatchPlan, ScheduleError, ScheduleLike, sigmas_from_logits
 
 FORMAT = "fewstep.policy"
-FORMAT_VERSION = 4  # 4: corrections; 3: the policy kind (residual | route); 2: phi's input basis
-READS = (3, 4)  # a version-3 file is a policy without corrections
+FORMAT_VERSION = 5  # 5: the condition's features; 4: corrections; 3: the policy kind (residual | route)
+READS = (3, 4, 5)  # a version-3 file is a policy without corrections, before 5 none sees a condition
+
+
+def cond_spec(cond) -> list | None:
+    """How phi reads a condition like ``cond`` (None: no condition): per part (a tensor, or a dict's keys in
+    order), [key, 'classes', n] for integer labels (one-hot over n = the largest label seen + 1; a label past
+    it is all zeros) or [key, 'values', d] for d numbers per row."""
+    if cond is None:
+        return None
+    items = sorted(cond.items()) if isinstance(cond, dict) else [(None, cond)]
+    return [[k, "classes", int(v.max()) + 1] if not v.is_floating_point() else [k, "values", v[0].numel()]
+            for k, v in items]
+
+
+def cond_rows(spec: list, cond) -> torch.Tensor:
+    """The condition as numbers [batch, sum of sizes] float64 on the CPU, read as ``spec`` says."""
+    cols = []
+    for key, kind, size in spec:
+        v = (cond[key] if key is not None else cond).detach().cpu()
+        if kind == "classes":
+            v = v.reshape(-1).long()
+            cols.append(nn.functional.one_hot(v.clamp(0, size), size + 1)[:, :size].double())
+        else:
+            cols.append(v.reshape(v.shape[0], -1).double())
+    return torch.cat(cols, 1)
 
 
 class Inputs(nn.Module):
     """phi's input features from x_T in standard-normal units: x_T average-pooled to at most
     ``max_inputs`` values (spatially for [C, H, W] data), projected on ``components`` directions
     (``basis``: the principal directions of the teacher's samples, set by the trainer), plus the
-    normalized squared norm of x_T, standardized with calibration statistics (``feat_mean``, ``feat_std``)."""
+    normalized squared norm of x_T, and with a ``cond_spec`` the condition's numbers (``cond_rows``) pooled
+    the same way and projected on their own ``components`` directions (``cond_basis``: the calibration
+    conditions' principal directions); all standardized with calibration statistics (``feat_mean``, ``feat_std``)."""
 
-    def __init__(self, shape, max_inputs: int = 256, components: int = 16):
+    def __init__(self, shape, max_inputs: int = 256, components: int = 16, cond_spec: list | None = None):
         super().__init__()
-        self.shape, self.max_inputs = tuple(shape), int(max_inputs)
+        self.shape, self.max_inputs, self.cond_spec = tuple(shape), int(max_inputs), cond_spec
         n_pooled = self.pooled(torch.zeros(1, *self.shape, dtype=torch.float64)).shape[1]
         k = min(int(components), n_pooled)
         self.register_buffer("basis", torch.eye(n_pooled, k, dtype=torch.float64))
-        self.register_buffer("feat_mean", torch.zeros(k + 1, dtype=torch.float64))
-        self.register_buffer("feat_std", torch.ones(k + 1, dtype=torch.float64))
+        kc = 0
+        if cond_spec is not None:
+            n_cond = self.pooled(torch.zeros(1, sum(size for _, _, size in cond_spec), dtype=torch.float64)).shape[1]
+            kc = min(int(components), n_cond)
+            self.register_buffer("cond_basis", torch.eye(n_cond, kc, dtype=torch.float64))
+        self.register_buffer("feat_mean", torch.zeros(k + 1 + kc, dtype=torch.float64))
+        self.register_buffer("feat_std", torch.ones(k + 1 + kc, dtype=torch.float64))
 
     def pooled(self, z: torch.Tensor) -> torch.Tensor:
         b, d = z.shape[0], z[0].numel()
@@ -56,13 +89,22 @@ class Inputs(nn.Module):
             z = nn.functional.adaptive_avg_pool1d(z[:, None], self.max_inputs)[:, 0]
         return z
 
-    def features(self, z: torch.Tensor) -> torch.Tensor:
+    def cond_pooled(self, cond) -> torch.Tensor:
+        return self.pooled(cond_rows(self.cond_spec, cond))
+
+    def features(self, z: torch.Tensor, cond=None) -> torch.Tensor:
         d = z[0].numel()
         sq_norm = (z.reshape(z.shape[0], -1).pow(2).mean(1, keepdim=True) - 1) * math.sqrt(d / 2)
-        return torch.cat([self.pooled(z) @ self.basis, sq_norm], 1)
+        feats = [self.pooled(z) @ self.basis, sq_norm]
+        if self.cond_spec is not None:
+            if cond is None:
+                raise ValueError("this policy was trained for a conditional model: give each sample's cond")
+            conditions.check(cond, z.shape[0])
+            feats.append(self.cond_pooled(cond) @ self.cond_basis)
+        return torch.cat(feats, 1)
 
-    def standardized(self, z: torch.Tensor) -> torch.Tensor:
-        return (self.features(z) - self.feat_mean) / self.feat_std
+    def standardized(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return (self.features(z, cond) - self.feat_mean) / self.feat_std
 
 
 class PhiNet(Inputs):
@@ -71,8 +113,8 @@ class PhiNet(Inputs):
     starts at zero, so an untrained phi gives the global schedule."""
 
     def __init__(self, shape, n_logits: int, n_corrections: int = 0, hidden: int = 64, max_inputs: int = 256,
-                 components: int = 16):
-        super().__init__(shape, max_inputs, components)
+                 components: int = 16, cond_spec: list | None = None):
+        super().__init__(shape, max_inputs, components, cond_spec)
         k = self.feat_mean.numel()
         self.register_buffer("global_out", torch.zeros(n_logits + int(n_corrections), dtype=torch.float64))
         self.mlp = nn.Sequential(nn.Linear(k, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
@@ -80,8 +122,8 @@ class PhiNet(Inputs):
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.global_out + self.mlp(self.standardized(z))
+    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.global_out + self.mlp(self.standardized(z, cond))
 
 
 class RouteNet(Inputs):
@@ -90,26 +132,26 @@ class RouteNet(Inputs):
     Untrained: every cluster has the same (zero) outputs, so it gives one schedule."""
 
     def __init__(self, shape, n_logits: int, clusters: int, n_corrections: int = 0, max_inputs: int = 256,
-                 components: int = 16):
-        super().__init__(shape, max_inputs, components)
+                 components: int = 16, cond_spec: list | None = None):
+        super().__init__(shape, max_inputs, components, cond_spec)
         self.classifier = nn.Linear(self.feat_mean.numel(), int(clusters)).double()
         nn.init.zeros_(self.classifier.weight)
         nn.init.zeros_(self.classifier.bias)
         self.register_buffer("cluster_out", torch.zeros(int(clusters), n_logits + int(n_corrections),
                                                         dtype=torch.float64))
 
-    def cluster(self, z: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.standardized(z)).argmax(1)
+    def cluster(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.classifier(self.standardized(z, cond)).argmax(1)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.cluster_out[self.cluster(z)]
+    def forward(self, z: torch.Tensor, cond=None) -> torch.Tensor:
+        return self.cluster_out[self.cluster(z, cond)]
 
 
 class SchedulePolicy(ScheduleLike):
-    """Sigmas per sample from its own x_T: ``sigmas_for(x) -> [steps + 1, batch]``.
+    """Sigmas per sample from its own x_T (and condition): ``sigmas_for(x, cond) -> [steps + 1, batch]``.
 
     ``config``: shape, steps, n_logits, learn_last, max_inputs, components, sigma_min, sigma_max,
-    solver, solver_options, ``corrections`` (bool), ``policy`` ('residual', with ``hidden``: PhiNet;
+    solver, solver_options, ``corrections`` (bool), ``cond`` (``cond_spec`` or None), ``policy`` ('residual', with ``hidden``: PhiNet;
     'route', with ``clusters``: RouteNet). ``metadata``: how it was made (method, nfe, training cost, ...).
     """
 
@@ -118,7 +160,7 @@ class SchedulePolicy(ScheduleLike):
     per_sample = True
 
     def __init__(self, config: dict, state: dict | None = None, **metadata: Any):
-        self.config, self.metadata = {"policy": "residual", "corrections": False, **config}, dict(metadata)
+        self.config, self.metadata = {"policy": "residual", "corrections": False, "cond": None, **config}, dict(metadata)
         if self.config["policy"] not in ("residual", "route"):
             raise ValueError(f"policy must be 'residual' or 'route', got {self.config['policy']!r}")
         if state is None:  # a new phi: initialised from the global random state (the trainer seeds it)
@@ -135,9 +177,9 @@ class SchedulePolicy(ScheduleLike):
         config, n_corr = self.config, 2 * self.steps if self.config["corrections"] else 0
         if config["policy"] == "residual":
             return PhiNet(config["shape"], config["n_logits"], n_corr, config["hidden"], config["max_inputs"],
-                          config["components"])
+                          config["components"], config["cond"])
         return RouteNet(config["shape"], config["n_logits"], config["clusters"], n_corr, config["max_inputs"],
-                        config["components"])
+                        config["components"], config["cond"])
 
     def _run_settings(self) -> dict:
         return self.config
@@ -154,41 +196,42 @@ class SchedulePolicy(ScheduleLike):
     def final_zero(self) -> bool:
         return True
 
-    def _outputs(self, x: torch.Tensor) -> torch.Tensor:
+    def _outputs(self, x: torch.Tensor, cond) -> torch.Tensor:
         if tuple(x.shape[1:]) != tuple(self.config["shape"]):
             raise ValueError(f"this policy was trained for samples of shape {tuple(self.config['shape'])}, "
                              f"got x of shape {tuple(x.shape)}")
-        return self.net(x.detach().to(torch.float64).cpu() / self.sigma_max)
+        return self.net(x.detach().to(torch.float64).cpu() / self.sigma_max, cond)
 
-    def plan(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def plan(self, x: torch.Tensor, cond=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Differentiable in phi's parameters, from one pass of phi: the sigmas [steps + 1, batch] float64
-        for initial states x, and the (shift, scale), each [steps, batch], for the calls at each step's
-        sigma (``corrections.Corrected``), or None for a policy without corrections."""
-        out, k, sigma_min = self._outputs(x), self.config["n_logits"], float(self.config["sigma_min"])
+        for initial states x (and their conditions, for a policy trained on a conditional model), and the
+        (shift, scale), each [steps, batch], for the calls at each step's sigma (``corrections.Corrected``),
+        or None for a policy without corrections."""
+        out, k, sigma_min = self._outputs(x, cond), self.config["n_logits"], float(self.config["sigma_min"])
         sigmas = sigmas_from_logits(out[:, :k], self.sigma_max, sigma_min, self.config["learn_last"])
         if not self.config["corrections"]:
             return sigmas, None
         return sigmas, corrections_from_raw(out[:, k:].T, sigmas, sigma_min, self.sigma_max)
 
-    def sigmas(self, x: torch.Tensor) -> torch.Tensor:
+    def sigmas(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         """Differentiable in phi's parameters: [steps + 1, batch] float64 for initial states x."""
-        return self.plan(x)[0]
+        return self.plan(x, cond)[0]
 
-    def sigmas_for(self, x: torch.Tensor) -> torch.Tensor:
+    def sigmas_for(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         with torch.no_grad():
-            return self.sigmas(x)
+            return self.sigmas(x, cond)
 
-    def corrections_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def corrections_for(self, x: torch.Tensor, cond=None) -> tuple[torch.Tensor, torch.Tensor] | None:
         with torch.no_grad():
-            return self.plan(x)[1]
+            return self.plan(x, cond)[1]
 
-    def plan_for(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    def plan_for(self, x: torch.Tensor, cond=None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """``(sigmas_for(x), corrections_for(x))`` from one pass of phi (what ``fewstep.sample`` uses)."""
         with torch.no_grad():
-            return self.plan(x)
+            return self.plan(x, cond)
 
-    def for_batch(self, x: torch.Tensor) -> BatchPlan:
-        return BatchPlan(*self.plan_for(x))
+    def for_batch(self, x: torch.Tensor, cond=None) -> BatchPlan:
+        return BatchPlan(*self.plan_for(x, cond))
 
     def with_metadata(self, **metadata: Any) -> "SchedulePolicy":
         """A copy of the policy (the same weights) with its metadata updated."""

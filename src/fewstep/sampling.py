@@ -176,7 +176,7 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
     sched = as_schedule(schedule)
     name = _solver_name(sched, solver)
     spec = get_solver(name)
-    sigmas, corrections = sched.for_batch(x)
+    sigmas, corrections = sched.for_batch(x, cond)
     opts = _options(sched, spec, options, len(sigmas) - 1)
     sigmas = sigmas.to(x.device)
     model = corrected(CheckedDenoiser(denoiser, conditions.to(cond, x.device)), corrections)

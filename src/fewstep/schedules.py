@@ -79,7 +79,8 @@ _FORMATS: dict[str, type] = {}  # a file's format field -> the class that reads 
 class ScheduleLike(abc.ABC):
     """A schedule as the rest of fewstep sees it.
 
-    ``for_batch(x)`` gives the sigmas (and any per-step corrections) for initial states x; ``solver`` and
+    ``for_batch(x, cond)`` gives the sigmas (and any per-step corrections) for initial states x (and their
+    conditions, None for an unconditional model: a per-sample policy may read them); ``solver`` and
     ``solver_options`` say how to run them (read from ``_run_settings()``: the metadata, unless a subclass
     keeps them elsewhere); ``steps``, ``sigma_max`` and ``final_zero`` (ends at sigma 0) are the same for
     every batch, so ``fewstep.nfe`` needs no batch. ``per_sample``: whether the sigmas
@@ -114,7 +115,7 @@ class ScheduleLike(abc.ABC):
         return dict(self._run_settings().get("solver_options") or {})
 
     @abc.abstractmethod
-    def for_batch(self, x: torch.Tensor) -> BatchPlan: ...
+    def for_batch(self, x: torch.Tensor, cond=None) -> BatchPlan: ...
 
     @abc.abstractmethod
     def with_metadata(self, **metadata: Any) -> "ScheduleLike": ...
@@ -187,7 +188,7 @@ class _SigmasFor(ScheduleLike):
     def sigma_max(self) -> float:
         return float(self.obj.sigma_max)
 
-    def for_batch(self, x: torch.Tensor) -> BatchPlan:
+    def for_batch(self, x: torch.Tensor, cond=None) -> BatchPlan:  # the 0.1 protocol sees x only
         return BatchPlan(*self.obj.plan_for(x)) if hasattr(self.obj, "plan_for") else BatchPlan(self.obj.sigmas_for(x))
 
     def with_metadata(self, **metadata: Any) -> "_SigmasFor":
@@ -247,7 +248,7 @@ class Schedule(ScheduleLike):
     def final_zero(self) -> bool:
         return self.sigma_final == 0
 
-    def for_batch(self, x: torch.Tensor) -> BatchPlan:
+    def for_batch(self, x: torch.Tensor, cond=None) -> BatchPlan:
         return BatchPlan(self.sigmas)
 
     def __len__(self) -> int:

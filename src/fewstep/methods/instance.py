@@ -5,7 +5,8 @@ one global schedule is a compromise between initial noises whose trajectories di
 that sample's timesteps and is trained through the solver against the teacher, as LD3 trains its logits.
 Here phi outputs residual logits on top of the LD3 schedule's (``methods/ld3.py``), starting at zero,
 and the same training loop (``ld3.fit``: soft teacher, validation, early stopping) keeps the best;
-phi sees x_T projected on the teacher samples' principal directions, and is kept only if its
+phi sees x_T projected on the teacher samples' principal directions (and, for a conditional model, the
+condition projected on the calibration conditions' own), and is kept only if its
 validation gain over the global schedule is significant (``gate``). ``policy="route"`` is the
 lower-capacity phi: the calibration samples are clustered by their teacher endpoints, each cluster
 gets its own LD3 schedule, and a linear classifier sends x_T to a cluster. With ``corrections`` phi
@@ -23,8 +24,8 @@ from typing import Sequence
 import torch
 
 from ..corrections import corrected, corrections_from_raw
-from ..noises import noise
-from ..policy import SchedulePolicy
+from .. import conditions
+from ..policy import SchedulePolicy, cond_spec
 from ..schedules import Schedule, as_schedule, logits_from_sigmas, sigmas_from_logits
 from ..solvers import get_solver, plan
 from .base import Calibration, register
@@ -119,16 +120,17 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, sta
     it). Returns the record."""
     net = policy.net
     k, n_logits = net.cluster_out.shape[0], policy.config["n_logits"]
-    y = ctx.teacher.solve(ctx.x, ctx.sigma_max)
+    y = ctx.target()
     x_t = ctx.x.cpu() / ctx.sigma_max  # phi runs on the CPU (SchedulePolicy.sigmas)
+    c_train, c_valid = conditions.rows(ctx.cond, slice(None, n_train)), conditions.rows(ctx.cond, slice(n_train, None))
     y_pooled = net.pooled(y.cpu())
     f_end = y_pooled[:n_train] @ principal_directions(y_pooled[:n_train], min(k, y_pooled.shape[1]))
     labels = kmeans(f_end, k, seed=train.seed)
     with torch.no_grad():  # every cluster starts at the global schedule
         net.cluster_out.copy_(start.expand(k, -1))
-    fit_classifier(net.classifier, net.standardized(x_t[:n_train]), labels)
+    fit_classifier(net.classifier, net.standardized(x_t[:n_train], c_train), labels)
     with torch.no_grad():
-        predicted = net.cluster(x_t[n_train:])
+        predicted = net.cluster(x_t[n_train:], c_valid)
     records = []
     for j in range(k):
         mine, checks = torch.nonzero(labels == j)[:, 0], n_train + torch.nonzero(predicted == j)[:, 0]
@@ -136,7 +138,7 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, sta
             records.append({"n_train": len(mine), "n_valid": len(checks), "kept": "global"})
             continue
         idx = torch.cat([mine, checks])
-        sub = replace(ctx, x=ctx.x[idx], teacher=Targets(y[idx]))
+        sub = replace(ctx.subset(idx), teacher=Targets(y[idx]))
         out = start.clone().requires_grad_(True)
         rec = fit_outputs(sub, solver, opts, out, n_logits, learn_last, replace(train, valid=len(checks) / len(idx)),
                           desc=f"route cluster {j + 1}/{k}")
@@ -144,7 +146,7 @@ def route(ctx: Calibration, solver: str, opts: dict, policy: SchedulePolicy, sta
             net.cluster_out[j].copy_(out)
         records.append({key: rec[key] for key in ("n_train", "n_valid", "iters", "valid_init", "valid_best",
                                                   "student_calls")})
-    accuracy = float((net.cluster(x_t[:n_train]) == labels).double().mean())
+    accuracy = float((net.cluster(x_t[:n_train], c_train) == labels).double().mean())
     return {"clusters": k, "train_accuracy": round(accuracy, 3), "cluster_fits": records}
 
 
@@ -152,7 +154,7 @@ def fit_outputs(ctx: Calibration, solver: str, opts: dict, out: torch.Tensor, n_
                 train: Training, desc: str) -> dict:
     """``ld3.fit`` of one schedule's outputs ``out`` (in place): ``n_logits`` logits, then (if any) the
     raw corrections of ``corrections.corrections_from_raw``."""
-    def schedule(x: torch.Tensor) -> tuple:
+    def schedule(x: torch.Tensor, cond=None) -> tuple:
         sigmas = sigmas_from_logits(out[:n_logits], ctx.sigma_max, ctx.sigma_min, learn_last)
         if out.numel() == n_logits:
             return sigmas, None
@@ -165,10 +167,10 @@ def valid_losses(ctx: Calibration, solver: str, opts: dict, sigmas: torch.Tensor
                  n_train: int) -> torch.Tensor:
     """Per-sample losses on the validation part of the calibration batch, for a schedule or a policy."""
     spec = get_solver(solver)
-    x, y = ctx.x[n_train:], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
+    va, y = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
     with torch.no_grad():
-        sig, corrections = sigmas.plan_for(x) if isinstance(sigmas, SchedulePolicy) else (sigmas, None)
-        out = spec.fn(corrected(ctx.denoiser, corrections), x, sig, **{**spec.options, **opts})
+        sig, corrections = sigmas.plan_for(va.x, va.cond) if isinstance(sigmas, SchedulePolicy) else (sigmas, None)
+        out = spec.fn(corrected(va.denoiser, corrections), va.x, sig, **{**spec.options, **opts})
         return per_sample_loss(out, y, loss)
 
 
@@ -271,7 +273,10 @@ class _Trainer:
         net = pol.net
         with torch.no_grad():
             net.basis.copy_(principal_directions(net.pooled(self.y_train), net.basis.shape[1]))
-            feats = net.features(self.ctx.x.cpu() / self.ctx.sigma_max)
+            if self.ctx.cond is not None:  # the training conditions' principal directions
+                c_train = net.cond_pooled(conditions.rows(self.ctx.cond, slice(None, self.n_train)))
+                net.cond_basis.copy_(principal_directions(c_train, net.cond_basis.shape[1]))
+            feats = net.features(self.ctx.x.cpu() / self.ctx.sigma_max, self.ctx.cond)
             net.feat_mean.copy_(feats.mean(0))
             net.feat_std.copy_(feats.std(0).clamp_min(1e-8))
         return pol
@@ -328,17 +333,16 @@ def _setup(ctx: Calibration, solver: str, nfe: int, o: Options) -> tuple[_Traine
     """The trainer: the global stage, the batch extended to ``samples``, the policy config, and (with
     ``corrections``) the global corrections phi starts from. Returns it and the global stage's record."""
     logits, steps, sopts, global_record = _global_stage(ctx, solver, nfe, o)
-    if ctx.x.shape[0] < o.samples:  # fresh noises from the calibration seed's stream, after the batch's own
-        extra = noise(int(o.samples), ctx.x.shape[1:], ctx.sigma_max, ctx.seed, device=ctx.x.device)[ctx.x.shape[0]:]
-        ctx = replace(ctx, x=torch.cat([ctx.x, extra]))
+    ctx = ctx.extended(int(o.samples))  # fresh noises from the calibration seed's stream, after the batch's own
     radius = default_radius(ctx.x.shape[1:], steps) if o.radius is None else o.radius
     n_train, _ = o.training(radius).split(ctx.x.shape[0])
     torch.manual_seed(o.seed)
     config = {"shape": list(ctx.x.shape[1:]), "steps": steps, "n_logits": logits.numel(), "learn_last": o.learn_last,
               "max_inputs": int(o.max_inputs), "components": int(o.components), "corrections": bool(o.corrections),
-              "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": sopts}
+              "sigma_min": ctx.sigma_min, "sigma_max": ctx.sigma_max, "solver": solver, "solver_options": sopts,
+              "cond": cond_spec(ctx.cond)}
     t = _Trainer(ctx, solver, nfe, sopts, o, logits, radius, n_train, config,
-                 y_train=ctx.teacher.solve(ctx.x, ctx.sigma_max)[:n_train].cpu(),  # phi's statistics: on the CPU
+                 y_train=ctx.target()[:n_train].cpu(),  # phi's statistics: on the CPU
                  glob=sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, o.learn_last))
     # phi starts from the global outputs: the LD3 logits and, with corrections, the global corrections
     # learned for that schedule on the whole batch (the per-sample part then only adds what varies)
@@ -368,9 +372,6 @@ def instance(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePol
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top
     (``Options``); phi is kept only where its validation gain passes the gate. phi's initialisation is
     seeded by ``o.seed``; the caller's random state is left as it was."""
-    if ctx.cond is not None:
-        raise ValueError("instance: phi sees the initial noise only, not the condition; for a conditional model "
-                         "use ld3 (one schedule over the conditions) or the other methods")
     with torch.random.fork_rng(devices=[]):
         return _train(ctx, solver, nfe, o)
 

@@ -132,11 +132,11 @@ class _Best:
                 p.copy_(b)
 
 
-def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[torch.Tensor], tuple],
+def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[..., tuple],
         params: Sequence[torch.Tensor], train: Training, desc: str = "ld3") -> dict:
     """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
 
-    ``plan_fn(x)`` gives, for initial states x, the sigmas (``[steps + 1]`` or ``[steps + 1, batch]``)
+    ``plan_fn(x, cond)`` gives, for initial states x (and their conditions), the sigmas (``[steps + 1]`` or ``[steps + 1, batch]``)
     and the per-step corrections (shift, scale) of ``corrections.Corrected``, or None for none.
     AdamW on the training part (full batch); after every step the validation part is solved from its
     exact x_T (``Training``). The parameters are left at the best validation error seen.
@@ -151,7 +151,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
     teacher_calls = ctx.teacher.calls - teacher_calls0
 
     def student(part: Calibration, x_start: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
-        sig, corrections = plan_fn(part.x)
+        sig, corrections = plan_fn(part.x, part.cond)
         return spec.fn(corrected(_NeedsGrad(part.denoiser, desc), corrections), x_start, sig, **opts)
 
     def valid_error() -> float:
@@ -159,7 +159,8 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[[
             return float(per_sample_loss(student(va, x_valid), y_valid, train.loss).mean())
 
     delta = torch.zeros_like(x_train, requires_grad=bool(train.radius))  # x'_T = x_T + sigma_max * delta
-    shift_lr = 12.0 / (len(plan_fn(x_train[:1])[0]) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
+    first = tr.subset(slice(0, 1))
+    shift_lr = 12.0 / (len(plan_fn(first.x, first.cond)[0]) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
     best = _Best(params, valid_error(), train)
     init_err, it = best.err, 0
     opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
@@ -300,8 +301,8 @@ def _train_starts(ctx: Calibration, solver: str, nfe: int, sopts: dict, steps: i
     for _, init, logits in chosen:
         logits.requires_grad_(True)
         record = fit(ctx, solver, sopts,
-                     lambda x, logits=logits: (sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min,
-                                                                  opts.learn_last), None),
+                     lambda x, cond, logits=logits: (sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min,
+                                                                        opts.learn_last), None),
                      [logits], train, desc=f"ld3 {solver} nfe={nfe} from {init}")
         if best is None or record["valid_best"] < best[1]["valid_best"]:
             best = logits.detach(), {**record, "init": init}

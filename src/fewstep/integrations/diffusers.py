@@ -286,6 +286,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.schedule = Schedule(sigmas)
         get_solver(solver)
         self._spec = noise_model(self.config)
+        if (solver_options or {}).get("afs") and self._spec["kind"] == "flow":
+            raise ValueError("a schedule with the analytical first step (afs) runs in VP pipelines only: its first "
+                             "network call is on the initial latents in VP coordinates, not a flow model's; make "
+                             "the schedule with afs=False or run it with fewstep.sample")
         self._call_sigmas = self._dry_run()
         # the network's timestep at each call, for a float32 state (as pipelines run)
         self._timesteps = torch.cat([network_inputs(self._spec, torch.zeros(1, 1), s.to(torch.float32).reshape(1))[1]
@@ -383,8 +387,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step() called {j + 1} times for {len(self._call_sigmas)} network calls: call "
                              "set_timesteps before a new run")
         dtype = self._state_dtype(sample)
-        if j == 0:
-            sigma0 = self._call_sigmas[0].to(dtype).expand(sample.shape[0])
+        if j == 0:  # the initial latents: the state at the schedule's first sigma (afs: one before the first call)
+            sigma0 = self.schedule.sigmas[0].to(dtype).expand(sample.shape[0])
             scale = network_inputs(self._spec, torch.ones_like(sample, dtype=dtype), sigma0)[0]
             self._x_init = sample.to(dtype) / scale
         elif not torch.allclose(sample.to(self._returned.dtype), self._returned, rtol=1e-3, atol=1e-5):

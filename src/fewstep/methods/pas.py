@@ -28,11 +28,11 @@ from dataclasses import dataclass, fields
 import torch
 
 from ..schedules import BUILTIN_SCHEDULES, Schedule, builtin, sigmas_from_logits
-from ..solvers import chain, get_solver, pas_basis, plan
+from ..solvers import chain, pas_basis, plan
 from .base import Calibration, register
 from . import ld3
-from .ld3 import Training, learn_global, per_sample_loss
-from .s4s import significance, single_noise
+from .ld3 import Training, learn_global
+from .s4s import losses, significance, unlearnable
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class Options(ld3.GlobalStage):
     schedule: str = "ld3"
     ridge: float = 1e-3
     tol: float = 1e-2
-    gate: float = 2.0
+    gate: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -116,27 +116,19 @@ def _corrections(ctx: Calibration, base: Schedule, o: Options, n_train: int) -> 
     return Schedule(sig, solver="learned", solver_options=options), steps
 
 
-def _valid_losses(ctx: Calibration, sched: Schedule, n_train: int, loss: str) -> torch.Tensor:
-    spec = get_solver(sched.solver)
-    x, y = ctx.x[n_train:], ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
-    with torch.no_grad():
-        return per_sample_loss(spec.fn(ctx.denoiser, x, sched.sigmas, **{**spec.options, **sched.solver_options}),
-                               y, loss)
-
-
 @register("pas", Options, tune_options={"oss_grid": 40}, quick_options={"ld3_iters": 10})
 def pas(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """PAS (arXiv 2411.06503) on ``solver`` (one call a step) at ``nfe`` calls: the base solver's schedule
     with per-step direction corrections, or the base itself where they do not pass the gate."""
-    if get_solver(solver).calls_per_step != 1:
-        raise ValueError(f"pas corrects a solver of one call a step; {solver} makes {get_solver(solver).calls_per_step}")
-    if ctx.x.shape[0] == 1:
-        return single_noise(ctx, solver, nfe, o.ld3_options(), "pas")
+    untrained = unlearnable(ctx, solver, nfe, o.ld3_options(), "pas")
+    if untrained is not None:
+        return untrained
     teacher_calls0, student_calls0, begin = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     n_train, n_valid = Training(valid=o.valid).split(ctx.x.shape[0])
     base = _base(ctx, solver, nfe, o)
     corrected, steps = _corrections(ctx, base, o, n_train)
-    base_losses, pas_losses = (_valid_losses(ctx, s, n_train, o.loss) for s in (base, corrected))
+    y_valid = ctx.teacher.solve(ctx.x, sigma_max=ctx.sigma_max)[n_train:]
+    base_losses, pas_losses = (losses(ctx, s, ctx.x[n_train:], y_valid, o.loss) for s in (base, corrected))
     z = significance(base_losses - pas_losses)
     kept = z >= o.gate and any(s["kept"] for s in steps)
     record = {"steps": steps, "gate_z": round(z, 3), "kept": "corrected" if kept else "base",

@@ -117,7 +117,7 @@ def test_registries_complete_on_import():
     code = "import fewstep; print(','.join(sorted(fewstep.METHODS))); print(','.join(fewstep.SOLVERS))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     registered = sorted(f.stem for f in (SRC / "methods").glob("*.py") if re.search(r"^@register\(", f.read_text(), re.M))
-    assert out[0].split(",") == registered == ["gits", "instance", "ld3", "oss", "sdm"]
+    assert out[0].split(",") == registered == ["gits", "instance", "ld3", "oss", "pas", "s4s", "sdm"]
     assert set(out[1].split(",")) >= {"euler", "heun", "dpmpp_2m", "unipc", "ipndm", "deis"}
 
 

@@ -212,7 +212,7 @@ def test_nodes_follow_comfyui_node_conventions():
         assert isinstance(cls.RETURN_TYPES, tuple) and all(isinstance(t, str) for t in cls.RETURN_TYPES)
         assert callable(getattr(cls(), cls.FUNCTION)) and isinstance(cls.CATEGORY, str)
     assert comfyui.FewstepSigmas.RETURN_TYPES == ("SIGMAS",) and comfyui.FewstepSampler.RETURN_TYPES == ("SAMPLER",)
-    assert comfyui.FewstepSampler.INPUT_TYPES()["required"]["solver"][0] == ["from schedule", *fewstep.SOLVERS]
+    assert comfyui.FewstepSampler.INPUT_TYPES()["required"]["solver"][0] == ["from schedule", *fewstep.solvers.PLANNED]
 
 
 def test_the_folder_loads_as_comfyui_loads_a_custom_node():

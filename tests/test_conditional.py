@@ -186,3 +186,17 @@ def test_instance_policies_read_the_condition_beside_the_noise(cg, tmp_path):
     xt = fewstep.noise(64, cg.shape, cg.sigma_max, seed=5)
     assert torch.isfinite(fewstep.sample(cg, xt, back, cond=held)).all()
     assert isinstance(back, SchedulePolicy) and back.per_sample
+
+
+@pytest.mark.parametrize("method", ["s4s", "pas"])
+def test_learned_solvers_calibrate_over_conditions(cg, method):
+    """s4s and pas fit on the calibration states with their own conditions (subsets keep their rows)."""
+    c = class_conditions(32, seed=1)
+    x = fewstep.noise(32, cg.shape, cg.sigma_max, seed=0)
+    teacher = fewstep.Teacher(cg, steps=32)
+    sched = fewstep.optimize(cg, method, "dpmpp_2m" if method == "s4s" else "ipndm", 4, calib=x, cond=c,
+                             teacher=teacher, ld3_iters=5, **({"iters": 5} if method == "s4s" else {}))
+    assert fewstep.nfe(sched) == 4 and sched.metadata["training"]["n_train"] > 0
+    held = class_conditions(16, seed=9)
+    out = fewstep.sample(cg, fewstep.noise(16, cg.shape, cg.sigma_max, seed=5), sched, cond=held)
+    assert torch.isfinite(out).all()

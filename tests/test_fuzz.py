@@ -42,7 +42,7 @@ def sigma_lists(draw):
 
 
 @FUZZ
-@given(sigmas=sigma_lists(), solver=st.sampled_from(list(fewstep.SOLVERS)))
+@given(sigmas=sigma_lists(), solver=st.sampled_from(fewstep.solvers.PLANNED))
 def test_any_schedule_samples_finite_or_is_named(sigmas, solver):
     try:
         sched = fewstep.Schedule(sigmas)
@@ -55,7 +55,7 @@ def test_any_schedule_samples_finite_or_is_named(sigmas, solver):
 
 @FUZZ
 @given(kind=st.sampled_from(["residual", "route"]), corrections=st.booleans(), steps=st.integers(2, 6),
-       scale=st.floats(0.0, 30.0), seed=st.integers(0, 2 ** 16), solver=st.sampled_from(list(fewstep.SOLVERS)))
+       scale=st.floats(0.0, 30.0), seed=st.integers(0, 2 ** 16), solver=st.sampled_from(fewstep.solvers.PLANNED))
 def test_any_policy_samples_finite_with_its_nfe(kind, corrections, steps, scale, seed, solver, tmp_path_factory):
     config = {"shape": [2], "steps": steps, "n_logits": steps, "learn_last": True, "max_inputs": 16,
               "components": 2, "corrections": corrections, "sigma_min": 0.002, "sigma_max": 80.0, "solver": solver,
@@ -82,7 +82,7 @@ OPTIONS = ["--nfe", "--n", "--solver", "--builtin", "--teacher-steps", "--sigma-
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(pairs=st.lists(st.tuples(st.sampled_from(OPTIONS), VALUES | st.sampled_from(list(fewstep.SOLVERS))),
+@given(pairs=st.lists(st.tuples(st.sampled_from(OPTIONS), VALUES | st.sampled_from(fewstep.solvers.PLANNED)),
                       max_size=4))
 def test_cli_arguments_never_give_a_traceback(pairs, capsys, monkeypatch, tmp_path_factory):
     monkeypatch.setenv("FEWSTEP_CACHE", str(tmp_path_factory.mktemp("cache")))

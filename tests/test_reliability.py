@@ -282,7 +282,7 @@ def test_schedule_files_with_bad_contents_are_named(tmp_path):
         fewstep.sample(_gmm(), fewstep.noise(2, (2,), 80.0, 0), sched)
 
 
-@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+@pytest.mark.parametrize("solver", fewstep.solvers.PLANNED)
 def test_solvers_stay_finite_on_nearly_equal_sigmas(solver):
     gmm = _gmm()
     x = fewstep.noise(32, gmm.shape, 80.0, 0)

@@ -65,7 +65,7 @@ def test_order_of_convergence(small_gmm, solver, opts, var, warm, order):
     assert abs(observed - order) < 0.35, f"{solver}{opts}: errors {errs}, observed order {observed:.2f}"
 
 
-@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+@pytest.mark.parametrize("solver", fewstep.solvers.PLANNED)
 @pytest.mark.parametrize("budget", [1, 2, 3, 4, 5, 6, 7, 10])
 def test_nfe_matches_counted_calls(small_gmm, solver, budget):
     steps, opts = fewstep.plan(solver, budget)
@@ -76,7 +76,7 @@ def test_nfe_matches_counted_calls(small_gmm, solver, budget):
     assert counter.calls == budget
 
 
-@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+@pytest.mark.parametrize("solver", fewstep.solvers.PLANNED)
 def test_nfe_counts_schedules_ending_above_zero(small_gmm, solver):
     sched = S.karras(5, final_zero=False)
     counter = Counting(small_gmm)
@@ -93,7 +93,7 @@ def schedules(draw):
 
 
 @settings(max_examples=25, deadline=None)
-@given(sigmas=schedules(), solver=st.sampled_from(list(fewstep.SOLVERS)))
+@given(sigmas=schedules(), solver=st.sampled_from(fewstep.solvers.PLANNED))
 def test_random_schedules_sample_finite_with_stated_nfe(small_gmm, sigmas, solver):
     counter = Counting(small_gmm)
     out = fewstep.sample(counter, fewstep.noise(4, (4,), 80, 3), sigmas, solver)
@@ -102,14 +102,14 @@ def test_random_schedules_sample_finite_with_stated_nfe(small_gmm, sigmas, solve
 
 
 @settings(max_examples=25, deadline=None)
-@given(sigmas=schedules(), solver=st.sampled_from(list(fewstep.SOLVERS)))
+@given(sigmas=schedules(), solver=st.sampled_from(fewstep.solvers.PLANNED))
 def test_constant_data_is_denoised_exactly(sigmas, solver):
     c = torch.linspace(-1, 1, 6, dtype=torch.float64).reshape(1, 6)
     out = fewstep.sample(lambda x, s: c.expand_as(x), fewstep.noise(3, (6,), 80, 4), sigmas, solver)
     assert torch.allclose(out, c.expand_as(out), atol=1e-10 * 80)
 
 
-@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+@pytest.mark.parametrize("solver", fewstep.solvers.PLANNED)
 def test_per_sample_sigmas_match_separate_runs(small_gmm, solver):
     x = fewstep.noise(3, (4,), 80, 5)
     scheds = [S.karras(5, rho=r).sigmas for r in (3.0, 5.0, 7.0)]
@@ -176,7 +176,7 @@ def test_checked_denoiser_counts():
     assert c.calls == 1
 
 
-@pytest.mark.parametrize("solver", list(fewstep.SOLVERS))
+@pytest.mark.parametrize("solver", fewstep.solvers.PLANNED)
 def test_solvers_pass_the_step_of_each_call(small_gmm, solver):
     """Every call a solver makes is at a schedule sigma, with that sigma's index passed as its step."""
     sigmas = S.karras(6).sigmas
@@ -198,7 +198,8 @@ def test_solvers_pass_the_step_of_each_call(small_gmm, solver):
 
 def test_registry_declares_what_planning_reads():
     """plan and nfe read the registry: a two-call solver's Heun steps, one-call solvers' steps."""
-    for name, spec in fewstep.SOLVERS.items():
+    for name in fewstep.solvers.PLANNED:
+        spec = fewstep.SOLVERS[name]
         steps, opts = fewstep.plan(name, 7)
         assert steps == (4 if spec.calls_per_step == 2 else 7)
         assert fewstep.nfe(S.karras(steps), name, **opts) == 7

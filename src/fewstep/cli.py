@@ -22,7 +22,7 @@ from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import DenoiserError, probe_denoiser, sample
 from .schedules import BUILTIN_SCHEDULES, ScheduleLike, load_schedule
-from .solvers import SOLVERS
+from .solvers import PLANNED, SOLVERS
 from .teacher import Teacher
 from .tuning import all_methods, baseline, tune
 from .version import __version__
@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="held-out error of the built-in schedules with every solver at a few NFE")
     _add_model_args(d)
     d.add_argument("--nfe", type=_ints, default=[4, 6, 8], help="comma-separated NFE budgets (default 4,6,8)")
-    d.add_argument("--solvers", type=_names(list(SOLVERS)), default=list(SOLVERS), help="comma-separated, or all")
+    d.add_argument("--solvers", type=_names(PLANNED), default=PLANNED, help="comma-separated, or all")
     d.add_argument("--schedules", type=_names(list(BUILTIN_SCHEDULES)), default=DEMO_SCHEDULES,
                    help=f"comma-separated built-in schedules (default {','.join(DEMO_SCHEDULES)})")
     d.add_argument("--n", type=_positive, default=128, help="held-out noises (default 128)")
@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     o = sub.add_parser("optimize", help="optimize a schedule for a model, solver and NFE")
     _add_model_args(o)
     o.add_argument("--method", required=True, choices=sorted(METHODS))
-    o.add_argument("--solver", required=True, choices=list(SOLVERS))
+    o.add_argument("--solver", required=True, choices=PLANNED)
     o.add_argument("--nfe", type=_positive, required=True)
     o.add_argument("--n-calib", type=_positive, default=64, help="calibration noises (default 64)")
     o.add_argument("--seed", type=int, default=CALIB_SEED, help=f"calibration seed (default {CALIB_SEED})")
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     t.add_argument("--nfe", type=_ints, help="comma-separated NFE budgets (default 4,5,6,8,10; --quick: 5,10)")
     t.add_argument("--methods", type=_names(all_methods()), help="comma-separated methods and baselines (default all)")
-    t.add_argument("--solvers", type=_names(list(SOLVERS)), help="comma-separated solvers (default all)")
+    t.add_argument("--solvers", type=_names(PLANNED), help="comma-separated solvers (default all)")
     t.add_argument("--n-calib", type=_positive, help="calibration noises (default 32; --quick 16)")
     t.add_argument("--n-test", type=_positive, help="held-out test noises (default 128; --quick 64)")
     t.add_argument("--quick", action="store_true", help="smaller sizes: NFE 5,10 and fewer noises")

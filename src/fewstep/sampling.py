@@ -44,9 +44,10 @@ def nfe(schedule: Any, solver: str | None = None, **options: Any) -> int:
     """Exact number of denoiser calls ``fewstep.sample`` makes for ``schedule`` with ``solver``."""
     sched = as_schedule(schedule)
     spec = get_solver(_solver_name(sched, solver))
-    orders, last = _options(sched, spec, options, sched.steps).get("orders"), sched.steps - 1
+    opts, last = _options(sched, spec, options, sched.steps), sched.steps - 1
+    orders = opts.get("orders")
     return sum(spec.step_calls(None if orders is None else orders[i], to_zero=sched.final_zero and i == last)
-               for i in range(sched.steps))
+               for i in range(sched.steps)) - bool(opts.get("afs"))  # afs: the first step's first call is free
 
 
 class _Count:

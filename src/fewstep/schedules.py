@@ -25,7 +25,13 @@ import torch
 from .files import write_atomic
 
 FORMAT = "fewstep.schedule"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version written and read; a file without the options below is written as 1
+VERSIONS = (1, 2)
+# Solver options that a fewstep reading only version 1 lacks (the learned solver's coefficients, PAS's
+# corrections, the analytical first step): a schedule with any of them is a version-2 file, which says so.
+VERSION_2_OPTIONS = ("a", "b", "pas", "afs")
+REQUIRES_2 = ("a fewstep that reads schedule format version 2: solver 'learned' (learned coefficients a, b; "
+              "PAS corrections pas) and the solver option afs (analytical first step)")
 RHO = 7.0  # EDM's polynomial exponent (Karras et al. 2022, eq. 5), also GITS's candidate grid's
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's sigma range (Karras et al. 2022, Sec. 5): the default for a model without one
 
@@ -267,7 +273,12 @@ class Schedule(ScheduleLike):
         return self.sigmas.detach().cpu().tolist()
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "version": FORMAT_VERSION, "sigmas": self.to_list(), "metadata": self.metadata}
+        """The file's content: version 1 unless the solver options need version 2 (``VERSION_2_OPTIONS``),
+        whose files name what reads them (``requires``) for a reader that does not."""
+        if set(self.solver_options) & set(VERSION_2_OPTIONS):
+            return {"format": FORMAT, "version": 2, "requires": REQUIRES_2, "sigmas": self.to_list(),
+                    "metadata": self.metadata}
+        return {"format": FORMAT, "version": 1, "sigmas": self.to_list(), "metadata": self.metadata}
 
     describe = to_dict
 
@@ -275,11 +286,10 @@ class Schedule(ScheduleLike):
     def from_dict(cls, d: Any, source: str = "schedule") -> "Schedule":
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ScheduleError(f"{source}: not a fewstep schedule (missing format={FORMAT!r})")
-        if d.get("version") != FORMAT_VERSION:
-            raise ScheduleError(
-                f"{source}: schedule format version {d.get('version')!r} is not supported "
-                f"(this fewstep reads version {FORMAT_VERSION})"
-            )
+        if d.get("version") not in VERSIONS:
+            needs = f"; the file needs {d['requires']}" if isinstance(d.get("requires"), str) else ""
+            raise ScheduleError(f"{source}: schedule format version {d.get('version')!r} is not supported (this "
+                                f"fewstep reads versions {', '.join(map(str, VERSIONS))}){needs}")
         if "sigmas" not in d:
             raise ScheduleError(f"{source}: no 'sigmas' field")
         meta = d.get("metadata") or {}

@@ -7,8 +7,11 @@ called without it (``stepped``). ``sigma`` is a 0-d tensor, or a ``[batch]`` ten
 is per sample (``sigmas`` of shape ``[steps + 1, batch]``). Coefficients are computed in
 float64 from the sigmas and cast to ``x.dtype``; every operation is differentiable in the sigmas.
 
-Every solver accepts ``orders``: a per-step cap on the order (SDM's gate stores its decisions there).
+Every solver accepts ``orders``: a per-step cap on the order (SDM's gate stores its decisions there),
+and ``afs``: the analytical first step (the first denoised estimate from x itself, no call).
 A step that lands on sigma = 0 returns the denoised estimate (first order), as k-diffusion does.
+``learned`` runs given coefficients (a method's, e.g. ``methods/s4s.py``); ``chain`` writes any one-call
+solver in its form.
 ``SOLVERS`` is the registry: what each solver is (order, calls per step, history, options), read by
 ``plan``, ``fewstep.nfe``, SDM's gate and the dynamic programs.
 """
@@ -80,32 +83,47 @@ def _room(sigmas: torch.Tensor, zero: list[bool], depth: int) -> list[int]:
     return room
 
 
-def _denoised(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, i: int, callback: Callback) -> torch.Tensor:
-    """D(x, sigma_i) at step i, reported to the callback (x, i, sigma, sigma_next, denoised)."""
-    denoised = model(x, sigmas[i], i)
+def afs_denoised(x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """The analytical first step's denoised estimate, no call (AFS: zju-pi/diff-sampler, gits-main/solvers.py,
+    ``afs``, where the first direction is x / sqrt(1 + sigma^2), the noise of unit-variance Gaussian data at
+    sigma_max). Here the first step follows that Gaussian's flow exactly, x_1 = x sqrt(1 + s_1^2) / sqrt(1 + s_0^2)
+    (dx/dsigma = sigma x / (1 + sigma^2)): every solver's first step is x_1 = r x + (1 - r) D with r = s_1 / s_0,
+    so D = x (r_G - r) / (1 - r), r_G = sqrt(1 + s_1^2) / sqrt(1 + s_0^2). Measured within 2% of the reference's
+    Euler step (better on most schedules), and the first call's input is the initial state in VP coordinates
+    x / sqrt(1 + sigma^2), which is what a DDPM-style pipeline holds (``FewstepScheduler``)."""
+    s0, s1 = _b(sigma, x), _b(sigma_next, x)
+    r, r_gauss = s1 / s0, torch.sqrt((1 + s1 * s1) / (1 + s0 * s0))
+    return x * (r_gauss - r) / (1 - r)
+
+
+def _denoised(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, i: int, callback: Callback,
+              afs: bool = False) -> torch.Tensor:
+    """D(x, sigma_i) at step i, reported to the callback (x, i, sigma, sigma_next, denoised); with ``afs``
+    the first step's estimate is ``afs_denoised`` (no call)."""
+    denoised = afs_denoised(x, sigmas[0], sigmas[1]) if afs and i == 0 else model(x, sigmas[i], i)
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
     return denoised
 
 
-def euler(model, x, sigmas, callback: Callback = None, orders=None):
+def euler(model, x, sigmas, callback: Callback = None, orders=None, afs: bool = False):
     """Euler on dx/dsigma = (x - D) / sigma (Karras et al. 2022, Alg. 1 without the correction)."""
     model = stepped(model)
     sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     for i in range(len(sigmas) - 1):
-        denoised = _denoised(model, x, sigmas, i, callback)
+        denoised = _denoised(model, x, sigmas, i, callback, afs)
         d = (x - denoised) / sig[i]
         x = x + d * dt[i]
     return x
 
 
-def heun(model, x, sigmas, callback: Callback = None, orders=None):
+def heun(model, x, sigmas, callback: Callback = None, orders=None, afs: bool = False):
     """EDM 2nd-order Heun (Karras et al. 2022, Alg. 1); Euler on a step to sigma = 0 or where orders[i] == 1."""
     model = stepped(model)
     sig, dt = _per_step(sigmas, x), _per_step(sigmas[1:] - sigmas[:-1], x)
     zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
-        denoised = _denoised(model, x, sigmas, i, callback)
+        denoised = _denoised(model, x, sigmas, i, callback, afs)
         d = (x - denoised) / sig[i]
         x_next = x + d * dt[i]
         if not zero[i + 1] and _cap(orders, i, 2) >= 2:
@@ -115,7 +133,7 @@ def heun(model, x, sigmas, callback: Callback = None, orders=None):
     return x
 
 
-def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
+def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None, afs: bool = False):
     """DPM-Solver++(2M), data prediction, in lambda = -log sigma (Lu et al. 2022, Alg. 2)."""
     model = stepped(model)
     zero = _zeros(sigmas)
@@ -126,7 +144,7 @@ def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     w_new, w_old = _per_step(1 + 1 / (2 * r), x), _per_step(1 / (2 * r), x)
     old_denoised, room = None, _room(sigmas, zero, 1)
     for i in range(len(sigmas) - 1):
-        denoised = _denoised(model, x, sigmas, i, callback)
+        denoised = _denoised(model, x, sigmas, i, callback, afs)
         if zero[i + 1]:
             x = denoised
         else:
@@ -138,7 +156,7 @@ def dpmpp_2m(model, x, sigmas, callback: Callback = None, orders=None):
     return x
 
 
-def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: bool = False):
+def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: bool = False, afs: bool = False):
     """DPM-Solver++(3M), data prediction (Lu et al. 2022; k-diffusion's 3M form with eta = 0).
 
     First step order 1, second order 2, then order 3; a step to sigma = 0 returns the denoised estimate.
@@ -160,7 +178,7 @@ def dpmpp_3m(model, x, sigmas, callback: Callback = None, orders=None, exact3: b
     den_1 = den_2 = None  # denoised estimates of the last two steps
     room = _room(sigmas, zero, 2)
     for i in range(len(sigmas) - 1):
-        denoised = _denoised(model, x, sigmas, i, callback)
+        denoised = _denoised(model, x, sigmas, i, callback, afs)
         if zero[i + 1]:
             x = denoised
             break
@@ -214,7 +232,8 @@ def _unipc_update(x, m0, lam0, lam1, older, m_new=None):
     return x_lin - _b(h_phi_1, x) * res
 
 
-def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int = 2, corrector: bool = True):
+def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int = 2, corrector: bool = True,
+          afs: bool = False):
     """UniPC-p with the bh2 variant, data prediction, orders 1-3 (Zhao et al. 2023).
 
     Order is lowered for warm-up and at the final steps (diffusers' ``lower_order_final``); the
@@ -230,7 +249,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
     room = _room(sigmas, zero, order - 1)
     for i in range(n_steps):
         s, s_next = sigmas[i], sigmas[i + 1]
-        m, lam = _denoised(model, x, sigmas, i, callback), -s.log()
+        m, lam = _denoised(model, x, sigmas, i, callback, afs), -s.log()
         if corrector and x_prev is not None:
             x = _unipc_update(x_prev, hist[0][0], hist[0][1], lam, hist[1:p_prev], m_new=m)
         hist = [(m, lam)] + hist[: order - 1]
@@ -245,7 +264,7 @@ def unipc(model, x, sigmas, callback: Callback = None, orders=None, order: int =
 _AB = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
-def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: int = 4):
+def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: int = 4, afs: bool = False):
     """iPNDM, order up to ``max_order`` (<= 4), lower order while the history fills.
 
     diff-sampler ends its schedules at sigma_min; here a final step to sigma = 0 returns the denoised
@@ -258,7 +277,7 @@ def ipndm(model, x, sigmas, callback: Callback = None, orders=None, max_order: i
     zero = _zeros(sigmas)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoised(model, x, sigmas, i, callback)
+        denoised = _denoised(model, x, sigmas, i, callback, afs)
         ds = [(x - denoised) / _b(s, x)] + ds[: max_order - 1]
         if zero[i + 1]:
             x = denoised
@@ -292,7 +311,7 @@ def _lagrange_exp_integral(us: list[torch.Tensor], j: int, ua: torch.Tensor, ub:
     return antiderivative(ub) - antiderivative(ua)
 
 
-def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 3):
+def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 3, afs: bool = False):
     """DEIS tAB-p (Zhang & Chen 2023): x' = x + int eps dsigma, with eps Lagrange-interpolated in log sigma.
 
     This is the 'deis' algorithm of diffusers' DEISMultistepScheduler written in EDM variables.
@@ -305,7 +324,7 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
     room = _room(sigmas, zero, order - 1)
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
-        denoised = _denoised(model, x, sigmas, i, callback)
+        denoised = _denoised(model, x, sigmas, i, callback, afs)
         eps = (x - denoised) / _b(s, x)
         hist = [(eps, s.log())] + hist[: order - 1]
         if zero[i + 1]:
@@ -318,6 +337,132 @@ def deis(model, x, sigmas, callback: Callback = None, orders=None, order: int = 
     return x
 
 
+# --------------------------------------------------------------------------------------------
+# Learned coefficients: x_{i+1} = a_i x_i + sum_{j<=i} b_ij D_j, and PAS's direction corrections
+
+def _coefficients(a, b, pas, steps: int) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor] | None]:
+    """``learned``'s options as float64 tensors (lists from a file, or tensors that carry a gradient while a
+    method trains them), checked against ``steps``; ValueError naming what is wrong."""
+    if a is None or b is None:
+        raise ValueError("the learned solver needs its coefficients a and b (solver options): make its schedule "
+                         "with fewstep.optimize(..., method='s4s' or 'pas')")
+    a = torch.as_tensor(a, dtype=torch.float64)
+    if a.shape != (steps,) or len(b) != steps:
+        raise ValueError(f"learned solver: a needs {steps} values and b {steps} rows (one per step), "
+                         f"got {tuple(a.shape)} and {len(b)}")
+    b = [torch.as_tensor(row, dtype=torch.float64) for row in b]
+    bad = [i for i, row in enumerate(b) if row.shape != (i + 1,)]
+    if bad:
+        raise ValueError(f"learned solver: b's row i needs i + 1 values (one per output so far); row {bad[0]} "
+                         f"has {tuple(b[bad[0]].shape)}")
+    if pas is not None:
+        if len(pas) != steps:
+            raise ValueError(f"learned solver: pas needs one list per step ({steps}), got {len(pas)}")
+        pas = [torch.as_tensor(c, dtype=torch.float64).reshape(-1) for c in pas]
+    values = torch.cat([a.detach(), *(row.detach() for row in b), *(c.detach() for c in pas or [])])
+    if not torch.isfinite(values).all():
+        raise ValueError("learned solver: the coefficients contain NaN or inf")
+    return a, b, pas
+
+
+def _check_learned(options: dict, steps: int) -> None:
+    _coefficients(options.get("a"), options.get("b"), options.get("pas"), steps)
+
+
+def _capped(w: torch.Tensor, p: int) -> torch.Tensor:
+    """Weights of the ``p`` newest outputs: the older ones' weight moves onto the oldest kept (the sum stays)."""
+    k = len(w) - min(p, len(w)) + 1
+    return torch.cat([w[:k].sum(0, keepdim=True), w[k:]])
+
+
+def pas_basis(d: torch.Tensor, x: torch.Tensor, x_T: torch.Tensor, dirs: list[torch.Tensor], k: int) -> torch.Tensor:
+    """PAS's per-sample orthonormal basis [batch, k, dim] (Wang et al. 2024, arXiv 2411.06503, Sec. 4.1;
+    onefly123/PAS pca_utils/utils.py): u_1 = d / |d|, then the top k - 1 principal directions of the
+    sample's own trajectory {x_T, earlier directions, d}, Gram-Schmidt against the ones before and signed
+    along the way travelled so far (x - x_T; at the first step, -x_T). Directions past the numerical rank
+    (singular values below max(rows, dim) eps of the largest, numpy's matrix_rank rule) or within sqrt(eps)
+    of the span before them are zero: rounding picks them, differently in float32 and float64. Exact SVD of
+    the small [steps, dim] matrix (the reference's randomized pca_lowrank is not deterministic)."""
+    flat = lambda v: v.reshape(v.shape[0], -1)  # noqa: E731
+    info = torch.finfo(d.dtype)
+    tiny = info.tiny
+    rows = torch.stack([flat(v) for v in (x_T, *dirs, d)], 1)
+    _, sv, vh = torch.linalg.svd(rows - rows.mean(1, keepdim=True), full_matrices=False)
+    vh = vh * (sv > max(rows.shape[1:]) * info.eps * sv[:, :1]).unsqueeze(-1)
+    way = flat(x - x_T) if dirs else -flat(x_T)
+    basis = [flat(d) / flat(d).norm(dim=1, keepdim=True).clamp_min(tiny)]
+    for v in vh[:, : k - 1].unbind(1):
+        for u in basis:
+            v = v - (u * v).sum(1, keepdim=True) * u
+        norm = v.norm(dim=1, keepdim=True)
+        v = torch.where(norm > info.eps ** 0.5, v / norm.clamp_min(tiny), torch.zeros_like(v))
+        basis.append(torch.where((way * v).sum(1, keepdim=True) < 0, -v, v))
+    basis += [torch.zeros_like(basis[0])] * (k - len(basis))
+    return torch.stack(basis, 1)
+
+
+def _pas_step(x, x_next, x_T, dirs, dt, c) -> tuple[torch.Tensor, torch.Tensor]:
+    """PAS's corrected step: the direction d = (x_next - x) / dt becomes d + |d| sum_k c_k u_k on the basis
+    ``pas_basis``; returns the new x_next and the direction, which joins the trajectory's."""
+    d = (x_next - x) / dt
+    if c is None or not len(c):
+        return x_next, d
+    basis = pas_basis(d, x, x_T, dirs, len(c))
+    norm = d.reshape(d.shape[0], -1).norm(dim=1, keepdim=True)
+    d = d + (norm * torch.einsum("bkn,k->bn", basis, c.to(basis.dtype))).reshape(d.shape)
+    return x + dt * d, d
+
+
+def learned(model, x, sigmas, callback: Callback = None, orders=None, afs: bool = False, a=None, b=None, pas=None):
+    """A linear multistep solver with learned coefficients: x_{i+1} = a_i x_i + sum_{j<=i} b_ij D_j.
+
+    S4S's solver form (Frankel et al. 2025, arXiv 2502.17423, Sec. 3: the coefficients of every step
+    learned against a teacher; also DS-Solver, arXiv 2505.21114). ``chain`` writes every one-call solver
+    here in this form, the start a method learns from. The sigmas only say where the denoiser is
+    evaluated. ``orders[i] = p``: step i uses its p newest outputs (``_capped``). ``pas``: per step, PAS's
+    coordinates c (an empty list: no correction) of ``_pas_step``, after the step's linear update.
+    """
+    model = stepped(model)
+    steps = len(sigmas) - 1
+    a, b, pas = _coefficients(a, b, pas, steps)
+    x_T, ds, dirs = x, [], []
+    for i in range(steps):
+        ds.append(_denoised(model, x, sigmas, i, callback, afs))
+        w = _capped(b[i], _cap(orders, i, i + 1))
+        x_next = _b(a[i], x) * x + sum(_b(wj, x) * d for wj, d in zip(w, ds[len(ds) - len(w):]))
+        if pas is not None:
+            x_next, d = _pas_step(x, x_next, x_T, dirs, _b(sigmas[i + 1] - sigmas[i], x), pas[i])
+            dirs.append(d)
+        x = x_next
+    return x
+
+
+def chain(solver: str, sigmas: torch.Tensor, **options) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``solver`` (one call a step) on ``sigmas`` [steps + 1] as ``learned``'s coefficients (a, b), so that
+    ``learned(model, x, sigmas, a=a, b=b)`` is ``solver`` itself. Every such solver is linear in x and the
+    denoised outputs, so running it on the basis (x_T, D_0, ..., D_{N-1}), with the k-th call answering the
+    (k + 1)-th basis vector, gives each call's state and the result in that basis; differentiable in the
+    sigmas. ``afs`` is not traced: ``learned`` takes it as an option of its own (D_0 from x)."""
+    spec = get_solver(solver)
+    if spec.calls_per_step != 1 or spec.required:
+        raise ValueError(f"{solver} is not a one-call-per-step solver with fixed coefficients: it has no chain form")
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    n = len(sigmas) - 1
+    basis, points = torch.eye(n + 1, dtype=torch.float64), []
+
+    def model(x, sigma):
+        points.append(x[0])
+        return basis[len(points)][None]
+
+    opts = {k: v for k, v in {**spec.options, **options}.items() if k != "afs"}
+    out = spec.fn(model, basis[:1], sigmas, **opts)[0]
+    pts = torch.stack([*points, out])  # row k: the state of call k (the result last) in the basis
+    if (pts[:-1, 0].abs() < 1e-12).any():
+        raise ValueError(f"{solver} on these sigmas drops x_T before its last call: no chain form")
+    a = pts[1:, 0] / pts[:-1, 0]
+    return a, [pts[i + 1, 1:i + 2] - a[i] * pts[i, 1:i + 2] for i in range(n)]
+
+
 @dataclass(frozen=True)
 class Solver:
     """What a solver is, for the code that plans, prices and gates it (one entry of ``SOLVERS``).
@@ -325,8 +470,10 @@ class Solver:
     ``order``: the order it reaches once warmed up, at its default options (``order_option`` names the
     option that sets it, e.g. UniPC's ``order``); ``calls_per_step``: denoiser calls of a full step
     (Heun: 2, except a step to sigma = 0 or one capped to order 1); ``history``: previous steps whose
-    outputs a step reuses (multistep solvers lower their order while it fills: warm-up).
-    Unpacks as ``(fn, options)``, as fewstep 0.1's entries did.
+    outputs a step reuses (multistep solvers lower their order while it fills: warm-up). ``required``:
+    options it cannot run without (``learned``'s coefficients, made by a method): ``plan`` refuses such a
+    solver, the methods that plan one do not take it. ``validate(options, steps)`` raises ValueError for
+    options of the wrong shape. Unpacks as ``(fn, options)``, as fewstep 0.1's entries did.
     """
 
     fn: Callable
@@ -335,6 +482,8 @@ class Solver:
     history: int = 0
     options: dict = field(default_factory=dict)
     order_option: str | None = None
+    required: tuple[str, ...] = ()
+    validate: Callable[[dict, int], None] | None = None
 
     def max_order(self, options: dict | None = None) -> int:
         """The order with these options (the one SDM's gate switches to)."""
@@ -355,6 +504,10 @@ class Solver:
         if unknown:
             raise ValueError(f"solver option(s) {', '.join(map(repr, unknown))} are not taken by "
                              f"{self.fn.__name__}; it takes {', '.join(known)}")
+        if not isinstance(options.get("afs", False), bool):
+            raise ValueError(f"solver option 'afs' must be true or false, got {options['afs']!r}")
+        if self.validate is not None:
+            self.validate(options, steps)
         orders = options.get("orders")
         if orders is None:
             return
@@ -375,8 +528,11 @@ SOLVERS: dict[str, Solver] = {
     "unipc_3": Solver(unipc, order=3, history=2, options={"order": 3}, order_option="order"),
     "ipndm": Solver(ipndm, order=4, history=3, options={"max_order": 4}, order_option="max_order"),
     "deis": Solver(deis, order=3, history=2, options={"order": 3}, order_option="order"),
+    # no order of its own, and it is never planned (the dynamic programs do not see it)
+    "learned": Solver(learned, order=1, required=("a", "b"), validate=_check_learned),
 }
-MAX_HISTORY = max(s.history for s in SOLVERS.values())  # previous steps any solver reuses (iPNDM-4: 3)
+PLANNED = [name for name, s in SOLVERS.items() if not s.required]  # the solvers a method or tune can plan
+MAX_HISTORY = max(SOLVERS[s].history for s in PLANNED)  # previous steps any planned solver reuses (iPNDM-4: 3)
 
 
 def get_solver(name: str) -> Solver:
@@ -385,16 +541,23 @@ def get_solver(name: str) -> Solver:
     return SOLVERS[name]
 
 
-def plan(solver: str, nfe: int, final_zero: bool = True) -> tuple[int, dict]:
+def plan(solver: str, nfe: int, final_zero: bool = True, afs: bool = False) -> tuple[int, dict]:
     """Steps and solver options that spend exactly ``nfe`` calls with ``solver``.
 
     One-call solvers: ``nfe`` steps. Two-call solvers (Heun): 2 calls a step and 1 on a final step to 0;
     for an NFE that this leaves over by one, the first step (at the highest noise, where the path is
-    straightest) is a first-order step, recorded as ``orders``.
+    straightest) is a first-order step, recorded as ``orders``. With ``afs`` the first denoised estimate
+    costs no call: the plan of ``nfe + 1`` calls, and ``afs`` in the options.
     """
     spec = get_solver(solver)
+    if spec.required:
+        raise ValueError(f"solver {solver!r} runs the coefficients a method made (solver options "
+                         f"{', '.join(spec.required)}: fewstep.optimize(..., method='s4s' or 'pas')); it is not planned")
     if int(nfe) != nfe or nfe < 1:
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
+    if afs:  # the first step's first call is free: the budget of one call more
+        steps, opts = plan(solver, nfe + 1, final_zero)
+        return steps, {**opts, "afs": True}
     if spec.calls_per_step == 1:
         return int(nfe), {}
     if final_zero:

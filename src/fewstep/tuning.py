@@ -37,7 +37,7 @@ from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import nfe as count_nfe, probe_denoiser, sample
 from .schedules import BASELINES, BUILTIN_SCHEDULES, Schedule, ScheduleLike, builtin
-from .solvers import SOLVERS, plan
+from .solvers import PLANNED, SOLVERS, plan
 from .teacher import Teacher, content_key
 from .version import __version__
 
@@ -350,13 +350,13 @@ def _writable(outdir) -> Path | None:
 
 
 def _checked(methods, solvers) -> tuple[list[str], list[str]]:
-    methods, solvers = _names(methods, all_methods()), _names(solvers, list(SOLVERS))
+    methods, solvers = _names(methods, all_methods()), _names(solvers, PLANNED)
     unknown = [m for m in methods if m not in BUILTIN_SCHEDULES and m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {all_methods()}")
-    bad = [s for s in solvers if s not in SOLVERS]
+    bad = [s for s in solvers if s not in PLANNED]
     if bad:
-        raise ValueError(f"unknown solver(s) {bad}; known: {list(SOLVERS)}")
+        raise ValueError(f"unknown or unplanned solver(s) {bad}; known: {PLANNED}")
     return methods, solvers
 
 

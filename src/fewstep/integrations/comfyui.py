@@ -23,7 +23,7 @@ import torch
 
 from ..sampling import nfe, sample
 from ..schedules import Schedule, ScheduleError, load_schedule
-from ..solvers import SOLVERS
+from ..solvers import PLANNED
 from .ranges import clip_to_range
 
 FROM_SCHEDULE = "from schedule"
@@ -165,7 +165,7 @@ class FewstepSampler:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"schedule": SCHEDULE_INPUT, "nfe": NFE_INPUT, "solver": ([FROM_SCHEDULE, *SOLVERS],)}}
+        return {"required": {"schedule": SCHEDULE_INPUT, "nfe": NFE_INPUT, "solver": ([FROM_SCHEDULE, *PLANNED],)}}
 
     @classmethod
     def VALIDATE_INPUTS(cls, schedule, nfe):

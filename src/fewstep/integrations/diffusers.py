@@ -495,6 +495,10 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is None and given is not None:
             num_inference_steps = len(given)
         sched, self.order = self._select(num_inference_steps, mu)
+        if sched.solver_options.get("afs") and self._spec["kind"] == "flow":
+            raise ValueError("a schedule with the analytical first step (afs) runs in VP pipelines only: its first "
+                             "network call is on the initial latents in VP coordinates, not a flow model's; make "
+                             "the schedule with afs=False or run it with fewstep.sample")
         self.schedule, self._starts = sched, _step_starts(sched)
         self._call_sigmas = self._dry_run(sched)
         # the network's timestep at each call, for a float32 state (as pipelines run)
@@ -595,14 +599,18 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     def _begin(self) -> None:
         """The first step of a run: at the begin index (img2img, inpainting), else at the first call."""
         start = self._begin_index or 0
+        if start and self.schedule.solver_options.get("afs"):
+            raise ValueError("a schedule with the analytical first step (afs) runs from pure noise only; img2img and "
+                             "inpainting at strength < 1 start mid-schedule: make the schedule with afs=False")
         step = self._starts.index(self._step_start(start))
         self._step_index, self._first = start, start
         self._run = _tail(self.schedule, step)
         self._x_init, self._outputs, self._edits, self._returned = None, [], {}, None
 
-    def _to_state(self, latents: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
-        """The solver's state x for latents at call j (x_vp or x_t divided by the network's input scale)."""
-        sigma = self._call_sigmas[j].to(dtype).expand(latents.shape[0])
+    def _to_state(self, latents: torch.Tensor, j: int, dtype: torch.dtype, sigma=None) -> torch.Tensor:
+        """The solver's state x for latents at call j, or at ``sigma`` (x_vp or x_t divided by the network's input
+        scale)."""
+        sigma = (self._call_sigmas[j] if sigma is None else sigma).to(dtype).expand(latents.shape[0])
         scale = network_inputs(self._spec, torch.ones_like(latents, dtype=dtype), sigma)[0]
         return latents.to(dtype) / scale
 
@@ -639,8 +647,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"step() called after the last of {len(self._call_sigmas)} network calls: call "
                              "set_timesteps before a new run")
         dtype = self._state_dtype(sample)
-        if j == self._first:
-            self._x_init = self._to_state(sample, j, dtype)
+        if j == self._first:  # the initial latents: the state at the run's first sigma (afs: one before its first call)
+            self._x_init = self._to_state(sample, j, dtype, self._run.sigmas[0])
         elif not torch.equal(sample, self._returned):  # a callback or inpainting changed the latents
             self._edits[j - self._first] = self._to_state(sample, j, self._x_init.dtype)
         self._outputs.append(model_output.detach().to(dtype))

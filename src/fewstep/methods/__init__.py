@@ -23,7 +23,7 @@ from ..solvers import get_solver
 from ..teacher import Teacher
 from ..version import __version__
 from .base import METHODS, Calibration, memo_key
-from . import gits, oss, sdm, ld3, instance  # noqa: F401,E402  (the registry's entries)
+from . import gits, oss, sdm, ld3, instance, s4s, pas  # noqa: F401,E402  (the registry's entries)
 
 __all__ = ["METHODS", "Calibration", "optimize"]
 
@@ -92,8 +92,8 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     # schedule, inside fewstep.tune) is answered from memory.
     result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, opts),
                       lambda: on_every_rank(lambda: entry.fn(ctx, solver, int(nfe), opts)))
-    record = {
-        "method": method, "solver": solver, "nfe": int(nfe), "model": info["name"],
+    record = {  # a method may make a schedule for another solver than it was asked for (s4s: 'learned')
+        "method": method, "solver": result.solver or solver, "nfe": int(nfe), "model": info["name"],
         "params": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list, type(None)))},
         "provenance": {
             **result.metadata.get("provenance", {}),
@@ -105,7 +105,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
         },
     }
     result = result.with_metadata(**record)
-    got = count_nfe(result, solver)
+    got = count_nfe(result)
     if got != nfe:
         raise RuntimeError(f"internal error: method {method!r} made a schedule of {got} calls, asked {nfe}")
     return result

@@ -133,13 +133,16 @@ class _Best:
 
 
 def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[..., tuple],
-        params: Sequence[torch.Tensor], train: Training, desc: str = "ld3") -> dict:
+        params: Sequence[torch.Tensor], train: Training, desc: str = "ld3",
+        penalty: Callable[[], torch.Tensor] | None = None) -> dict:
     """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
 
-    ``plan_fn(x, cond)`` gives, for initial states x (and their conditions), the sigmas (``[steps + 1]`` or ``[steps + 1, batch]``)
-    and the per-step corrections (shift, scale) of ``corrections.Corrected``, or None for none.
-    AdamW on the training part (full batch); after every step the validation part is solved from its
-    exact x_T (``Training``). The parameters are left at the best validation error seen.
+    ``plan_fn(x, cond)`` gives, for initial states x (and their conditions), the sigmas (``[steps + 1]`` or
+    ``[steps + 1, batch]``) and the per-step corrections (shift, scale) of ``corrections.Corrected``, or None
+    for none, and optionally a third item: solver options computed from the parameters (``methods/s4s.py``'s
+    coefficients). AdamW on the training part (full batch), on its mean loss plus ``penalty()`` if given;
+    after every step the validation part is solved from its exact x_T (``Training``), its plain mean loss
+    judged. The parameters are left at the best validation error seen.
     """
     spec = get_solver(solver)
     opts = {**spec.options, **solver_options}
@@ -151,8 +154,9 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[.
     teacher_calls = ctx.teacher.calls - teacher_calls0
 
     def student(part: Calibration, x_start: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
-        sig, corrections = plan_fn(part.x, part.cond)
-        return spec.fn(corrected(_NeedsGrad(part.denoiser, desc), corrections), x_start, sig, **opts)
+        sig, corrections, *learned = plan_fn(part.x, part.cond)
+        return spec.fn(corrected(_NeedsGrad(part.denoiser, desc), corrections), x_start, sig,
+                       **{**opts, **(learned[0] if learned else {})})
 
     def valid_error() -> float:
         with torch.no_grad():
@@ -168,7 +172,7 @@ def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[.
     for it in bar:
         err = per_sample_loss(student(tr, x_train + ctx.sigma_max * delta), y_train, train.loss)
         opt.zero_grad()
-        err.mean().backward()
+        (err.mean() + (penalty() if penalty is not None else 0)).backward()
         if not _finite(err, params, delta):  # not taken: back to the best parameters, smaller steps
             if not best.setback(opt):
                 break

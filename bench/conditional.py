@@ -71,7 +71,7 @@ def main() -> None:
             win, sched = summary["best"][str(k)]["winner"], fewstep.Schedule.load(out / "best" / f"nfe-{k}.json")
             e_win = fewstep.rmse(fewstep.sample(den, x, sched, cond=c), ref)
             base = min(((fewstep.rmse(fewstep.sample(den, x, baseline(b, s, k, summary["model"]), cond=c), ref), b, s)
-                        for b in BASELINES for s in fewstep.SOLVERS), key=lambda t: float(t[0].mean()))
+                        for b in BASELINES for s in fewstep.solvers.PLANNED), key=lambda t: float(t[0].mean()))
             d = e_win - base[0]
             print(f"{w:3g} {k:3d} | {win['method'] + '+' + win['solver']:22} {e_win.mean():7.4f} | "
                   f"{base[1] + '+' + base[2]:24} {base[0].mean():7.4f} | {d.mean():+8.4f} {d.std() / math.sqrt(len(d)):7.4f} "

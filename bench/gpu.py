@@ -69,7 +69,7 @@ def main() -> None:
 
     for name in models["cpu"]:
         den = models["cpu"][name]
-        for solver in fewstep.SOLVERS:
+        for solver in fewstep.solvers.PLANNED:
             steps, opts = fewstep.plan(solver, 6)
             sched = karras(steps, den.sigma_min, den.sigma_max).with_metadata(solver_options=opts)
             on_both(f"{name} sample {solver} nfe 6",

@@ -67,7 +67,7 @@ def main() -> None:
     sigmas = sched.sigmas.to(device)
     x = torch.randn(4, 3, 16, 16, device=device) * sched.sigma_max
     print(f"{'solver':10s} {'fewstep us/step':>16s} {'k-diffusion us/step':>20s} {'ratio':>7s}")
-    for name in fewstep.SOLVERS:
+    for name in fewstep.solvers.PLANNED:
         ours = per_step(lambda: fewstep.sample(denoiser, x, sched, name), args.steps, args.repeats, sync)
         if name in K_NAMES:
             k_fn = getattr(K, K_NAMES[name])

@@ -272,7 +272,10 @@ def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
                            n_calib=32, n_test=64, outdir=tmp_path, progress=False, report=False)
     cells = {(c["method"], c["solver"]): c for c in summary["cells"]}
     assert cells[("s4s", "dpmpp_2m")]["status"] == cells[("pas", "dpmpp_2m")]["status"] == "ok"
-    assert cells[("s4s", "heun")]["status"] == "skipped" and "one call a step" in cells[("s4s", "heun")]["reason"]
+    # a learned method runs for the best solver so far (tier 2); heun (two calls a step) it refuses anyway
+    assert cells[("s4s", "heun")]["status"] == "pruned" and "a learned method" in cells[("s4s", "heun")]["reason"]
+    with pytest.raises(ValueError, match="one call a step"):
+        fewstep.optimize(den, "s4s", "heun", 3, n=4)
     assert summary["best"]["3"]["winner"]["method"] in ("s4s", "pas")
     best = fewstep.Schedule.load(tmp_path / "best" / "nfe-3.json")
     counter = Counted(den)

@@ -116,7 +116,13 @@ def _corrections(ctx: Calibration, base: Schedule, o: Options, n_train: int) -> 
     return Schedule(sig, solver="learned", solver_options=options), steps
 
 
-@register("pas", Options, tune_options={"oss_grid": 40}, quick_options={"ld3_iters": 10})
+def cost(o: Options, solver: str, nfe: int, n: int) -> int:
+    """One pass of the base solver over the batch and the gate on its validation half (base and corrected):
+    2 * B * NFE; the teacher's trajectory is the teacher's, the LD3 base's reused inside tune."""
+    return 2 * n * nfe
+
+
+@register("pas", Options, tune_options={"oss_grid": 40}, quick_options={"ld3_iters": 10}, cost=cost, tier=2)
 def pas(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """PAS (arXiv 2411.06503) on ``solver`` (one call a step) at ``nfe`` calls: the base solver's schedule
     with per-step direction corrections, or the base itself where they do not pass the gate."""

@@ -32,6 +32,7 @@ from . import conditions
 from .costs import BudgetExhausted, Meter, seconds_per_row
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
+from .methods.base import any_solver
 from .metrics import rmse, summarize
 from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
@@ -241,10 +242,11 @@ def _prune(run: _Run, k: int, method: str, solver: str, why: str) -> None:
 
 
 def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: list[str], count: int, why: str) -> None:
-    """``methods`` for the ``count`` best solvers (all of them when exhaustive), the others pruned; in a
+    """``methods`` for the ``count`` best solvers each accepts (all of them when exhaustive), the others pruned; in a
     race, also a solver for which a method costs more than COSTLIER times its cheapest chosen solver."""
-    chosen = solvers if run.exhaustive else ranked[:count]
-    for method in methods:
+    for method in methods:  # the best solvers the method runs on (s4s and pas: one call a step)
+        accepts = METHODS[method].accepts if method in METHODS else any_solver
+        chosen = solvers if run.exhaustive else [s for s in ranked if accepts(s)][:count]
         costs = {s: _cost(run, method, s, k) for s in chosen}
         for solver in solvers:
             if solver not in chosen:

@@ -25,6 +25,10 @@ def _no_cost(opts: Any, solver: str, nfe: int, n: int) -> int:
     return 0
 
 
+def any_solver(solver: str) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Method:
     """A registry entry: the function, its options class, and the options ``fewstep.tune`` passes by default
@@ -33,7 +37,8 @@ class Method:
     the method is expected to spend with ``n`` calibration noises, beyond the teacher's solve (its
     documented cost formula; ``fewstep tune`` plans and budgets with it). ``tier``: 0 for a method a
     tune runs for its best few solvers per NFE, 1 for one trained by gradient (costly: the best two),
-    2 for one trained on top of a tier-1 method's result (the best one)."""
+    2 for one trained on top of a tier-1 method's result (the best one). ``accepts(solver)``: whether the
+    method runs on that solver (a tune gives it the best solvers it accepts)."""
 
     fn: Callable
     options: type
@@ -41,6 +46,7 @@ class Method:
     quick: dict = field(default_factory=dict)
     cost: Callable = _no_cost
     tier: int = 0
+    accepts: Callable[[str], bool] = any_solver
 
     def make_options(self, name: str, given: dict) -> Any:
         """The options dataclass from keyword options; unknown keys are named."""
@@ -59,9 +65,9 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, options: type, tune_options: dict | None = None, quick_options: dict | None = None,
-             cost: Callable = _no_cost, tier: int = 0) -> Callable:
+             cost: Callable = _no_cost, tier: int = 0, accepts: Callable[[str], bool] = any_solver) -> Callable:
     def deco(fn: Callable) -> Callable:
-        METHODS[name] = Method(fn, options, dict(tune_options or {}), dict(quick_options or {}), cost, tier)
+        METHODS[name] = Method(fn, options, dict(tune_options or {}), dict(quick_options or {}), cost, tier, accepts)
         return fn
     return deco
 

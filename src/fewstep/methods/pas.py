@@ -32,7 +32,7 @@ from ..solvers import chain, pas_basis, plan
 from .base import Calibration, register
 from . import ld3
 from .ld3 import Training, learn_global
-from .s4s import losses, significance, unlearnable
+from .s4s import losses, one_call, significance, unlearnable
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
     return 2 * n * nfe
 
 
-@register("pas", Options, tune_options={"oss_grid": 40}, quick_options={"ld3_iters": 10}, cost=cost, tier=2)
+@register("pas", Options, tune_options={"oss_grid": 40}, quick_options={"ld3_iters": 10}, cost=cost, tier=2, accepts=one_call)
 def pas(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """PAS (arXiv 2411.06503) on ``solver`` (one call a step) at ``nfe`` calls: the base solver's schedule
     with per-step direction corrections, or the base itself where they do not pass the gate."""

@@ -190,6 +190,11 @@ def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_tra
 
 
 # tune: ld3's OSS grid (its start is the ld3 cell's, reused) and fewer steps (measured: same error, half the time)
+def one_call(solver: str) -> bool:
+    """The solvers a learned-coefficient method starts from: one network call a step."""
+    return get_solver(solver).calls_per_step == 1
+
+
 def cost(o: Options, solver: str, nfe: int, n: int) -> int:
     """Per start (two with afs='auto'), up to ``iters`` steps on the whole batch (the training part forward
     and backward, the validation part forward): starts * iters * B * NFE; the LD3 start's (``ld3.cost``) is
@@ -199,7 +204,7 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
 
 # tier 2: tune runs it for the best solver so far at each NFE (its LD3 start is that solver's ld3 cell's)
 @register("s4s", Options, tune_options={"oss_grid": 40, "iters": 60, "patience": 10},
-          quick_options={"ld3_iters": 10, "iters": 20, "patience": 5}, cost=cost, tier=2)
+          quick_options={"ld3_iters": 10, "iters": 20, "patience": 5}, cost=cost, tier=2, accepts=one_call)
 def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """S4S (arXiv 2502.17423): a 'learned' solver of exactly ``nfe`` calls, started from ``solver`` (one call
     a step) on its LD3 schedule (and, with ``afs``, from a baseline with the analytical first step); the

@@ -162,12 +162,17 @@ def single_noise(ctx: Calibration, solver: str, nfe: int, ld3_options: ld3.Optio
                     training={"kept": "start", "init": name, "n_train": 1, "n_valid": 0})
 
 
+def one_call(solver: str) -> bool:
+    """The solvers a learned-coefficient method starts from: one network call a step."""
+    return get_solver(solver).calls_per_step == 1
+
+
 def unlearnable(ctx: Calibration, solver: str, nfe: int, ld3_options: ld3.Options, method: str) -> Schedule | None:
     """What a learned-coefficient method checks first: ``solver`` makes one call a step (else ValueError);
     with one calibration noise, the start untrained (``single_noise``). None: go on and learn."""
-    calls = get_solver(solver).calls_per_step
-    if calls != 1:
-        raise ValueError(f"{method} learns on a solver of one call a step; {solver} makes {calls}")
+    if not one_call(solver):
+        raise ValueError(f"{method} learns on a solver of one call a step; {solver} makes "
+                         f"{get_solver(solver).calls_per_step}")
     return single_noise(ctx, solver, nfe, ld3_options, method) if ctx.x.shape[0] == 1 else None
 
 
@@ -189,12 +194,6 @@ def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_tra
     return learner.schedule(), start, record
 
 
-# tune: ld3's OSS grid (its start is the ld3 cell's, reused) and fewer steps (measured: same error, half the time)
-def one_call(solver: str) -> bool:
-    """The solvers a learned-coefficient method starts from: one network call a step."""
-    return get_solver(solver).calls_per_step == 1
-
-
 def cost(o: Options, solver: str, nfe: int, n: int) -> int:
     """Per start (two with afs='auto'), up to ``iters`` steps on the whole batch (the training part forward
     and backward, the validation part forward): starts * iters * B * NFE; the LD3 start's (``ld3.cost``) is
@@ -202,7 +201,8 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
     return (2 if o.afs == "auto" else 1) * o.iters * n * nfe
 
 
-# tier 2: tune runs it for the best solver so far at each NFE (its LD3 start is that solver's ld3 cell's)
+# tune: ld3's OSS grid (its start is the ld3 cell's, reused) and fewer steps (measured: same error, half the time);
+# tier 2: tune runs it for the best one-call solver so far at each NFE (its LD3 start is that solver's ld3 cell's)
 @register("s4s", Options, tune_options={"oss_grid": 40, "iters": 60, "patience": 10},
           quick_options={"ld3_iters": 10, "iters": 20, "patience": 5}, cost=cost, tier=2, accepts=one_call)
 def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:

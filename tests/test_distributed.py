@@ -37,3 +37,35 @@ def test_two_process_calibration_matches_one(tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["sigmas"] == pytest.approx(two["sigmas"], rel=1e-12, abs=0)
     print(f"\ncalibration wall time: 1 process {t1 - t0:.1f} s, 2 gloo processes {t2 - t1:.1f} s (with start-up)")
+
+
+TUNE = ["tune", "--model", "gmm64", "--nfe", "4,6", "--n-calib", "8", "--n-test", "48", "--solvers", "euler,dpmpp_2m,unipc",
+        "--methods", "karras,time_uniform,gits,oss,sdm,ld3,s4s", "--json"]
+
+
+def _cells(folder) -> dict:
+    data = json.loads((folder / "results.json").read_text())
+    return {(c["nfe"], c["method"], c["solver"]): c for c in data["cells"]}
+
+
+def test_two_process_tune_gives_the_results_of_one(tmp_path):
+    """The cells dealt out to 2 ranks: every cell's status, schedule and per-sample errors as one process's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FEWSTEP_CACHE": str(tmp_path / "cache1")}
+    subprocess.run([sys.executable, "-m", "fewstep.cli", *TUNE, "-o", str(tmp_path / "one")], env=env, check=True,
+                   capture_output=True)
+    env["FEWSTEP_CACHE"] = str(tmp_path / "cache2")  # the teacher solved again, sharded
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "-m", "fewstep.cli", *TUNE, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[run.stderr.find("Traceback"):][:3000]
+    assert run.stdout.count('"best"') == 1  # rank 0 alone prints
+    one, two = _cells(tmp_path / "one"), _cells(tmp_path / "two")
+    assert sorted(one) == sorted(two)
+    assert sum(c["status"] == "ok" and c["method"] in ("gits", "ld3", "s4s") for c in one.values()) >= 4
+    for key, row in one.items():
+        assert (row["status"], row.get("n"), row.get("sigmas")) == (two[key]["status"], two[key].get("n"),
+                                                                   two[key].get("sigmas")), key
+        assert row.get("errors") == pytest.approx(two[key].get("errors"), rel=1e-9, abs=1e-12), key
+    for folder in ("one", "two"):  # the schedules written by rank 0 load and are the cells'
+        files = sorted((tmp_path / folder / "schedules").iterdir())
+        assert files and all(f.stat().st_size > 0 for f in files)

@@ -284,6 +284,8 @@ def cmd_tune(args) -> int:
                    shape=info["shape"], sigma_min=info["sigma_min"], sigma_max=info["sigma_max"],
                    teacher=teacher, progress=not args.json, model_id=teacher.model_id, retry_failed=args.retry_failed,
                    budget=args.budget, exhaustive=args.exhaustive, seconds_per_eval=args.seconds_per_eval, conds=pool)
+    if distributed.rank() != 0:  # rank 0 wrote the results and prints them
+        return 0
     rows, cost = improvement_rows(summary), summary["cost"]
     if args.json:
         print(json.dumps({"output": str(args.output), "best": rows, "cost": cost}, indent=2))

@@ -4,6 +4,8 @@ counted where the model is called, attributed to stages, and kept within a budge
 ``Meter`` wraps the user's denoiser once, below every fewstep wrapper, so nothing escapes the count;
 ``stage`` names what the rows are for (teacher, method, scoring, probe). With a ``budget`` the meter
 refuses a call that would exceed it (``BudgetExhausted``), so a run never spends more than it was given.
+Under torchrun each rank's meter counts its own rows and keeps to its share of the budget
+(``budget / ranks``); ``combined`` sums the ranks' counts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from . import distributed
+
 STAGES = ("probe", "teacher", "method", "scoring")
 
 
@@ -25,8 +29,8 @@ class BudgetExhausted(RuntimeError):
 class Meter:
     """The denoiser, counting the rows it evaluates per stage (and the seconds spent in it)."""
 
-    def __init__(self, denoiser: Callable, budget: int | None = None):
-        self.denoiser, self.budget = denoiser, budget
+    def __init__(self, denoiser: Callable, budget: int | None = None, ranks: int = 1):
+        self.denoiser, self.budget, self.ranks = denoiser, budget, ranks
         self.rows: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
         self.stage = "method"
@@ -39,7 +43,18 @@ class Meter:
         return sum(self.rows.values())
 
     def left(self) -> float:
-        return float("inf") if self.budget is None else self.budget - self.total
+        """Evaluations this meter may still spend: its share of the budget, less its own count."""
+        return float("inf") if self.budget is None else self.budget / self.ranks - self.total
+
+    def combined(self) -> "Meter":
+        """A meter holding every rank's rows and seconds summed (this one's, without a process group)."""
+        out = Meter(None, self.budget)
+        for rows, seconds in distributed.gathered((dict(self.rows), dict(self.seconds))):
+            for stage, v in rows.items():
+                out.rows[stage] += v
+            for stage, v in seconds.items():
+                out.seconds[stage] += v
+        return out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
         if x.shape[0] > self.left():

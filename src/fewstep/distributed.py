@@ -1,15 +1,20 @@
-"""Calibration over several processes with torch.distributed (launched by ``torchrun``).
+"""Work over several processes with torch.distributed (launched by ``torchrun``).
 
-Only the teacher's work is sharded: each rank solves its slice of the calibration batch and the
-slices are gathered, so every rank holds the same teacher states. The method then runs on every rank
-on identical inputs, and rank 0's schedule is broadcast so all ranks return exactly the same one.
-A rank whose share fails reports it in the gather, and every rank raises ``RankFailure`` naming it.
+``optimize``: the teacher's work is sharded (each rank solves its slice of the batch and the slices are
+gathered, so every rank holds the same teacher states); the method then runs on every rank on identical
+inputs, and rank 0's schedule is broadcast so all ranks return exactly the same one. ``tune``: the
+teacher is sharded the same way, and the cells of each stage are dealt out to the ranks (``deal``), each
+run whole on one rank (``local``: no collectives inside), their rows gathered so every rank holds every
+result and takes the same next step. A rank whose share fails reports it in the gather, and every rank
+raises ``RankFailure`` naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+import pickle
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,12 +24,35 @@ class RankFailure(RuntimeError):
     """A rank's share of the work failed: raised on every rank, so none waits for it."""
 
 
-def active() -> bool:
+_LOCAL = [0]  # depth of ``local`` blocks: inside one, this process works alone
+
+
+def _group() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def active() -> bool:
+    """Whether the work is spread over ranks here (a process group of 2 or more, outside ``local``)."""
+    return _group() and not _LOCAL[0]
+
+
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    """This process's rank (0 without a process group), inside ``local`` blocks too."""
+    return dist.get_rank() if _group() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if _group() else 1
+
+
+@contextlib.contextmanager
+def local() -> Iterator[None]:
+    """A block this rank runs alone (a cell dealt to it): ``shard_map`` and ``on_every_rank`` run here."""
+    _LOCAL[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL[0] -= 1
 
 
 def init_from_env() -> bool:
@@ -85,3 +113,57 @@ def on_every_rank(fn: Callable[[], Any]) -> Any:
     box = [result]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def deal(fn: Callable[[Any], Any], items: Sequence, weights: Sequence[float], groups: Sequence[Any]) -> list:
+    """``[fn(item) for item in items]``, identical on every rank: each item runs on one rank, alone
+    (``local``); items of one group run on the same rank (they share what they memoize), the heaviest
+    group first to the least loaded rank by the summed ``weights`` (the longest-processing-time rule);
+    the results are gathered (picklable). Without a process group: the plain list."""
+    if not active():
+        return [fn(item) for item in items]
+    total: dict[Any, float] = {}
+    for g, w in zip(groups, weights):
+        total[g] = total.get(g, 0.0) + w
+    load, where = [0.0] * world(), {}
+    for g in sorted(total, key=lambda g: (-total[g], groups.index(g))):
+        where[g] = min(range(world()), key=lambda r: (load[r], r))
+        load[where[g]] += total[g]
+    owner = [where[g] for g in groups]
+    mine, failure = b"", None
+    try:
+        with local():
+            mine = pickle.dumps({i: fn(items[i]) for i, r in enumerate(owner) if r == rank()})
+    except Exception as e:  # every rank must reach the gather, or the others wait on it forever
+        failure = f"{type(e).__name__}: {e}"
+    _raise_failures(failure)
+    parts: list[Any] = [None] * world()
+    dist.all_gather_object(parts, mine)
+    results = [pickle.loads(p) for p in parts]
+    return [results[owner[i]][i] for i in range(len(items))]
+
+
+def from_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only (a file it reads or writes), its result (or failure) on every rank."""
+    if not active():
+        return fn()
+    result, failure = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            failure = e
+    box = [(result, failure)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][1] is not None:
+        raise box[0][1]
+    return box[0][0]
+
+
+def gathered(value: Any) -> list:
+    """Every rank's ``value``, in rank order (``[value]`` without a process group)."""
+    if not active():
+        return [value]
+    parts: list[Any] = [None] * world()
+    dist.all_gather_object(parts, value)
+    return parts

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,11 +29,11 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import conditions
+from . import conditions, distributed
 from .costs import BudgetExhausted, Meter, seconds_per_row
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
-from .methods.base import any_solver
+from .methods.base import any_solver, memo_table
 from .metrics import rmse, summarize
 from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
@@ -96,6 +97,7 @@ class _Run:
     progress: Any = None
     results: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)  # cell name -> per-sample errors on the first test noises
+    schedules: dict = field(default_factory=dict)  # cell name -> its schedule (made or loaded this run)
     refs: list = field(default_factory=list)  # the teacher's x0 for the test rounds solved so far
     calib_cond: Any = None  # the calibration noises' conditions (a conditional model), and the test noises'
     test_cond: Any = None
@@ -123,17 +125,20 @@ class _Run:
         return torch.cat(self.refs)[:n]
 
     def save(self) -> None:
-        if self.out is not None:
+        """results.json rewritten (by rank 0; every rank calls this at the same point) and the progress bar."""
+        cost = self.cost()
+        if self.out is not None and distributed.rank() == 0:
             payload = {"version": RESULTS_VERSION, "key": self.key, "model": {**self.info, "shape": list(self.info["shape"])},
-                       "cells": list(self.results.values()), "cost": self.cost()}
+                       "cells": list(self.results.values()), "cost": cost}
             write_atomic(self.out / "results.json", json.dumps(payload, indent=1))
         if self.progress is not None:
-            self.progress.update(self.meter.total - self.progress.n)
+            self.progress.update(cost["total"] - self.progress.n)
 
-    def cost(self) -> dict:
-        return {**self.meter.report(), "teacher": {"steps": self.teacher.steps(self.info["sigma_max"]),
-                                                   "error_check": self.teacher.error(self.info["sigma_max"]),
-                                                   "tol": self.teacher.tol}}
+    def cost(self, seconds_per_eval: float | None = None) -> dict:
+        """The evaluations so far (every rank's), and the teacher's settings."""
+        return {**self.meter.combined().report(seconds_per_eval),
+                "teacher": {"steps": self.teacher.steps(self.info["sigma_max"]),
+                            "error_check": self.teacher.error(self.info["sigma_max"]), "tol": self.teacher.tol}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,6 +149,8 @@ def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
     """The cell's schedule: a baseline, the one saved by an earlier run, or ``optimize``'s now."""
     if method in BUILTIN_SCHEDULES:
         return baseline(method, solver, k, run.info)
+    if _cell_name(k, method, solver) in run.schedules:
+        return run.schedules[_cell_name(k, method, solver)]
     row = run.results.get(_cell_name(k, method, solver), {})
     if run.out is not None and "schedule_file" in row:
         from .schedules import load_schedule
@@ -176,14 +183,15 @@ def _row(run: _Run, k: int, method: str, solver: str, sched: ScheduleLike, spent
     if "schedule_file" in old:
         row["schedule_file"] = old["schedule_file"]
     elif run.out is not None and method not in BUILTIN_SCHEDULES:
-        row["schedule_file"] = sched.save(run.out / "schedules" / f"{_cell_name(k, method, solver)}{sched.SUFFIX}").name
+        row["schedule_file"] = f"{_cell_name(k, method, solver)}{sched.SUFFIX}"  # written by _record
     return row
 
 
-def _run_cell(run: _Run, k: int, method: str, solver: str, n: int) -> dict:
-    """Make (or reload) the cell's schedule and score it on ``n`` test noises; a row that says what
-    happened: ok, skipped (a ValueError: a setting the method refuses), failed (any other exception, with
-    its type, message and seconds: the run goes on) or pruned (the budget ran out)."""
+def _run_cell(run: _Run, k: int, method: str, solver: str, n: int) -> tuple[dict, ScheduleLike | None]:
+    """Make (or reload) the cell's schedule and score it on ``n`` test noises: (a row that says what
+    happened, the schedule or None). The row: ok, skipped (a ValueError: a setting the method refuses),
+    failed (any other exception, with its type, message and seconds: the run goes on) or pruned (the
+    budget ran out)."""
     name, cell, start = _cell_name(k, method, solver), {"nfe": k, "method": method, "solver": solver}, time.perf_counter()
     before = dict(run.meter.rows)
     try:
@@ -192,29 +200,64 @@ def _run_cell(run: _Run, k: int, method: str, solver: str, n: int) -> dict:
         made = time.perf_counter() - start
         _score(run, name, sched, n)
         spent = {s: run.meter.rows[s] - before.get(s, 0) for s in run.meter.rows}
-        return _row(run, k, method, solver, sched, spent, made)
+        return _row(run, k, method, solver, sched, spent, made), sched
     except BudgetExhausted as e:
-        return {**cell, "status": "pruned", "reason": str(e)}
+        return {**cell, "status": "pruned", "reason": str(e)}, None
     except (ValueError, NotImplementedError) as e:
-        return {**cell, "status": "skipped", "reason": str(e), "error": type(e).__name__}
+        return {**cell, "status": "skipped", "reason": str(e), "error": type(e).__name__}, None
     except Exception as e:  # one cell never ends the run: recorded, and the run goes on
         return {**cell, "status": "failed", "error": type(e).__name__, "reason": str(e),
-                "seconds": round(time.perf_counter() - start, 3)}
+                "seconds": round(time.perf_counter() - start, 3)}, None
 
 
-def _do(run: _Run, k: int, method: str, solver: str, n: int) -> dict:
-    """``_run_cell`` unless an earlier run (resumed) has the cell at ``n`` test noises already; saved."""
-    name = _cell_name(k, method, solver)
-    row = run.results.get(name)
-    if row is not None and (row["status"] != "ok" or row["n"] >= n):
-        return row
+Cell = tuple[int, str, str]  # (nfe, method, solver)
+
+
+def _attempt(run: _Run, cell: Cell, n: int) -> tuple[dict, ScheduleLike | None]:
+    """``_run_cell`` for a cell not yet scored on ``n`` test noises, from its earlier errors if any."""
+    name, row = _cell_name(*cell), run.results.get(_cell_name(*cell))
     if row is not None:
         run.errors[name] = torch.tensor(row["errors"], dtype=torch.float64)
-    new = _run_cell(run, k, method, solver, n)
-    if row is None or new["status"] != "pruned":  # more noises that the budget could not pay: the row stays
-        run.results[name] = new
-    run.save()
-    return run.results[name]
+    return _run_cell(run, *cell, n)
+
+
+def _record(run: _Run, cell: Cell, new: dict, sched: ScheduleLike | None) -> None:
+    """Keep a cell's new row (but not a pruned one over an earlier row: more noises that the budget
+    could not pay), its errors and schedule; rank 0 writes a newly made schedule's file."""
+    name = _cell_name(*cell)
+    old = run.results.get(name)
+    if old is not None and new["status"] == "pruned":
+        return
+    run.results[name] = new
+    if new["status"] == "ok":
+        run.errors[name] = torch.tensor(new["errors"], dtype=torch.float64)
+        run.schedules[name] = sched
+        if "schedule_file" in new and "schedule_file" not in (old or {}) and distributed.rank() == 0:
+            sched.save(run.out / "schedules" / new["schedule_file"])
+
+
+def _do(run: _Run, cells: list[Cell], n: int) -> None:
+    """The cells made and scored on ``n`` test noises, but those an earlier run (resumed) has at ``n``
+    already; saved after each. Under torchrun the cells are dealt out to the ranks by their estimated
+    cost (``distributed.deal``), once the teacher has answered for the test noises (sharded), and what
+    each rank's methods memoized is shared with the others (a later method starts from it)."""
+    cells = [c for c in cells if (row := run.results.get(_cell_name(*c))) is None
+             or (row["status"] == "ok" and row["n"] < n)]
+    if not distributed.active():
+        for cell in cells:
+            _record(run, cell, *_attempt(run, cell, n))
+            run.save()
+        return
+    if cells:
+        run.ref(n)
+        known = set(memo_table(run.meter))
+        outcomes = distributed.deal(lambda c: _attempt(run, c, n), cells, [_cost(run, m, s, k) + n * k for k, m, s in cells],
+                                    [(k, s) for k, _, s in cells])  # a learned method starts from LD3 on its solver
+        for table in distributed.gathered(_portable(memo_table(run.meter), known)):
+            memo_table(run.meter).update(table)
+        for cell, outcome in zip(cells, outcomes):
+            _record(run, cell, *outcome)
+        run.save()
 
 
 # --------------------------------------------------------------------------------------------
@@ -241,9 +284,24 @@ def _prune(run: _Run, k: int, method: str, solver: str, why: str) -> None:
         run.results[name] = {"nfe": k, "method": method, "solver": solver, "status": "pruned", "reason": why}
 
 
-def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: list[str], count: int, why: str) -> None:
-    """``methods`` for the ``count`` best solvers each accepts (all of them when exhaustive), the others pruned; in a
-    race, also a solver for which a method costs more than COSTLIER times its cheapest chosen solver."""
+def _portable(table: dict, known: set) -> dict:
+    """The entries of a memo table not in ``known`` that can be sent to the other ranks (pickled)."""
+    out = {}
+    for key, value in table.items():
+        if key not in known:
+            try:
+                pickle.dumps(value)
+            except Exception:  # kept on this rank only: the others compute it if they need it
+                continue
+            out[key] = value
+    return out
+
+
+def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: list[str], count: int,
+           why: str) -> list[Cell]:
+    """The cells of ``methods`` for the ``count`` best solvers each accepts (all of them when exhaustive), the others
+    pruned; in a race, also a solver for which a method costs more than COSTLIER times its cheapest chosen solver."""
+    todo = []
     for method in methods:  # the best solvers the method runs on (s4s and pas: one call a step)
         accepts = METHODS[method].accepts if method in METHODS else any_solver
         chosen = solvers if run.exhaustive else [s for s in ranked if accepts(s)][:count]
@@ -255,7 +313,8 @@ def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: li
                 _prune(run, k, method, solver, f"costs ~{costs[solver]:,} evaluations, over {COSTLIER}x the "
                                                f"{min(costs, key=costs.get)} solver's")
             else:
-                _do(run, k, method, solver, run.rounds()[0])
+                todo.append((k, method, solver))
+    return todo
 
 
 def _cost(run: _Run, method: str, solver: str, k: int) -> int:
@@ -270,22 +329,30 @@ def _solver_count(tier: int) -> int:
     return CONTENDERS if tier == 0 else max(1, LEARNED_SOLVERS + 1 - tier)
 
 
-def _race(run: _Run, k: int) -> None:
-    """Rounds of more test noises for the cells not clearly worse than the leader (a global schedule):
-    paired differences on the noises all of them share. The best baseline stays in (the reference)."""
+def _race(run: _Run, nfes: list[int]) -> None:
+    """Rounds of more test noises, every NFE's at once, for the cells not clearly worse than their NFE's leader."""
+    racing = list(nfes)
     for n in run.rounds()[1:]:
-        rows = _ok(run, k)
-        glob = [r for r in rows if "sigmas" in r]
-        if not glob:
-            return
-        m = min(r["n"] for r in rows)
-        lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
-        base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
-        alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
-        if len([r for r in alive if r is not base]) <= 1:
-            return
-        for r in sorted(alive, key=lambda r: r["mean"]):  # the closest first, should the budget run out
-            _do(run, k, r["method"], r["solver"], n)
+        cells = {k: _alive(run, k) for k in racing}
+        racing = [k for k in racing if cells[k]]
+        _do(run, [c for k in racing for c in cells[k]], n)
+
+
+def _alive(run: _Run, k: int) -> list[Cell]:
+    """The cells at NFE ``k`` not clearly worse than the leader (a global schedule), the closest first (should
+    the budget run out): paired differences on the noises all of them share. The best baseline stays in (the
+    reference); none when only one other cell is left."""
+    rows = _ok(run, k)
+    glob = [r for r in rows if "sigmas" in r]
+    if not glob:
+        return []
+    m = min(r["n"] for r in rows)
+    lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
+    base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
+    alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
+    if len([r for r in alive if r is not base]) <= 1:
+        return []
+    return [(k, r["method"], r["solver"]) for r in sorted(alive, key=lambda r: r["mean"])]
 
 
 def _close(d: torch.Tensor) -> bool:
@@ -297,19 +364,15 @@ def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) 
     """The stages, each for every NFE before the next (so a budget that runs out leaves every NFE with
     what came first): the baselines with every solver (cheap: scoring only), the optimizers for the
     solvers with the best cells so far (learned methods: fewer), then the race."""
-    base = [m for m in methods if m in BUILTIN_SCHEDULES]
-    for k in nfes:
-        _stage(run, k, base, solvers, solvers, len(solvers), "")
+    base, first = [m for m in methods if m in BUILTIN_SCHEDULES], run.rounds()[0]
+    _do(run, [c for k in nfes for c in _stage(run, k, base, solvers, solvers, len(solvers), "")], first)
     for tier in sorted({METHODS[m].tier for m in methods if m in METHODS}):
-        count = _solver_count(tier)
+        count, tiered = _solver_count(tier), [m for m in methods if m in METHODS and METHODS[m].tier == tier]
         why = f"not among the {count} best solver(s) so far (by their best scored cell)" + (" (a learned method)" if tier else "")
-        for k in nfes:
-            ranked = _ranked_solvers(run, k, solvers) or solvers
-            _stage(run, k, [m for m in methods if m in METHODS and METHODS[m].tier == tier], solvers, ranked, count,
-                   f"NFE {k}: {why}")
+        _do(run, [c for k in nfes for c in _stage(run, k, tiered, solvers, _ranked_solvers(run, k, solvers) or solvers,
+                                                  count, f"NFE {k}: {why}")], first)
     if not run.exhaustive:
-        for k in nfes:
-            _race(run, k)
+        _race(run, nfes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +495,7 @@ def _teacher_to_errors(run: _Run, k: int, methods: list[str], solvers: list[str]
     first = "karras" if "karras" in methods else next((m for m in methods if m in BUILTIN_SCHEDULES), None)
     if first is None:
         return
-    _stage(run, k, [first], solvers, solvers, len(solvers), "")
+    _do(run, _stage(run, k, [first], solvers, solvers, len(solvers), ""), run.rounds()[0])
     errs = [r["mean"] for r in _ok(run, k, methods=[first])]
     if not errs:
         return
@@ -471,8 +534,8 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     nfes, n_calib, n_test = _counts(nfe, n_calib, n_test, Sizes.quick() if quick else Sizes())
     methods, solvers = _checked(methods, solvers)
     pools = _split(denoiser, conds)
-    out, info = _writable(outdir), model_info(denoiser, shape, sigma_min, sigma_max)
-    meter = Meter(denoiser, budget)
+    out, info = distributed.from_rank0(lambda: _writable(outdir)), model_info(denoiser, shape, sigma_min, sigma_max)
+    meter = Meter(denoiser, budget, distributed.world())
     with meter.at("probe"):
         probe_denoiser(meter, info, pools[1])
         seconds = seconds_per_row(meter, noise(min(n_calib, 16), info["shape"], info["sigma_max"], CALIB_SEED,
@@ -486,13 +549,15 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
     with meter.at("teacher"):
         steps = teacher.steps(info["sigma_max"])  # its error control (on fixed noises) runs here
-    sizes = _fit(None if budget is None else budget - meter.total, methods, solvers, nfes, n_calib, n_test, steps,
-                 options, exhaustive)
+    spent = meter.combined().total
+    sizes = _fit(None if budget is None else budget - spent, methods, solvers, nfes, n_calib, n_test, steps, options,
+                 exhaustive)
     run = _new_run(meter, info, teacher, options, out, sizes, pools, exhaustive,
                    {"model": model_id, "budget": budget, "solvers": solvers})
-    run.results = _load_results(out / "results.json", run.key, retry_failed) if out else {}
+    run.results = distributed.from_rank0(lambda: _load_results(out / "results.json", run.key, retry_failed)) if out else {}
     plan_ = {**_plan(run, nfes, sizes["methods"], solvers, run.calib.shape[0], run.x_test.shape[0], options, seconds),
              "left_out": sizes["left_out"]}
+    progress = progress and distributed.rank() == 0
     if progress:
         tqdm.write(plan_text(plan_))
     run.progress = tqdm(total=plan_["estimated_total"], desc="tune (evaluations)", disable=not progress, unit="ev",
@@ -573,7 +638,7 @@ def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_e
                                          conditions.rows(run.test_cond, slice(None, scored))) if scored else None
         except BudgetExhausted:  # not estimated: the budget is spent
             pass
-    cost = {**run.cost(), **run.meter.report(seconds_per_eval)}
+    cost = run.cost(seconds_per_eval)
     cost["teacher"]["error"] = error
     summary = {"version": RESULTS_VERSION, "key": run.key, "model": run.info, "plan": plan_, "cost": cost,
                "cells": list(run.results.values()), "best": _best(run.results, nfes),
@@ -581,12 +646,13 @@ def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_e
     if run.pools[1]:
         for entry in summary["best"].values():
             entry["per_condition"] = _per_condition(entry["winner"]["errors"], run.pools[1])
-    if run.out is not None:
-        _write_best(run.out, summary, run.info)
-        if report:
-            from .report import write_report
-            with run.meter.at("scoring"):
-                write_report(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
+    if run.out is not None and distributed.rank() == 0:
+        with distributed.local():  # rank 0 writes (its report's samples: on its own)
+            _write_best(run.out, summary, run.info)
+            if report:
+                from .report import write_report
+                with run.meter.at("scoring"):
+                    write_report(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
     return summary
 
 

@@ -122,12 +122,17 @@ class Calibration:
         no reuse)."""
         key = (name, content_key(repr(settings), tuple(self.x.shape), self.x, *conditions.parts(self.cond)))
         try:
-            table = _MEMO.setdefault(self.denoiser.denoiser, {})
+            table = memo_table(self.denoiser.denoiser)
         except TypeError:
             return compute()
         if key not in table:
             table[key] = compute()
         return table[key]
+
+
+def memo_table(denoiser: Callable) -> dict:
+    """The memo of results on ``denoiser`` (``Calibration.memo``); TypeError if it cannot be weakly referenced."""
+    return _MEMO.setdefault(denoiser, {})
 
 
 def memo_key(ctx: Calibration, method: str, solver: str, nfe: int, opts: Any) -> tuple:

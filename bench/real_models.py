@@ -2,7 +2,7 @@
 
 For each shipped network (``digits-unet``, ``digits-flow``), ``fewstep.tune`` scores every (NFE, method,
 solver) cell: schedules are optimized on calibration noises (seed 0) and evaluated on other noises
-(seed 1) against the teacher (``fewstep.Teacher``, its default steps). Prints one row per (model, solver,
+(seed 1) against the teacher (``fewstep.Teacher``: error-controlled DEIS, or the model's teacher_steps). Prints one row per (model, solver,
 NFE): the mean held-out RMSE of each method, then the best method and its ratio to the best baseline;
 then each optimizer's calibration seconds summed over its cells. A progress bar goes to stderr.
 
@@ -21,12 +21,11 @@ import torch
 
 import fewstep
 from fewstep.methods import METHODS
-from fewstep.teacher import DEFAULT_STEPS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import describe  # noqa: E402
 
-BASELINES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
+BASELINES = ["karras", "logsnr_uniform", "time_uniform", "time_quadratic", "ays", "flow_uniform"]
 
 
 def main() -> None:
@@ -43,14 +42,14 @@ def main() -> None:
     solvers, nfes = args.solvers.split(","), [int(v) for v in args.nfe.split(",")]
     print(describe())
     print(f"calibration n={args.n_calib} (seed 0), held-out n={args.n_test} (seed 1), teacher: each model's "
-          f"teacher_steps Heun steps, else {DEFAULT_STEPS}; mean held-out RMSE to the teacher")
+          "teacher_steps, else the error-controlled DEIS teacher (fewstep.Teacher); mean held-out RMSE to the teacher")
     head = f"{'model':12} {'solver':9} {'nfe':>3} | " + " ".join(f"{m[:10]:>10}" for m in methods)
     print(head + f" | {'best':>14} {'/base':>6}")
     for model in args.models.split(","):
         den = fewstep.load_model(model)
         start = time.perf_counter()
         res = fewstep.tune(den, nfe=nfes, methods=methods, solvers=solvers, n_calib=args.n_calib,
-                           n_test=args.n_test, progress=True, report=False, model_id=model)
+                           n_test=args.n_test, progress=True, report=False, model_id=model, exhaustive=True)
         cells = {(c["nfe"], c["method"], c["solver"]): c for c in res["cells"]}
         for solver in solvers:
             for k in nfes:

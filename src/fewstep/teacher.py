@@ -8,10 +8,10 @@ and the model's outputs there come with the solve, and no method solves the teac
 Error control: on ``CHECK_NOISES`` fixed seeded noises the solve is repeated with 2N steps; the
 teacher's error (the mean per-sample RMSE of its x0) is estimated as |x_N - x_2N| / (1 - 2^-3), and N
 is doubled from 2 (grid - 1) until that is at most ``tol``. ``steps`` fixes N instead. ``error_on(x)`` estimates the error
-on the noises a run reports, every one of them: |x_N/2 - x_N| / (2^q - 1) per sample, q the order
-observed on the check noises (per-sample errors
-are heavy-tailed, so a few check noises can miss the hard ones; ``bench/teacher.py`` compares both with
-a 4096-step solve). Every evaluation is counted in rows (``rows``; batched ``calls``).
+on the noises a run reports, every one of them: |x_N - x_2N| / (1 - 2^-q) per sample, q the order
+observed on the check noises (per-sample errors are heavy-tailed, so a few check noises can miss the hard
+ones; ``bench/teacher.py`` compares both with a 4096-step solve). Every evaluation is counted in rows
+(``rows``; batched ``calls``).
 """
 
 from __future__ import annotations
@@ -142,13 +142,14 @@ class Teacher:
     def error_on(self, x: torch.Tensor, sigma_max: float | None = None, x0: torch.Tensor | None = None,
                  cond=None) -> float:
         """The estimated error of the teacher's x0 for the states ``x``, every one of them: the mean of the
-        per-sample |x_N/2 - x_N| / (2^q - 1), q the order observed on the check noises (``_order``; x_N/2 on its
-        own grid of N/2 steps: N/2 + 1 more calls each).
+        per-sample |x_N - x_2N| / (1 - 2^-q), q the order observed on the check noises (``_order``; x_2N on its
+        own grid of 2N steps: 2N + 1 more calls each). The finer pair: a sample that the N/2-step solve puts in
+        another mode is no evidence against the N-step one, and the truth is heavy-tailed.
         ``x0``: the teacher's answer for ``x`` if the caller has it (else it is solved, or read from the cache)."""
         steps = self.steps(sigma_max)
         a = x0 if x0 is not None else self._cached("x0", x, self.fine_grid(sigma_max), None, tuple(x.shape), cond)
-        b = self._cached("x0", x, self.fine_grid(sigma_max, max(1, steps // 2)), None, tuple(x.shape), cond)
-        return _mean_rmse(a, b) / (2 ** self._order(self._sigma_max(sigma_max), steps) - 1)
+        b = self._cached("x0", x, self.fine_grid(sigma_max, 2 * steps), None, tuple(x.shape), cond)
+        return _mean_rmse(a, b) / (1 - 2.0 ** -self._order(self._sigma_max(sigma_max), steps))
 
     def _order(self, sigma_max: float, steps: int) -> float:
         """The order observed on the check noises, log2(|x_N/2 - x_N| / |x_N - x_2N|), in [1.5, ORDER]."""

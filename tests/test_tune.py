@@ -164,3 +164,26 @@ def test_the_race_finds_the_exhaustive_winner_or_one_as_good():
     win, ref = race["best"]["5"]["winner"], full["best"]["5"]["winner"]
     cells = {(c["method"], c["solver"]): c for c in full["cells"]}
     assert cells[(win["method"], win["solver"])]["mean"] <= ref["mean_ci95"][1]  # within the winner's interval
+
+
+def test_the_race_compares_the_cells_still_in_it_on_every_noise_they_share():
+    """A cell left out in an earlier round (fewer noises, a lucky mean) is neither the leader nor back in;
+    the survivors are judged on all the noises they share, not the first round's."""
+    from fewstep.tuning import _alive
+
+    def row(method, errors):
+        return {"nfe": 4, "method": method, "solver": "euler", "status": "ok", "n": len(errors),
+                "mean": sum(errors) / len(errors), "errors": errors, "sigmas": [80.0, 0.0]}
+
+    same = [1.0 + 0.01 * (i % 3) for i in range(32)]
+    later_worse = same[:16] + [v + 0.5 for v in same[16:]]  # as good on the first 16 noises, clearly worse after
+    results = {"a": row("karras", same), "b": row("gits", later_worse), "c": row("oss", same),
+               "d": row("sdm", [v + 0.001 * (-1) ** i for i, v in enumerate(same)]),
+               "lucky": row("ays", [0.1] * 16)}  # left out after the first round: 16 noises only
+
+    class Run:
+        def __init__(self):
+            self.results = results
+
+    alive = _alive(Run(), 4)
+    assert [m for _, m, _ in alive] == ["karras", "oss", "sdm"]  # gits and the lucky ays are out

@@ -339,14 +339,16 @@ def _race(run: _Run, nfes: list[int]) -> None:
 
 
 def _alive(run: _Run, k: int) -> list[Cell]:
-    """The cells at NFE ``k`` not clearly worse than the leader (a global schedule), the closest first (should
-    the budget run out): paired differences on the noises all of them share. The best baseline stays in (the
-    reference); none when only one other cell is left."""
+    """The cells at NFE ``k`` still in the race (those scored on the most noises so far) that are not clearly
+    worse than the leader (the best global schedule among them), the closest first (should the budget run
+    out): paired differences on the noises they share. The best baseline stays in (the reference); none when
+    only one other cell is left."""
     rows = _ok(run, k)
+    m = max((r["n"] for r in rows), default=0)
+    rows = [r for r in rows if r["n"] >= m]
     glob = [r for r in rows if "sigmas" in r]
     if not glob:
         return []
-    m = min(r["n"] for r in rows)
     lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
     base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
     alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
@@ -450,7 +452,8 @@ def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: 
               teacher_steps: int, options: dict, exhaustive: bool, first: int = FIRST_ROUND) -> dict:
     """Evaluations each stage is expected to cost (the methods' own cost formulas, ``Method.cost``)."""
     n1 = n_test if exhaustive else min(first, n_test)
-    est = {"teacher": (n_calib + n_test) * (teacher_steps + 1)}
+    # the teacher's solves, and its error check on the test noises (a solve with twice the steps)
+    est = {"teacher": (n_calib + n_test) * (teacher_steps + 1) + n_test * (2 * teacher_steps + 1)}
     for m in methods:
         count = len(solvers) if exhaustive or m in BUILTIN_SCHEDULES else min(len(solvers), CONTENDERS)
         if m in METHODS and METHODS[m].tier and not exhaustive:

@@ -266,6 +266,23 @@ def test_method_errors_are_named(gmm2d):
             fewstep.optimize(den, method, "euler", 3, n=4, teacher=teacher, **opts)
 
 
+@pytest.mark.parametrize("method", ["s4s", "pas"])
+def test_a_given_start_is_the_base_and_the_result_is_no_worse(gmm2d, method):
+    """``start``: of the schedules that fit the solver at that NFE, the best on validation is the start (LD3
+    is not trained); the result is no worse than it held out; a wrong kind of start is named."""
+    den, teacher, _, _ = gmm2d
+    good, other = (fewstep.tuning.baseline(m, "dpmpp_2m", 4, {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max})
+                   for m in ("ays", "karras"))
+    too_long = fewstep.tuning.baseline("ays", "dpmpp_2m", 5, {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max})
+    sched = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(other, good, too_long))
+    start = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(good,), gate=math.inf)
+    assert start.sigmas.tolist() == pytest.approx(good.sigmas.tolist(), rel=1e-6)
+    assert held_out(gmm2d, sched) <= held_out(gmm2d, start) <= held_out(gmm2d, other)
+    assert "ld3" not in str(sched.metadata["training"].get("init", ""))
+    with pytest.raises(ValueError, match="start must be a tuple of Schedules"):
+        fewstep.optimize(den, method, "dpmpp_2m", 4, n=8, teacher=teacher, start="ays")
+
+
 def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
     den = fewstep.load_model("gmm2d")
     summary = fewstep.tune(den, nfe=[3], methods=["karras", "s4s", "pas"], solvers=["dpmpp_2m", "heun"],

@@ -5,9 +5,10 @@ Cells are (nfe, method, solver). Baseline methods are the built-in schedules; ev
 teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the errors the run measures.
 
 The race (default): the baselines with every solver rank the solvers; the optimizers run for the best
-three solvers at each NFE (the learned ones, LD3 and instance, for the best two and one);
-every cell is scored on a first round of test noises, and rounds of twice as many go to the cells whose
-paired difference to the leader is not clearly positive, until one is left or the test set is used up.
+three solvers at each NFE (tier 1, LD3, for the best two; tier 2 for the best one: instance, and s4s and
+pas on the best one-call solver from the best schedule so far for it, ``_starts``); every cell is scored on a first round
+of test noises, and rounds of twice as many go to the cells still in the race whose paired difference to
+the leader is not clearly positive, until one is left or the test set is used up.
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
 cells that do not fit are left out, and the plan, results.json and the report say which. Every cell
 records its evaluations (rows through the network) for the method and the scoring; the run records the
@@ -17,6 +18,7 @@ resumes with the same results as one that was never interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import pickle
@@ -155,9 +157,24 @@ def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
     if run.out is not None and "schedule_file" in row:
         from .schedules import load_schedule
         return load_schedule(run.out / "schedules" / row["schedule_file"])
+    options = run.method_options[method]
+    if "start" in {f.name for f in dataclasses.fields(METHODS[method].options)} and "start" not in options:
+        options = {**options, "start": _starts(run, k, method, solver)}
     with run.meter.at("method"):
         return optimize(run.meter, method, solver, k, calib=run.calib, teacher=run.teacher, cond=run.calib_cond,
-                        sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **run.method_options[method])
+                        sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **options)
+
+
+def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
+    """The global schedules for ``solver`` at NFE ``k`` of the cells made before ``method``'s tier (the baselines
+    and the earlier tiers' optimizers): what a method that takes ``start`` starts from (the best it finds)."""
+    tier, out = METHODS[method].tier, []
+    for r in _ok(run, k, solvers=[solver]):
+        if "sigmas" in r and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier):
+            sched = _schedule(run, k, r["method"], solver)
+            if isinstance(sched, Schedule) and sched.solver == solver:
+                out.append(sched.with_metadata(method=r["method"]))
+    return tuple(out)
 
 
 def _score(run: _Run, name: str, sched: ScheduleLike, n: int) -> None:

@@ -74,8 +74,12 @@ def register(name: str, options: type, tune_options: dict | None = None, quick_o
 
 def option_items(opts: Any) -> list[tuple[str, Any]]:
     """An options dataclass as sorted (name, value) pairs, schedules by their sigmas (for memo keys)."""
-    items = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
-    return sorted((k, ("schedule", v.describe()) if isinstance(v, ScheduleLike) else v) for k, v in items.items())
+    def item(v: Any) -> Any:
+        if isinstance(v, ScheduleLike):
+            return ("schedule", v.describe())
+        return tuple(item(e) for e in v) if isinstance(v, (tuple, list)) else v
+
+    return sorted((f.name, item(getattr(opts, f.name))) for f in dataclasses.fields(opts))
 
 
 # Results shared between calls on the same denoiser and calibration batch (e.g. SDM's step search,

@@ -32,7 +32,7 @@ from ..solvers import chain, pas_basis, plan
 from .base import Calibration, register
 from . import ld3
 from .ld3 import Training, learn_global
-from .s4s import losses, one_call, significance, unlearnable
+from .s4s import check_starts, given_start, losses, one_call, significance, unlearnable
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,9 @@ class Options(ld3.GlobalStage):
     ``components``: basis vectors per step (the reference's PCA_num, 4); ``schedule``: the base timesteps,
     'ld3' or a built-in schedule's name; ``ridge``: the least-squares ridge, relative to the mean diagonal
     of the normal matrix; ``tol``: a step is corrected only if its validation error drops by more than this
-    fraction; ``gate``: the standard errors of the final validation gain needed to keep any correction.
+    fraction; ``gate``: the standard errors of the final validation gain needed to keep any correction;
+    ``start``: base schedules instead of ``schedule``'s (``s4s.given_start``: the best on validation of those
+    that fit; ``fewstep tune`` passes every global schedule it has for the solver at that NFE).
     """
 
     ld3_iters: int = Training.iters
@@ -51,9 +53,11 @@ class Options(ld3.GlobalStage):
     ridge: float = 1e-3
     tol: float = 1e-2
     gate: float = 1.0
+    start: tuple = ()
 
     def __post_init__(self):
         super().__post_init__()
+        check_starts(self.start)
         if isinstance(self.components, bool) or int(self.components) != self.components or self.components < 1:
             raise ValueError(f"components must be a positive integer, got {self.components!r}")
         if self.schedule != "ld3" and self.schedule not in BUILTIN_SCHEDULES:
@@ -66,8 +70,12 @@ class Options(ld3.GlobalStage):
         return ld3.Options(**stage, iters=self.ld3_iters)
 
 
-def _base(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
-    """The base solver's schedule: LD3's, or the built-in ``o.schedule``, for ``solver`` at ``nfe`` calls."""
+def _base(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: int) -> Schedule:
+    """The base solver's schedule for ``solver`` at ``nfe`` calls: the best given ``start``, else LD3's, or the
+    built-in ``o.schedule``."""
+    given = given_start(ctx, solver, nfe, o.start, o.loss, n_train)
+    if given is not None:
+        return given[0]
     if o.schedule == "ld3":
         logits, _, sopts, _ = learn_global(ctx, solver, nfe, o.ld3_options())
         sigmas = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, o.learn_last)
@@ -131,7 +139,7 @@ def pas(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
         return untrained
     teacher_calls0, student_calls0, begin = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     n_train, n_valid = Training(valid=o.valid).split(ctx.x.shape[0])
-    base = _base(ctx, solver, nfe, o)
+    base = _base(ctx, solver, nfe, o, n_train)
     corrected, steps = _corrections(ctx, base, o, n_train)
     valid, y_valid = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
     base_losses, pas_losses = (losses(valid, s, y_valid, o.loss) for s in (base, corrected))

@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..files import FewstepWarning
-from ..schedules import Schedule, sigmas_from_logits
+from ..schedules import Schedule, logits_from_sigmas, sigmas_from_logits
 from ..solvers import chain, get_solver, plan
 from .base import Calibration, register
 from . import ld3
@@ -49,7 +49,9 @@ class Options(ld3.GlobalStage):
     errors (else the start is returned); ``min_valid``: with fewer validation noises than this the
     start is returned untrained (with a few noises the validation cannot see a learned solver's losses:
     docs/methods/s4s.md); ``learn_sigmas``: learn the timesteps too (else only the coefficients, on the
-    start's timesteps).
+    start's timesteps); ``start``: schedules to start from instead of LD3's (``given_start``: the one of
+    the solver's step count with the least validation error; ``fewstep tune`` passes every global schedule
+    it has for the solver at that NFE, so the start is the best it found so far).
     """
 
     ld3_iters: int = Training.iters
@@ -61,9 +63,11 @@ class Options(ld3.GlobalStage):
     gate: float = 1.0
     min_valid: int = 16
     learn_sigmas: bool = True
+    start: tuple = ()
 
     def __post_init__(self):
         super().__post_init__()
+        check_starts(self.start)
         if self.afs not in (True, False, "auto"):
             raise ValueError(f"afs must be true, false or 'auto', got {self.afs!r}")
         if not (self.reg >= 0 and math.isfinite(self.reg)):
@@ -138,9 +142,34 @@ def significance(d: torch.Tensor) -> float:
     return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
+def check_starts(starts) -> None:
+    """``start`` options are a tuple (or list) of schedules."""
+    if not isinstance(starts, (tuple, list)) or not all(isinstance(s, Schedule) for s in starts):
+        raise ValueError(f"start must be a tuple of Schedules (each for the solver at the nfe), got {starts!r}")
+
+
+def given_start(ctx: Calibration, solver: str, nfe: int, starts, loss: str, n_train: int) -> tuple | None:
+    """(schedule, name) of the given starts that fit ``solver`` at ``nfe`` calls (its step count, from
+    sigma_max to 0) with the least mean loss on the validation part, on the solver's own options; None if none fits."""
+    steps, sopts = plan(solver, nfe)
+    fits = [s for s in starts if s.steps == steps and float(s.sigmas[-1]) == 0
+            and math.isclose(float(s.sigmas[0]), ctx.sigma_max, rel_tol=1e-9)]
+    if not fits:
+        return None
+    valid, y = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
+    scheds = [Schedule(s.sigmas, solver=solver, solver_options=sopts) for s in fits]
+    errors = [float(losses(valid, s, y, loss).mean()) for s in scheds]
+    i = min(range(len(fits)), key=lambda i: (errors[i], i))
+    return scheds[i], str(fits[i].metadata.get("method", f"given start {i}"))
+
+
 def _start(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int) -> tuple:
-    """A start (logits, solver options, name, LD3's record): the LD3 schedule, or with ``afs`` the best
-    baseline (by training error) of one step more with the analytical first step."""
+    """A start (logits, solver options, name, LD3's record): the best given ``start``, else the LD3 schedule;
+    with ``afs`` the best baseline (by training error) of one step more with the analytical first step."""
+    given = None if afs else given_start(ctx, solver, nfe, o.start, o.loss, n_train)
+    if given is not None:
+        sched, name = given
+        return logits_from_sigmas(sched.sigmas, ctx.sigma_min, o.learn_last), sched.solver_options, name, {}
     if not afs:
         logits, _, sopts, record = learn_global(ctx, solver, nfe, o.ld3_options())
         return logits, sopts, f"ld3 ({record['init']})", record

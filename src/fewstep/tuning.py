@@ -104,6 +104,7 @@ class _Run:
     calib_cond: Any = None  # the calibration noises' conditions (a conditional model), and the test noises'
     test_cond: Any = None
     pools: tuple = (None, None)  # conditions in the calibration and the test pools
+    teacher_error: float | None = None  # the teacher's estimated error on the scored test noises (at the end)
 
     def rounds(self) -> list[int]:
         """Test noises after each round: 16, 32, 64, ... up to all of them (all at once if exhaustive)."""
@@ -137,10 +138,11 @@ class _Run:
             self.progress.update(cost["total"] - self.progress.n)
 
     def cost(self, seconds_per_eval: float | None = None) -> dict:
-        """The evaluations so far (every rank's), and the teacher's settings."""
+        """The evaluations so far (every rank's), and the teacher's settings and estimated errors."""
         return {**self.meter.combined().report(seconds_per_eval),
                 "teacher": {"steps": self.teacher.steps(self.info["sigma_max"]),
-                            "error_check": self.teacher.error(self.info["sigma_max"]), "tol": self.teacher.tol}}
+                            "error_check": self.teacher.error(self.info["sigma_max"]), "tol": self.teacher.tol,
+                            "error": self.teacher_error}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -651,15 +653,14 @@ def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaus
 def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_eval: float | None) -> dict:
     run.save()
     scored = max((len(e) for e in run.errors.values()), default=0)
-    error = None
     with run.meter.at("teacher"):  # on every test noise a result is measured on
         try:
-            error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored),
-                                         conditions.rows(run.test_cond, slice(None, scored))) if scored else None
+            run.teacher_error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored),
+                                                     conditions.rows(run.test_cond, slice(None, scored))) if scored else None
         except BudgetExhausted:  # not estimated: the budget is spent
             pass
+    run.save()  # its cost now with the error check
     cost = run.cost(seconds_per_eval)
-    cost["teacher"]["error"] = error
     summary = {"version": RESULTS_VERSION, "key": run.key, "model": run.info, "plan": plan_, "cost": cost,
                "cells": list(run.results.values()), "best": _best(run.results, nfes),
                "conditions": {"calibration": run.pools[0], "test": run.pools[1]}}

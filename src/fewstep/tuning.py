@@ -360,9 +360,8 @@ def _race(run: _Run, nfes: list[int]) -> None:
 def _alive(run: _Run, k: int) -> list[Cell]:
     """The cells at NFE ``k`` still in the race (those scored on the most noises so far) that are not clearly
     worse than the leader (the best global schedule among them), the closest first (should the budget run
-    out): paired differences on the noises they share. The best baseline stays in (the reference), and so
-    does a cell whose calibration cost more than scoring it on every test noise would (an optimizer's: what
-    it cost is spent, and few noises can hide a heavy tail of errors); none when only one other cell is left."""
+    out): paired differences on the noises they share. The best baseline stays in (the reference); none when
+    only one other cell is left."""
     rows = _ok(run, k)
     m = max((r["n"] for r in rows), default=0)
     rows = [r for r in rows if r["n"] >= m]
@@ -371,9 +370,7 @@ def _alive(run: _Run, k: int) -> list[Cell]:
         return []
     lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
     base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
-    full = len(run.x_test) * k  # evaluations to score a cell on every test noise
-    alive = [r for r in rows if r is base or r["evaluations"]["method"] >= full
-             or _close(torch.tensor(r["errors"][:m]) - lead)]
+    alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
     if len([r for r in alive if r is not base]) <= 1:
         return []
     return [(k, r["method"], r["solver"]) for r in sorted(alive, key=lambda r: r["mean"])]

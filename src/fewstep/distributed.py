@@ -47,7 +47,8 @@ def world() -> int:
 
 @contextlib.contextmanager
 def local() -> Iterator[None]:
-    """A block this rank runs alone (a cell dealt to it): ``shard_map`` and ``on_every_rank`` run here."""
+    """A block this rank runs alone (a cell dealt to it): inside it ``shard_map`` and ``on_every_rank`` run
+    on this rank only, with no collective."""
     _LOCAL[0] += 1
     try:
         yield

@@ -569,8 +569,8 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
                        cache_dir=out / "teacher" if out else None, rel_tol=INITIAL_REL_TOL))
     teacher.check_cond = conditions.to(pools[1], info["device"])
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
-    with meter.at("teacher"):
-        steps = teacher.steps(info["sigma_max"])  # its error control (on fixed noises) runs here
+    with meter.at("teacher"):  # its error control (on fixed noises) runs here; a fixed N's estimate too
+        steps, _ = teacher.steps(info["sigma_max"]), teacher.error(info["sigma_max"])
     spent = meter.combined().total
     sizes = _fit(None if budget is None else budget - spent, methods, solvers, nfes, n_calib, n_test, steps, options,
                  exhaustive)

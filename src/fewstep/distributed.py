@@ -85,16 +85,12 @@ def shard_map(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dim: 
     except Exception as e:  # every rank must reach the gather, or the others wait on it forever
         mine, failure = None, f"{type(e).__name__}: {e}"
     _raise_failures(failure)
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine.cpu())
-    return torch.cat(parts, dim=dim).to(mine.device)
+    return torch.cat(gathered(mine.cpu()), dim=dim).to(mine.device)
 
 
 def _raise_failures(failure: str | None) -> None:
     """Gather every rank's failure (None: it succeeded); raise on every rank if any failed."""
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, failure)
-    failed = [(r, f) for r, f in enumerate(parts) if f is not None]
+    failed = [(r, f) for r, f in enumerate(gathered(failure)) if f is not None]
     if failed:
         raise RankFailure("; ".join(f"rank {r} failed: {f}" for r, f in failed))
 
@@ -127,7 +123,7 @@ def deal(fn: Callable[[Any], Any], items: Sequence, weights: Sequence[float], gr
     for g, w in zip(groups, weights):
         total[g] = total.get(g, 0.0) + w
     load, where = [0.0] * world(), {}
-    for g in sorted(total, key=lambda g: (-total[g], groups.index(g))):
+    for g in sorted(total, key=lambda g: -total[g]):  # stable: ties in order of first appearance
         where[g] = min(range(world()), key=lambda r: (load[r], r))
         load[where[g]] += total[g]
     owner = [where[g] for g in groups]
@@ -138,9 +134,7 @@ def deal(fn: Callable[[Any], Any], items: Sequence, weights: Sequence[float], gr
     except Exception as e:  # every rank must reach the gather, or the others wait on it forever
         failure = f"{type(e).__name__}: {e}"
     _raise_failures(failure)
-    parts: list[Any] = [None] * world()
-    dist.all_gather_object(parts, mine)
-    results = [pickle.loads(p) for p in parts]
+    results = [pickle.loads(p) for p in gathered(mine)]
     return [results[owner[i]][i] for i in range(len(items))]
 
 

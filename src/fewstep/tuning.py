@@ -258,8 +258,9 @@ def _record(run: _Run, cell: Cell, new: dict, sched: ScheduleLike | None) -> Non
 def _do(run: _Run, cells: list[Cell], n: int) -> None:
     """The cells made and scored on ``n`` test noises, but those an earlier run (resumed) has at ``n``
     already; saved after each. Under torchrun the cells are dealt out to the ranks by their estimated
-    cost (``distributed.deal``), once the teacher has answered for the test noises (sharded), and what
-    each rank's methods memoized is shared with the others (a later method starts from it)."""
+    cost (``distributed.deal``), once the teacher has answered for the test noises (sharded), saved once
+    all are back, and what each rank's methods memoized is shared with the others (a later method starts
+    from it)."""
     cells = [c for c in cells if (row := run.results.get(_cell_name(*c))) is None
              or (row["status"] == "ok" and row["n"] < n)]
     if not distributed.active():
@@ -271,7 +272,7 @@ def _do(run: _Run, cells: list[Cell], n: int) -> None:
         run.ref(n)
         known = set(memo_table(run.meter))
         outcomes = distributed.deal(lambda c: _attempt(run, c, n), cells, [_cost(run, m, s, k) + n * k for k, m, s in cells],
-                                    [(k, s) for k, _, s in cells])  # a learned method starts from LD3 on its solver
+                                    [(k, s) for k, _, s in cells])  # one (NFE, solver)'s cells share their start
         for table in distributed.gathered(_portable(memo_table(run.meter), known)):
             memo_table(run.meter).update(table)
         for cell, outcome in zip(cells, outcomes):

@@ -59,6 +59,11 @@ def _mean_rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).reshape(len(a), -1).pow(2).mean(1).sqrt().mean())
 
 
+def _richardson(x_n: torch.Tensor, x_2n: torch.Tensor, order: float) -> float:
+    """The estimated error of the N-step answers x_n from the 2N-step ones: |x_N - x_2N| / (1 - 2^-order)."""
+    return _mean_rmse(x_n, x_2n) / (1 - 2.0 ** -order)
+
+
 def content_key(*parts) -> str:
     """A short hash of tensors (their bytes) and other values (their repr)."""
     h = hashlib.sha1()
@@ -149,7 +154,7 @@ class Teacher:
         steps = self.steps(sigma_max)
         a = x0 if x0 is not None else self._cached("x0", x, self.fine_grid(sigma_max), None, tuple(x.shape), cond)
         b = self._cached("x0", x, self.fine_grid(sigma_max, 2 * steps), None, tuple(x.shape), cond)
-        return _mean_rmse(a, b) / (1 - 2.0 ** -self._order(self._sigma_max(sigma_max), steps))
+        return _richardson(a, b, self._order(self._sigma_max(sigma_max), steps))
 
     def _order(self, sigma_max: float, steps: int) -> float:
         """The order observed on the check noises, log2(|x_N/2 - x_N| / |x_N - x_2N|), in [1.5, ORDER]."""
@@ -164,7 +169,7 @@ class Teacher:
         x = self._check_noises(sigma_max)
         a, b = (self._cached("x0", x, self.fine_grid(sigma_max, n), None, tuple(x.shape), self._check_cond())
                 for n in (steps, 2 * steps))
-        return _mean_rmse(a, b) / (1 - 2.0 ** -ORDER), float(b.pow(2).mean().sqrt())
+        return _richardson(a, b, ORDER), float(b.pow(2).mean().sqrt())
 
     def _check_cond(self):
         """The check noises' conditions: ``check_cond`` in turn (a conditional model needs them)."""

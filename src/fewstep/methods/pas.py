@@ -23,51 +23,40 @@ docs/methods/pas.md.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from ..schedules import BUILTIN_SCHEDULES, Schedule, builtin, sigmas_from_logits
 from ..solvers import chain, pas_basis, plan
 from .base import Calibration, register
-from . import ld3
 from .ld3 import Training, learn_global
-from .s4s import check_starts, given_start, losses, one_call, significance, unlearnable
+from .s4s import LearnedStage, given_start, losses, one_call, significance, unlearnable
 
 
 @dataclass(frozen=True)
-class Options(ld3.GlobalStage):
-    """PAS's options: ``ld3.GlobalStage``'s (the LD3 schedule, ``ld3_iters`` its iterations) and these.
-
-    ``components``: basis vectors per step (the reference's PCA_num, 4); ``schedule``: the base timesteps,
-    'ld3' or a built-in schedule's name; ``ridge``: the least-squares ridge, relative to the mean diagonal
-    of the normal matrix; ``tol``: a step is corrected only if its validation error drops by more than this
-    fraction; ``gate``: the standard errors of the final validation gain needed to keep any correction;
-    ``start``: base schedules instead of ``schedule``'s (``s4s.given_start``: the best on validation of those
-    that fit; ``fewstep tune`` passes every global schedule it has for the solver at that NFE).
+class Options(LearnedStage):
+    """PAS's options: ``s4s.LearnedStage``'s (the LD3 schedule; ``gate``: the standard errors of the final
+    validation gain needed to keep any correction; ``start``: base schedules instead of ``schedule``'s) and
+    these. ``components``: basis vectors per step (the reference's PCA_num, 4); ``schedule``: the base
+    timesteps, 'ld3' or a built-in schedule's name; ``ridge``: the least-squares ridge, relative to the mean
+    diagonal of the normal matrix; ``tol``: a step is corrected only if its validation error drops by more
+    than this fraction.
     """
 
-    ld3_iters: int = Training.iters
     components: int = 4
     schedule: str = "ld3"
     ridge: float = 1e-3
     tol: float = 1e-2
-    gate: float = 1.0
-    start: tuple = ()
 
     def __post_init__(self):
         super().__post_init__()
-        check_starts(self.start)
         if isinstance(self.components, bool) or int(self.components) != self.components or self.components < 1:
             raise ValueError(f"components must be a positive integer, got {self.components!r}")
         if self.schedule != "ld3" and self.schedule not in BUILTIN_SCHEDULES:
             raise ValueError(f"schedule must be 'ld3' or one of {sorted(BUILTIN_SCHEDULES)}, got {self.schedule!r}")
         if not self.ridge >= 0 or not self.tol >= 0:
             raise ValueError(f"ridge and tol must be >= 0, got {self.ridge!r} and {self.tol!r}")
-
-    def ld3_options(self) -> ld3.Options:
-        stage = {f.name: getattr(self, f.name) for f in fields(ld3.GlobalStage)}
-        return ld3.Options(**stage, iters=self.ld3_iters)
 
 
 def _base(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: int) -> Schedule:

@@ -39,35 +39,49 @@ COEF_SCALE = 0.1  # coefficient deltas per unit of a parameter: AdamW's lr 0.1 m
 
 
 @dataclass(frozen=True)
-class Options(ld3.GlobalStage):
-    """S4S's options: ``ld3.GlobalStage``'s (the LD3 start, with ``ld3_iters`` as its ``iters``) and these.
-
-    ``lr``, ``iters``, ``patience``: AdamW on the logits and the coefficient deltas (LD3's loop);
-    ``reg``: the penalty toward the start solver (above); ``afs``: True, False or 'auto' (train from both
-    starts, with and without the analytical first step, and keep the better on validation); ``gate``:
-    the learned solver is kept only if its validation gain over its start is at least this many standard
-    errors (else the start is returned); ``min_valid``: with fewer validation noises than this the
-    start is returned untrained (with a few noises the validation cannot see a learned solver's losses:
-    docs/methods/s4s.md); ``learn_sigmas``: learn the timesteps too (else only the coefficients, on the
-    start's timesteps); ``start``: schedules to start from instead of LD3's (``given_start``: the one of
-    the solver's step count with the least validation error; ``fewstep tune`` passes every global schedule
-    it has for the solver at that NFE, so the start is the best it found so far).
-    """
+class LearnedStage(ld3.GlobalStage):
+    """The options s4s and pas share: ``ld3.GlobalStage``'s (their LD3 start, with ``ld3_iters`` as its
+    ``iters``); ``gate``: what is learned is kept only if its validation gain over its start is at least
+    this many standard errors (else the start is returned); ``start``: schedules to start from instead of
+    LD3's (``given_start``: the one of the solver's step count with the least validation error; ``fewstep
+    tune`` passes every global schedule it has for the solver at that NFE, so the start is the best it
+    found so far)."""
 
     ld3_iters: int = Training.iters
-    lr: float = 0.1
-    iters: int = 200
-    patience: int = 20
-    reg: float = 10.0
-    afs: bool | str = "auto"
     gate: float = 1.0
-    min_valid: int = 16
-    learn_sigmas: bool = True
     start: tuple = ()
 
     def __post_init__(self):
         super().__post_init__()
         check_starts(self.start)
+
+    def ld3_options(self) -> ld3.Options:
+        stage = {f.name: getattr(self, f.name) for f in fields(ld3.GlobalStage)}
+        return ld3.Options(**stage, iters=self.ld3_iters)
+
+
+@dataclass(frozen=True)
+class Options(LearnedStage):
+    """S4S's options: ``LearnedStage``'s and these.
+
+    ``lr``, ``iters``, ``patience``: AdamW on the logits and the coefficient deltas (LD3's loop);
+    ``reg``: the penalty toward the start solver (above); ``afs``: True, False or 'auto' (train from both
+    starts, with and without the analytical first step, and keep the better on validation); ``min_valid``:
+    with fewer validation noises than this the start is returned untrained (with a few noises the
+    validation cannot see a learned solver's losses: docs/methods/s4s.md); ``learn_sigmas``: learn the
+    timesteps too (else only the coefficients, on the start's timesteps).
+    """
+
+    lr: float = 0.1
+    iters: int = 200
+    patience: int = 20
+    reg: float = 10.0
+    afs: bool | str = "auto"
+    min_valid: int = 16
+    learn_sigmas: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.afs not in (True, False, "auto"):
             raise ValueError(f"afs must be true, false or 'auto', got {self.afs!r}")
         if not (self.reg >= 0 and math.isfinite(self.reg)):
@@ -76,10 +90,6 @@ class Options(ld3.GlobalStage):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-
-    def ld3_options(self) -> ld3.Options:
-        stage = {f.name: getattr(self, f.name) for f in fields(ld3.GlobalStage)}
-        return ld3.Options(**stage, iters=self.ld3_iters)
 
 
 class Learner:

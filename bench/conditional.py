@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--nfe", type=numbers(int), default=[4, 5, 6, 8, 10])
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--optimizer-cells", action="store_true",
+                    help="also every optimizer cell the tune made: its error here and on the tune's test noises")
     args = ap.parse_args()
     torch.set_num_threads(1)
     nfes = args.nfe
@@ -76,6 +78,18 @@ def main() -> None:
             print(f"{w:3g} {k:3d} | {win['method'] + '+' + win['solver']:22} {e_win.mean():7.4f} | "
                   f"{base[1] + '+' + base[2]:24} {base[0].mean():7.4f} | {d.mean():+8.4f} {d.std() / math.sqrt(len(d)):7.4f} "
                   f"{e_win.mean() / base[0].mean():6.3f} | {summary['cost']['total']:8,}", flush=True)
+            if args.optimizer_cells:
+                _optimizer_cells(summary, out, den, x, c, ref, k)
+
+
+def _optimizer_cells(summary: dict, out: Path, den, x, c, ref, k: int) -> None:
+    """Each optimizer cell the tune made at NFE ``k``: its error on the held-out noises and on the tune's own."""
+    for cell in summary["cells"]:
+        if cell["nfe"] == k and cell["status"] == "ok" and "schedule_file" in cell:
+            sched = fewstep.load_schedule(out / "schedules" / cell["schedule_file"])
+            e = fewstep.rmse(fewstep.sample(den, x, sched, cond=c), ref)
+            print(f"      {cell['method'] + '+' + cell['solver']:22} {e.mean():7.4f} here, {cell['mean']:7.4f} on the "
+                  f"tune's first {cell['n']} test noises", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def test_two_process_calibration_matches_one(tmp_path):
                           "-m", "fewstep.cli", *ARGS, "-o", str(tmp_path / "two.json")],
                          env=env, capture_output=True, text=True)
     t2 = time.perf_counter()
-    assert run.returncode == 0, run.stderr[run.stderr.find("Traceback"):][:3000]
+    assert run.returncode == 0, run.stderr[-6000:]  # a rank's own message comes before torchrun's summary
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
     assert one["sigmas"] == pytest.approx(two["sigmas"], rel=1e-12, abs=0)
@@ -70,7 +70,7 @@ def test_two_process_tune_gives_the_results_of_one(tmp_path, conditional):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                           "-m", "fewstep.cli", *args, "-o", str(tmp_path / "two")], env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[run.stderr.find("Traceback"):][:3000]
+    assert run.returncode == 0, run.stderr[-6000:]  # a rank's own message comes before torchrun's summary
     assert run.stdout.count('"best"') == 1  # rank 0 alone prints
     one, two = _cells(tmp_path / "one"), _cells(tmp_path / "two")
     assert sorted(one) == sorted(two)

@@ -283,6 +283,24 @@ def test_a_given_start_is_the_base_and_the_result_is_no_worse(gmm2d, method):
         fewstep.optimize(den, method, "dpmpp_2m", 4, n=8, teacher=teacher, start="ays")
 
 
+@pytest.mark.parametrize("method", ["s4s", "pas"])
+def test_a_start_brings_its_solver(gmm2d, method):
+    """A start on another one-call solver than the one asked for is learned on that solver (a start is a
+    schedule and its solver); a start on a two-call solver cannot be one, and LD3's schedule is the start."""
+    den, teacher, _, _ = gmm2d
+    facts = {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max}
+    other = fewstep.tuning.baseline("ays", "ipndm", 4, facts)
+    no_afs = {"afs": False} if method == "s4s" else {}  # else s4s may keep its other start (a baseline with AFS)
+    start = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(other,), gate=math.inf, **no_afs)
+    assert start.solver == "ipndm" and start.sigmas.tolist() == pytest.approx(other.sigmas.tolist(), rel=1e-6)
+    learned = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(other,))
+    assert learned.metadata["training"].get("start_solver", learned.metadata["training"].get("base_solver")) == "ipndm"
+    heun = fewstep.tuning.baseline("ays", "heun", 4, facts)
+    fallback = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(heun,), gate=math.inf,
+                                **no_afs)
+    assert fallback.solver == "dpmpp_2m" and "ld3" in str(fallback.metadata["training"].get("init", "ld3"))
+
+
 def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
     den = fewstep.load_model("gmm2d")
     summary = fewstep.tune(den, nfe=[3], methods=["karras", "s4s", "pas"], solvers=["dpmpp_2m", "heun"],
@@ -298,6 +316,25 @@ def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
     counter = Counted(den)
     fewstep.sample(counter, fewstep.noise(2, den.shape, 80.0, 9), best)
     assert counter.calls == fewstep.nfe(best) == 3
+
+
+def test_tune_gives_a_learned_method_the_best_starts_of_every_one_call_solver(tmp_path, monkeypatch):
+    """s4s's starts in a tune: every global schedule for its cell's solver, and the best (first-round error) of
+    each other one-call solver, least error first; none for a two-call solver."""
+    seen, real = [], fewstep.tuning._starts
+    monkeypatch.setattr(fewstep.tuning, "_starts",
+                        lambda run, k, m, s: seen.append((s, real(run, k, m, s))) or seen[-1][1])
+    den = fewstep.load_model("gmm2d")
+    summary = fewstep.tune(den, nfe=[3], methods=["karras", "ays", "time_uniform", "s4s"],
+                           solvers=["dpmpp_2m", "ipndm", "heun"], n_calib=32, n_test=16, outdir=tmp_path,
+                           progress=False, report=False)
+    first = {(c["method"], c["solver"]): sum(c["errors"][:16]) / 16 for c in summary["cells"] if c["status"] == "ok"}
+    (solver, starts), = seen
+    other = "ipndm" if solver == "dpmpp_2m" else "dpmpp_2m"
+    got = [(s.metadata["method"], s.solver) for s in starts]
+    best_other = min((m for m in ("karras", "ays", "time_uniform")), key=lambda m: first[(m, other)])
+    assert sorted(got) == sorted([(m, solver) for m in ("karras", "ays", "time_uniform")] + [(best_other, other)])
+    assert [first[g] for g in got] == sorted(first[g] for g in got)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,9 +6,10 @@ teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the er
 
 The race (default): the baselines with every solver rank the solvers; the optimizers run for the best
 three solvers at each NFE (tier 1, LD3, for the best two; tier 2 for the best one: instance, and s4s and
-pas on the best one-call solver from the best schedule so far for it, ``_starts``); every cell is scored on a first round
-of test noises, and rounds of twice as many go to the cells still in the race whose paired difference to
-the leader is not clearly positive, until one is left or the test set is used up.
+pas for the best one-call solver, from the best schedule so far, for it or another one-call solver,
+``_starts``); every cell is scored on a first round of test noises, and rounds of twice as many go to the
+cells still in the race whose paired difference to the leader is not clearly positive, until one is left or
+the test set is used up.
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
 cells that do not fit are left out, and the plan, results.json and the report say which. Every cell
 records its evaluations (rows through the network) for the method and the scoring; the run records the
@@ -168,13 +169,23 @@ def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
 
 
 def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
-    """The global schedules for ``solver`` at NFE ``k`` of the cells made before ``method``'s tier (the baselines
-    and the earlier tiers' optimizers): what a method that takes ``start`` starts from (the best it finds)."""
-    tier, out = METHODS[method].tier, []
-    for r in _ok(run, k, solvers=[solver]):
-        if "sigmas" in r and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier):
-            sched = _schedule(run, k, r["method"], solver)
-            if isinstance(sched, Schedule) and sched.solver == solver:
+    """What a method that takes ``start`` starts from (the best of them on its own validation noises), among the
+    global schedules at NFE ``k`` of the cells made before its tier (the baselines and the earlier tiers'
+    optimizers): every one for ``solver``, and for each other solver the method accepts, the one with the least
+    first-round error. A start brings its solver, so the method is not bound to the solver of its cell. They come
+    least first-round error first, so starts tied on validation (an exact model: all exactly right) go to the
+    one the tune measured best."""
+    tier, accepts, n = METHODS[method].tier, METHODS[method].accepts, run.rounds()[0]
+    rows = sorted((r for r in _ok(run, k) if "sigmas" in r and accepts(r["solver"])
+                   and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier)),
+                  key=lambda r: float(torch.tensor(r["errors"][:n]).mean()))
+    best, out = {}, []
+    for r in rows:
+        best.setdefault(r["solver"], r)
+    for r in rows:
+        if r["solver"] == solver or best[r["solver"]] is r:
+            sched = _schedule(run, k, r["method"], r["solver"])
+            if isinstance(sched, Schedule) and sched.solver == r["solver"]:
                 out.append(sched.with_metadata(method=r["method"]))
     return tuple(out)
 

@@ -60,9 +60,9 @@ class Options(LearnedStage):
 
 
 def _base(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: int) -> Schedule:
-    """The base solver's schedule for ``solver`` at ``nfe`` calls: the best given ``start``, else LD3's, or the
-    built-in ``o.schedule``."""
-    given = given_start(ctx, solver, nfe, o.start, o.loss, n_train)
+    """The base solver's schedule at ``nfe`` calls: the best given ``start`` (on its own solver), else LD3's for
+    ``solver``, or the built-in ``o.schedule``."""
+    given = given_start(ctx, nfe, o.start, o.loss, n_train)
     if given is not None:
         return given[0]
     if o.schedule == "ld3":
@@ -136,7 +136,7 @@ def pas(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     kept = z >= o.gate and any(s["kept"] for s in steps)
     record = {"steps": steps, "gate_z": round(z, 3), "kept": "corrected" if kept else "base",
               "valid_base": float(base_losses.mean()), "valid_corrected": float(pas_losses.mean()),
-              "n_train": n_train, "n_valid": n_valid, "schedule": o.schedule, "base_solver": solver,
+              "n_train": n_train, "n_valid": n_valid, "schedule": o.schedule, "base_solver": base.solver,
               "teacher_calls": ctx.teacher.calls - teacher_calls0, "student_calls": ctx.denoiser.calls - student_calls0,
               "seconds": round(time.perf_counter() - begin, 3)}
     return (corrected if kept else base).with_metadata(training=record)

@@ -30,7 +30,7 @@ import torch
 
 from ..files import FewstepWarning
 from ..schedules import Schedule, logits_from_sigmas, sigmas_from_logits
-from ..solvers import chain, get_solver, plan
+from ..solvers import SOLVERS, chain, get_solver, plan
 from .base import Calibration, register
 from . import ld3
 from .ld3 import Training, default_radius, fit, initial_logits, learn_global, per_sample_loss
@@ -43,9 +43,9 @@ class LearnedStage(ld3.GlobalStage):
     """The options s4s and pas share: ``ld3.GlobalStage``'s (their LD3 start, with ``ld3_iters`` as its
     ``iters``); ``gate``: what is learned is kept only if its validation gain over its start is at least
     this many standard errors (else the start is returned); ``start``: schedules to start from instead of
-    LD3's (``given_start``: the one of the solver's step count with the least validation error; ``fewstep
-    tune`` passes every global schedule it has for the solver at that NFE, so the start is the best it
-    found so far)."""
+    LD3's, each on its own one-call solver (``given_start``: the one of ``nfe`` calls with the least validation
+    error, whose solver is then the one learned on; ``fewstep tune`` passes every global schedule it has at that
+    NFE for a one-call solver, so the start is the best it found so far, whichever solver it is for)."""
 
     ld3_iters: int = Training.iters
     gate: float = 1.0
@@ -158,26 +158,32 @@ def check_starts(starts) -> None:
         raise ValueError(f"start must be a tuple of Schedules (each for the solver at the nfe), got {starts!r}")
 
 
-def given_start(ctx: Calibration, solver: str, nfe: int, starts, loss: str, n_train: int) -> tuple | None:
-    """(schedule, name) of the given starts that fit ``solver`` at ``nfe`` calls (its step count, from
-    sigma_max to 0) with the least mean loss on the validation part, on the solver's own options; None if none fits."""
-    steps, sopts = plan(solver, nfe)
-    fits = [s for s in starts if s.steps == steps and float(s.sigmas[-1]) == 0
-            and math.isclose(float(s.sigmas[0]), ctx.sigma_max, rel_tol=1e-9)]
+def given_start(ctx: Calibration, nfe: int, starts, loss: str, n_train: int) -> tuple | None:
+    """(schedule, name) of the given starts that make ``nfe`` calls on a one-call solver, each on its own solver
+    (from sigma_max to 0, that solver's options for ``nfe``), with the least mean loss on the validation part;
+    None if none fits; of starts tied, the first. The start's solver is the one learned on: a start is a schedule
+    and its solver together."""
+    fits = []
+    for s in starts:
+        if s.solver not in SOLVERS or not one_call(s.solver):
+            continue
+        steps, sopts = plan(s.solver, nfe)
+        if (s.steps == steps and float(s.sigmas[-1]) == 0
+                and math.isclose(float(s.sigmas[0]), ctx.sigma_max, rel_tol=1e-9)):
+            fits.append((Schedule(s.sigmas, solver=s.solver, solver_options=sopts), s))
     if not fits:
         return None
     valid, y = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
-    scheds = [Schedule(s.sigmas, solver=solver, solver_options=sopts) for s in fits]
-    errors = [float(losses(valid, s, y, loss).mean()) for s in scheds]
+    errors = [float(losses(valid, sched, y, loss).mean()) for sched, _ in fits]
     i = min(range(len(fits)), key=lambda i: (errors[i], i))
-    return scheds[i], str(fits[i].metadata.get("method", f"given start {i}"))
+    return fits[i][0], str(fits[i][1].metadata.get("method", f"given start {i}"))
 
 
-def _start(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int) -> tuple:
-    """A start (logits, solver options, name, LD3's record): the best given ``start``, else the LD3 schedule;
-    with ``afs`` the best baseline (by training error) of one step more with the analytical first step."""
-    given = None if afs else given_start(ctx, solver, nfe, o.start, o.loss, n_train)
-    if given is not None:
+def _start(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int, given) -> tuple:
+    """A start (logits, solver options, name, LD3's record): ``given`` (the best given start, on ``solver``),
+    else the LD3 schedule; with ``afs`` the best baseline (by training error) of one step more with the
+    analytical first step."""
+    if given is not None and not afs:
         sched, name = given
         return logits_from_sigmas(sched.sigmas, ctx.sigma_min, o.learn_last), sched.solver_options, name, {}
     if not afs:
@@ -215,9 +221,10 @@ def unlearnable(ctx: Calibration, solver: str, nfe: int, ld3_options: ld3.Option
     return single_noise(ctx, solver, nfe, ld3_options, method) if ctx.x.shape[0] == 1 else None
 
 
-def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int, train: bool) -> tuple:
+def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int, train: bool,
+           given) -> tuple:
     """From one start: (learned schedule, or None if not ``train``, the start's schedule, record)."""
-    logits, sopts, name, ld3_record = _start(ctx, solver, nfe, o, afs, n_train)
+    logits, sopts, name, ld3_record = _start(ctx, solver, nfe, o, afs, n_train, given)
     learner = Learner(ctx, solver, sopts, logits, o)
     with torch.no_grad():
         start = Schedule(learner.sigmas(), solver=solver, solver_options=sopts)
@@ -246,17 +253,20 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
           quick_options={"ld3_iters": 10, "iters": 20, "patience": 5}, cost=cost, tier=2, accepts=one_call)
 def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """S4S (arXiv 2502.17423): a 'learned' solver of exactly ``nfe`` calls, started from ``solver`` (one call
-    a step) on its LD3 schedule (and, with ``afs``, from a baseline with the analytical first step); the
-    start is returned where the learned solver's validation gain does not pass the gate."""
+    a step) on its LD3 schedule, or from the best given ``start`` on that start's solver (and, with ``afs``,
+    from a baseline with the analytical first step); the start is returned where the learned solver's
+    validation gain does not pass the gate."""
     untrained = unlearnable(ctx, solver, nfe, o.ld3_options(), "s4s")
     if untrained is not None:
         return untrained
     teacher_calls0, student_calls0, begin = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     n_train, n_valid = Training(valid=o.valid).split(ctx.x.shape[0])
     valid, y_valid = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
+    given = given_start(ctx, nfe, o.start, o.loss, n_train)
+    solver = given[0].solver if given is not None else solver  # a given start brings its solver
     candidates, records = [], []  # (validation mean, kind, schedule, record): the starts, and what passed the gate
     for afs in ((False, True) if o.afs == "auto" else (o.afs,)):
-        learned, start, record = _learn(ctx, solver, nfe, o, afs, n_train, n_valid >= o.min_valid)
+        learned, start, record = _learn(ctx, solver, nfe, o, afs, n_train, n_valid >= o.min_valid, given)
         start_losses = losses(valid, start, y_valid, o.loss)
         candidates.append((float(start_losses.mean()), "start", start, record))
         if learned is not None:

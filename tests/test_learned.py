@@ -13,6 +13,7 @@ import torch
 import fewstep
 from fewstep import schedules as S
 from fewstep.files import FewstepWarning
+from fewstep.report import cell_label
 from fewstep.solvers import SOLVERS, PLANNED, chain, pas_basis
 from test_solvers import Counting as Counted
 
@@ -335,6 +336,10 @@ def test_tune_gives_a_learned_method_the_best_starts_of_every_one_call_solver(tm
     best_other = min((m for m in ("karras", "ays", "time_uniform")), key=lambda m: first[(m, other)])
     assert sorted(got) == sorted([(m, solver) for m in ("karras", "ays", "time_uniform")] + [(best_other, other)])
     assert [first[g] for g in got] == sorted(first[g] for g in got)
+    row = next(c for c in summary["cells"] if c["method"] == "s4s" and c["status"] == "ok")
+    trained = fewstep.Schedule.load(tmp_path / "schedules" / row["schedule_file"]).metadata["training"]
+    assert row.get("start_solver", row["solver"]) == trained["start_solver"]  # results.json says which solver it runs from
+    assert cell_label({**row, "start_solver": "deis"}) == f"s4s + {row['solver']} (started on deis)"
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def plot_sigmas(summary: dict, path: Path) -> str:
     info = summary["model"]
     for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
         s = [v for v in entry["winner"]["sigmas"] if v > 0]
-        line, = ax.plot(range(len(s)), s, "o-", ms=3, label=f"NFE {k}: {entry['winner']['method']}+{entry['winner']['solver']}")
+        line, = ax.plot(range(len(s)), s, "o-", ms=3, label=f"NFE {k}: {cell_label(entry['winner'], '+')}")
         ref = karras(len(s), info["sigma_min"], info["sigma_max"]).sigmas[:-1]
         ax.plot(range(len(ref)), ref, ":", color=line.get_color(), alpha=0.6)
     ax.set_yscale("log")
@@ -148,11 +148,17 @@ def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Te
     return _save(fig, path)
 
 
+def cell_label(row: dict, sep: str = " + ") -> str:
+    """'method + solver', and the solver of the start a learned method took where it is another."""
+    start = f" (started on {row['start_solver']})" if row.get("start_solver") else ""
+    return f"{row['method']}{sep}{row['solver']}{start}"
+
+
 def improvement_rows(summary: dict) -> list[dict]:
     rows = []
     for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
         win, base = entry["winner"], entry["best_baseline"]
-        row = {"nfe": int(k), "winner": f"{win['method']} + {win['solver']}", "mean": win["mean"],
+        row = {"nfe": int(k), "winner": cell_label(win), "mean": win["mean"],
                "ci": win["mean_ci95"], "n": win["n"]}
         if base is not None:
             row.update({"baseline": f"{base['method']} + {base['solver']}", "base_mean": base["mean"],

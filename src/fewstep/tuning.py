@@ -210,6 +210,10 @@ def _row(run: _Run, k: int, method: str, solver: str, sched: ScheduleLike, spent
            "calib_seconds": old.get("calib_seconds", round(seconds, 3))}
     if not sched.per_sample:
         row["sigmas"], row["nfe_counted"] = sched.to_list(), count_nfe(sched)
+    training = getattr(sched, "metadata", {}).get("training", {})
+    start = training.get("start_solver") or training.get("base_solver")
+    if start and start != solver:  # a learned method took a start on another solver (its cell's only ranks it)
+        row["start_solver"] = start
     if "schedule_file" in old:
         row["schedule_file"] = old["schedule_file"]
     elif run.out is not None and method not in BUILTIN_SCHEDULES:

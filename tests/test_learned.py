@@ -287,7 +287,8 @@ def test_a_given_start_is_the_base_and_the_result_is_no_worse(gmm2d, method):
 @pytest.mark.parametrize("method", ["s4s", "pas"])
 def test_a_start_brings_its_solver(gmm2d, method):
     """A start on another one-call solver than the one asked for is learned on that solver (a start is a
-    schedule and its solver); a start on a two-call solver cannot be one, and LD3's schedule is the start."""
+    schedule and its solver); a start on a two-call solver or a learned one cannot be one, and LD3's schedule is
+    the start."""
     den, teacher, _, _ = gmm2d
     facts = {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max}
     other = fewstep.tuning.baseline("ays", "ipndm", 4, facts)
@@ -297,7 +298,9 @@ def test_a_start_brings_its_solver(gmm2d, method):
     learned = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(other,))
     assert learned.metadata["training"].get("start_solver", learned.metadata["training"].get("base_solver")) == "ipndm"
     heun = fewstep.tuning.baseline("ays", "heun", 4, facts)
-    fallback = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(heun,), gate=math.inf,
+    a, b = chain("ipndm", other.sigmas)  # a learned solver's schedule (its coefficients are no start either)
+    coefs = fewstep.Schedule(other.sigmas, solver="learned", solver_options={"a": a.tolist(), "b": [r.tolist() for r in b]})
+    fallback = fewstep.optimize(den, method, "dpmpp_2m", 4, n=32, teacher=teacher, start=(heun, coefs), gate=math.inf,
                                 **no_afs)
     assert fallback.solver == "dpmpp_2m" and "ld3" in str(fallback.metadata["training"].get("init", "ld3"))
 

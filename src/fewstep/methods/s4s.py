@@ -30,7 +30,7 @@ import torch
 
 from ..files import FewstepWarning
 from ..schedules import Schedule, logits_from_sigmas, sigmas_from_logits
-from ..solvers import SOLVERS, chain, get_solver, plan
+from ..solvers import PLANNED, chain, get_solver, plan
 from .base import Calibration, register
 from . import ld3
 from .ld3 import Training, default_radius, fit, initial_logits, learn_global, per_sample_loss
@@ -159,13 +159,13 @@ def check_starts(starts) -> None:
 
 
 def given_start(ctx: Calibration, nfe: int, starts, loss: str, n_train: int) -> tuple | None:
-    """(schedule, name) of the given starts that make ``nfe`` calls on a one-call solver, each on its own solver
-    (from sigma_max to 0, that solver's options for ``nfe``), with the least mean loss on the validation part;
-    None if none fits; of starts tied, the first. The start's solver is the one learned on: a start is a schedule
-    and its solver together."""
+    """(schedule, name) of the given starts that make ``nfe`` calls on a planned one-call solver (not a learned
+    one: its coefficients are no start), each on its own solver (from sigma_max to 0, that solver's options for
+    ``nfe``), with the least mean loss on the validation part; None if none fits; of starts tied, the first. The
+    start's solver is the one learned on: a start is a schedule and its solver together."""
     fits = []
     for s in starts:
-        if s.solver not in SOLVERS or not one_call(s.solver):
+        if s.solver not in PLANNED or not one_call(s.solver):  # a learned solver's schedule is no start
             continue
         steps, sopts = plan(s.solver, nfe)
         if (s.steps == steps and float(s.sigmas[-1]) == 0

@@ -2,6 +2,7 @@ import base64
 import html.parser
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -139,6 +140,20 @@ def test_every_evaluation_is_counted_and_the_plan_printed(capsys):
     assert sum(c["evaluations"]["scoring"] for c in ok) == cost["evaluations"]["scoring"]
     assert all(c["evaluations"]["method"] > 0 for c in ok if c["method"] in ("oss", "ld3"))
     assert all(c["n"] == len(c["errors"]) for c in ok)
+
+
+def test_the_teacher_counts_as_teacher_whoever_asks(tmp_path):
+    """The teacher's solves inside a method (GITS's warm-up trajectories, SDM's checks) are teacher evaluations:
+    a run whose teacher comes from a warm disk cache spends the same method evaluations per cell, fewer teacher."""
+    kw = dict(nfe=[4], methods=["karras", "gits", "sdm", "ld3"], solvers=["euler", "dpmpp_2m"], n_calib=16,
+              n_test=16, report=False, progress=False)
+    cold = tune(fewstep.load_model("gmm2d"), outdir=tmp_path / "cold", **kw)
+    shutil.copytree(tmp_path / "cold" / "teacher", tmp_path / "warm" / "teacher")
+    warm = tune(fewstep.load_model("gmm2d"), outdir=tmp_path / "warm", **kw)
+    spent = [{(c["method"], c["solver"]): c.get("evaluations") for c in s["cells"]} for s in (cold, warm)]
+    assert spent[0] == spent[1]
+    assert warm["cost"]["evaluations"].get("teacher", 0) < cold["cost"]["evaluations"]["teacher"]
+    assert warm["cost"]["evaluations"]["method"] == cold["cost"]["evaluations"]["method"] > 0
 
 
 def test_a_budget_is_never_exceeded_and_what_is_left_out_is_said(tmp_path):

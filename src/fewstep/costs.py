@@ -20,6 +20,7 @@ import torch
 from . import distributed
 
 STAGES = ("probe", "teacher", "method", "scoring")
+FACTS = ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance")  # passed through to wrappers
 
 
 class BudgetExhausted(RuntimeError):
@@ -34,9 +35,7 @@ class Meter:
         self.rows: dict[str, int] = defaultdict(int)
         self.seconds: dict[str, float] = defaultdict(float)
         self.stage = "method"
-        for attr in ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance"):
-            if getattr(denoiser, attr, None) is not None:
-                setattr(self, attr, getattr(denoiser, attr))
+        _pass_facts(denoiser, self)
 
     @property
     def total(self) -> int:
@@ -84,6 +83,25 @@ class Meter:
             out["at_seconds_per_eval"] = {"seconds_per_eval": seconds_per_eval,
                                           "hours": round(self.total * seconds_per_eval / 3600, 3)}
         return out
+
+
+def _pass_facts(source: Any, target: Any) -> None:
+    for attr in FACTS:
+        if getattr(source, attr, None) is not None:
+            setattr(target, attr, getattr(source, attr))
+
+
+class Staged:
+    """The meter's denoiser with every row it evaluates attributed to ``stage``, whatever stage is running:
+    the teacher's solves count as teacher evaluations also when a method or the scoring asks for them."""
+
+    def __init__(self, meter: Meter, stage: str):
+        self.meter, self.stage = meter, stage
+        _pass_facts(meter, self)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **kw: Any) -> torch.Tensor:
+        with self.meter.at(self.stage):
+            return self.meter(x, sigma, **kw)
 
 
 def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float, cond=None) -> float:

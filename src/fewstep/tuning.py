@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import conditions, distributed
-from .costs import BudgetExhausted, Meter, seconds_per_row
+from .costs import BudgetExhausted, Meter, Staged, seconds_per_row
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
 from .methods.base import any_solver, memo_table
@@ -123,9 +123,8 @@ class _Run:
         bounds = [0] + self.rounds()
         while sum(len(r) for r in self.refs) < n:
             a, b = bounds[len(self.refs)], bounds[len(self.refs) + 1]
-            with self.meter.at("teacher"):
-                self.refs.append(self.teacher.solve(self.x_test[a:b], self.info["sigma_max"],
-                                                    conditions.rows(self.test_cond, slice(a, b))))
+            self.refs.append(self.teacher.solve(self.x_test[a:b], self.info["sigma_max"],
+                                                conditions.rows(self.test_cond, slice(a, b))))
         return torch.cat(self.refs)[:n]
 
     def save(self) -> None:
@@ -538,9 +537,8 @@ def _teacher_to_errors(run: _Run, k: int, methods: list[str], solvers: list[str]
     if not errs:
         return
     steps = run.teacher.steps(run.info["sigma_max"])
-    with run.meter.at("teacher"):
-        run.teacher.refine_to(TEACHER_SHARE * min(errs), run.info["sigma_max"])
-        moved = run.teacher.steps(run.info["sigma_max"]) != steps
+    run.teacher.refine_to(TEACHER_SHARE * min(errs), run.info["sigma_max"])
+    moved = run.teacher.steps(run.info["sigma_max"]) != steps
     if moved:
         run.refs.clear()
         for name in [n for n, r in run.results.items() if r["nfe"] == k and r["method"] == first]:
@@ -580,13 +578,13 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
                                                device=info["device"]), info["sigma_max"],
                                   conditions.to(conditions.cycle(pools[1], min(n_calib, 16)), info["device"]))
     model_id = model_id or f"{info['name']}@{fingerprint(denoiser)}"
-    teacher = (teacher.using(meter) if teacher is not None else
-               Teacher(meter, sigma_min=info["sigma_min"], model_id=model_id, shape=info["shape"],
+    staged = Staged(meter, "teacher")  # the teacher's rows are teacher evaluations, whoever asks for them
+    teacher = (teacher.using(staged) if teacher is not None else
+               Teacher(staged, sigma_min=info["sigma_min"], model_id=model_id, shape=info["shape"],
                        cache_dir=out / "teacher" if out else None, rel_tol=INITIAL_REL_TOL))
     teacher.check_cond = conditions.to(pools[1], info["device"])
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
-    with meter.at("teacher"):  # its error control (on fixed noises) runs here; a fixed N's estimate too
-        steps, _ = teacher.steps(info["sigma_max"]), teacher.error(info["sigma_max"])
+    steps, _ = teacher.steps(info["sigma_max"]), teacher.error(info["sigma_max"])  # its error control runs here
     spent = meter.combined().total
     sizes = _fit(None if budget is None else budget - spent, methods, solvers, nfes, n_calib, n_test, steps, options,
                  exhaustive)
@@ -669,12 +667,11 @@ def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaus
 def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_eval: float | None) -> dict:
     run.save()
     scored = max((len(e) for e in run.errors.values()), default=0)
-    with run.meter.at("teacher"):  # on every test noise a result is measured on
-        try:
-            run.teacher_error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored),
-                                                     conditions.rows(run.test_cond, slice(None, scored))) if scored else None
-        except BudgetExhausted:  # not estimated: the budget is spent
-            pass
+    try:  # on every test noise a result is measured on
+        run.teacher_error = run.teacher.error_on(run.x_test[:scored], run.info["sigma_max"], run.ref(scored),
+                                                 conditions.rows(run.test_cond, slice(None, scored))) if scored else None
+    except BudgetExhausted:  # not estimated: the budget is spent
+        pass
     run.save()  # its cost now with the error check
     cost = run.cost(seconds_per_eval)
     summary = {"version": RESULTS_VERSION, "key": run.key, "model": run.info, "plan": plan_, "cost": cost,

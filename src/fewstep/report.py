@@ -161,7 +161,7 @@ def improvement_rows(summary: dict) -> list[dict]:
         row = {"nfe": int(k), "winner": cell_label(win), "mean": win["mean"],
                "ci": win["mean_ci95"], "n": win["n"]}
         if base is not None:
-            row.update({"baseline": f"{base['method']} + {base['solver']}", "base_mean": base["mean"],
+            row.update({"baseline": cell_label(base), "base_mean": base["mean"],
                         "base_ci": base["mean_ci95"], "ratio": win["mean"] / base["mean"]})
         if entry.get("policy"):
             row["policy"] = f"{entry['policy']['method']} + {entry['policy']['solver']}: {entry['policy']['mean']:.4g}"
@@ -227,7 +227,7 @@ def _cell_lists(summary: dict) -> list[str]:
         cells = [c for c in summary["cells"] if c["status"] == status]
         if cells:
             lines += [f"## {title}", "", note, ""]
-            lines += [f"- NFE {c['nfe']} {c['method']} + {c['solver']}: " + (f"{c['error']}: " if status == "failed" else "")
+            lines += [f"- NFE {c['nfe']} {cell_label(c)}: " + (f"{c['error']}: " if status == "failed" else "")
                       + c["reason"] + (f" ({c['seconds']} s)" if status == "failed" else "") for c in cells]
             lines.append("")
     return lines

@@ -174,10 +174,10 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     first-round error. A start brings its solver, so the method is not bound to the solver of its cell. They come
     least first-round error first, so starts tied on validation (an exact model: all exactly right) go to the
     one the tune measured best."""
-    tier, accepts, n = METHODS[method].tier, METHODS[method].accepts, run.rounds()[0]
+    tier, accepts = METHODS[method].tier, METHODS[method].accepts
     rows = sorted((r for r in _ok(run, k) if "sigmas" in r and accepts(r["solver"])
                    and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier)),
-                  key=lambda r: float(torch.tensor(r["errors"][:n]).mean()))
+                  key=lambda r: _first_round(run, r))
     best, out = {}, []
     for r in rows:
         best.setdefault(r["solver"], r)
@@ -303,12 +303,16 @@ def _ok(run: _Run, k: int, methods=None, solvers=None) -> list[dict]:
             and (methods is None or r["method"] in methods) and (solvers is None or r["solver"] in solvers)]
 
 
+def _first_round(run: _Run, row: dict) -> float:
+    """A cell's mean error on the first-round noises (every scored cell has them)."""
+    return float(torch.tensor(row["errors"][:run.rounds()[0]]).mean())
+
+
 def _ranked_solvers(run: _Run, k: int, solvers: list[str]) -> list[str]:
     """The solvers by the error of their best scored cell at NFE ``k`` (on the first-round noises)."""
-    n = run.rounds()[0]
     best = {}
     for r in _ok(run, k, solvers=solvers):
-        best[r["solver"]] = min(best.get(r["solver"], math.inf), float(torch.tensor(r["errors"][:n]).mean()))
+        best[r["solver"]] = min(best.get(r["solver"], math.inf), _first_round(run, r))
     return sorted(best, key=best.get)
 
 

@@ -162,7 +162,8 @@ def given_start(ctx: Calibration, nfe: int, starts, loss: str, n_train: int) -> 
     """(schedule, name) of the given starts that make ``nfe`` calls on a planned one-call solver (not a learned
     one: its coefficients are no start), each on its own solver (from sigma_max to 0, that solver's options for
     ``nfe``), with the least mean loss on the validation part; None if none fits; of starts tied, the first. The
-    start's solver is the one learned on: a start is a schedule and its solver together."""
+    start's solver is the one learned on: a start is a schedule and its solver together. The losses are memoized
+    (in a tune, s4s and pas are given the same starts on the same batch)."""
     fits = []
     for s in starts:
         if s.solver not in PLANNED or not one_call(s.solver):  # a learned solver's schedule is no start
@@ -174,7 +175,9 @@ def given_start(ctx: Calibration, nfe: int, starts, loss: str, n_train: int) -> 
     if not fits:
         return None
     valid, y = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
-    errors = [float(losses(valid, sched, y, loss).mean()) for sched, _ in fits]
+    settings = ([sched.describe() for sched, _ in fits], loss, n_train, ctx.teacher.steps(ctx.sigma_max))
+    errors = ctx.memo("given_start", settings,
+                      lambda: [float(losses(valid, sched, y, loss).mean()) for sched, _ in fits])
     i = min(range(len(fits)), key=lambda i: (errors[i], i))
     return fits[i][0], str(fits[i][1].metadata.get("method", f"given start {i}"))
 

@@ -1,7 +1,7 @@
 """Schedules for a conditional model, calibrated on one set of conditions and judged on others (issue #17).
 
     OMP_NUM_THREADS=1 python bench/conditional.py [--model gmm-cond] [--guidance 1,3] [--nfe 4,5,6,8,10]
-                                                  [--pool 64] [--n 512]
+                                                  [--pool 64] [--n 512] [--n-test 128]
 
 ``fewstep.tune`` at guidance w with a pool of ``--pool`` conditions (its first half calibrates, its second
 half scores); then every NFE's winner and every baseline with every solver are scored on ``--n`` fresh
@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--nfe", type=numbers(int), default=[4, 5, 6, 8, 10])
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--n", type=int, default=512)
+    ap.add_argument("--n-test", type=int, default=None, help="the tune's test noises (default: tune's, 128)")
     ap.add_argument("--optimizer-cells", action="store_true",
                     help="also every optimizer cell the tune made: its error here and on the tune's test noises")
     args = ap.parse_args()
@@ -66,7 +67,8 @@ def main() -> None:
           f"{'diff':>8} {'+-se':>7} {'ratio':>6} | {'evals':>8}")
     for w in args.guidance:
         den, out = make(w), Path(tempfile.mkdtemp())
-        summary = fewstep.tune(den, nfe=nfes, conds=pool(args.pool), outdir=out, progress=False, report=False)
+        summary = fewstep.tune(den, nfe=nfes, conds=pool(args.pool), outdir=out, progress=False, report=False,
+                               n_test=args.n_test)
         x, c = fewstep.noise(args.n, den.shape, den.sigma_max, 2), held_out(args.n)
         ref = fewstep.Teacher(den, tol=1e-4, check_cond=c).solve(x, cond=c)
         for k in nfes:

@@ -305,6 +305,24 @@ def test_a_start_brings_its_solver(gmm2d, method):
     assert fallback.solver == "dpmpp_2m" and "ld3" in str(fallback.metadata["training"].get("init", "ld3"))
 
 
+def test_s4s_learns_on_another_solver_when_it_would_keep_a_start(gmm2d):
+    """When what would be returned is a start (gate=inf: nothing learned counts), the best given start of another
+    solver is learned on once more (both starts, with and without AFS), and the best of all is returned."""
+    den, teacher, _, _ = gmm2d
+    facts = {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max}
+    starts = (fewstep.tuning.baseline("ays", "dpmpp_2m", 4, facts), fewstep.tuning.baseline("ays", "ipndm", 4, facts))
+    kw = dict(n=32, teacher=teacher, start=starts, iters=9, patience=9)
+    out = fewstep.optimize(den, "s4s", "dpmpp_2m", 4, gate=math.inf, **kw)
+    tried, training = out.metadata["training"]["tried"], out.metadata["training"]
+    first, again = [t for t in tried if not t.get("fallback")], [t for t in tried if t.get("fallback")]
+    assert [t["afs"] for t in first] == [t["afs"] for t in again] == [False, True]
+    assert {t["solver"] for t in first} != {t["solver"] for t in again}
+    assert {t["solver"] for t in tried} == {"dpmpp_2m", "ipndm"}
+    assert training["kept"] == "start" and out.solver == training["start_solver"]
+    plain = fewstep.optimize(den, "s4s", "dpmpp_2m", 4, gate=math.inf, fallback=False, **kw)
+    assert not any(t.get("fallback") for t in plain.metadata["training"]["tried"])
+
+
 def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
     den = fewstep.load_model("gmm2d")
     summary = fewstep.tune(den, nfe=[3], methods=["karras", "s4s", "pas"], solvers=["dpmpp_2m", "heun"],

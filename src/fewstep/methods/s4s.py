@@ -16,7 +16,8 @@ LD3's loop (``ld3.fit``: RMSE to the teacher's x0, soft teacher, train/validatio
 best validation kept) with a penalty toward the start solver, reg * L0 / n_train * ||s alpha, s beta||^2
 (L0 the start's training loss: the penalty is relative to the error, and weighs more with fewer noises).
 The learned solver is kept only if its validation gain over its start passes ``gate`` standard errors
-of the paired per-sample differences; otherwise the start is returned. See docs/methods/s4s.md.
+of the paired per-sample differences; otherwise the start is returned, unless another given start on another
+solver learns something that does (``fallback``). See docs/methods/s4s.md.
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ class Options(LearnedStage):
 
     ``lr``, ``iters``, ``patience``: AdamW on the logits and the coefficient deltas (LD3's loop);
     ``reg``: the penalty toward the start solver (above); ``afs``: True, False or 'auto' (train from both
-    starts, with and without the analytical first step, and keep the better on validation); ``min_valid``:
+    starts, with and without the analytical first step, and keep the better on validation); ``fallback``: when what is kept is a start (nothing learned passed the gate and
+    beat it), learn once more on the best given start of another solver (a solver whose coefficients do not
+    improve on its start is not the only one tried); ``min_valid``:
     with fewer validation noises than this the start is returned untrained (with a few noises the
     validation cannot see a learned solver's losses: docs/methods/s4s.md); ``learn_sigmas``: learn the
     timesteps too (else only the coefficients, on the start's timesteps).
@@ -77,6 +80,7 @@ class Options(LearnedStage):
     patience: int = 20
     reg: float = 10.0
     afs: bool | str = "auto"
+    fallback: bool = True
     min_valid: int = 16
     learn_sigmas: bool = True
 
@@ -232,21 +236,41 @@ def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_tra
     with torch.no_grad():
         start = Schedule(learner.sigmas(), solver=solver, solver_options=sopts)
     if not train:
-        return None, start, {"init": name, "afs": afs, "ld3_reused": ld3_record.get("reused")}
+        return None, start, {"init": name, "afs": afs, "solver": solver, "ld3_reused": ld3_record.get("reused")}
     radius = default_radius(ctx.x.shape[1:], start.steps) if o.radius is None else o.radius
     train = Training(loss=o.loss, radius=radius, lr=o.lr, iters=o.iters, patience=o.patience, valid=o.valid,
                      seed=o.seed)
     l0 = float(losses(ctx.subset(slice(None, n_train)), start, ctx.target()[:n_train], o.loss).mean())
     record = fit(ctx, "learned", {}, learner.plan, learner.params, train, desc=f"s4s {solver} nfe={nfe} from {name}",
                  penalty=learner.penalty(o.reg * l0 / n_train))
-    record.update(init=name, afs=afs, ld3_reused=ld3_record.get("reused"), penalty_weight=o.reg * l0 / n_train)
+    record.update(init=name, afs=afs, solver=solver, ld3_reused=ld3_record.get("reused"),
+                  penalty_weight=o.reg * l0 / n_train)
     return learner.schedule(), start, record
+
+
+def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: int, train: bool, given) -> tuple:
+    """(validation mean, kind, schedule, record) of the starts and of what they learned that passed the
+    gate; the records."""
+    valid, y_valid = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
+    candidates, records = [], []
+    for afs in ((False, True) if o.afs == "auto" else (o.afs,)):
+        learned, start, record = _learn(ctx, solver, nfe, o, afs, n_train, train, given)
+        start_losses = losses(valid, start, y_valid, o.loss)
+        candidates.append((float(start_losses.mean()), "start", start, record))
+        if learned is not None:
+            learned_losses = losses(valid, learned, y_valid, o.loss)
+            record["gate_z"] = round(significance(start_losses - learned_losses), 3)
+            if record["gate_z"] >= o.gate:
+                candidates.append((float(learned_losses.mean()), "learned", learned, record))
+        records.append(record)
+    return candidates, records
 
 
 def cost(o: Options, solver: str, nfe: int, n: int) -> int:
     """Per start (two with afs='auto'), up to ``iters`` steps on the whole batch (the training part forward
-    and backward, the validation part forward): starts * iters * B * NFE; the LD3 start's (``ld3.cost``) is
-    reused inside tune, not counted here."""
+    and backward, the validation part forward): starts * iters * B * NFE; a fallback (when a start would be
+    returned) as much again, not counted: it is the exception. The LD3 start's (``ld3.cost``) is reused
+    inside tune, not counted here."""
     return (2 if o.afs == "auto" else 1) * o.iters * n * nfe
 
 
@@ -264,24 +288,21 @@ def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
         return untrained
     teacher_calls0, student_calls0, begin = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
     n_train, n_valid = Training(valid=o.valid).split(ctx.x.shape[0])
-    valid, y_valid = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
+    train = n_valid >= o.min_valid
     given = given_start(ctx, nfe, o.start, o.loss, n_train)
     solver = given[0].solver if given is not None else solver  # a given start brings its solver
-    candidates, records = [], []  # (validation mean, kind, schedule, record): the starts, and what passed the gate
-    for afs in ((False, True) if o.afs == "auto" else (o.afs,)):
-        learned, start, record = _learn(ctx, solver, nfe, o, afs, n_train, n_valid >= o.min_valid, given)
-        start_losses = losses(valid, start, y_valid, o.loss)
-        candidates.append((float(start_losses.mean()), "start", start, record))
-        if learned is not None:
-            learned_losses = losses(valid, learned, y_valid, o.loss)
-            record["gate_z"] = round(significance(start_losses - learned_losses), 3)
-            if record["gate_z"] >= o.gate:
-                candidates.append((float(learned_losses.mean()), "learned", learned, record))
-        records.append(record)
+    candidates, records = _candidates(ctx, solver, nfe, o, n_train, train, given)
+    if train and o.fallback and given is not None and min(candidates, key=lambda c: c[0])[1] == "start":
+        other = given_start(ctx, nfe, [s for s in o.start if s.solver != solver], o.loss, n_train)
+        if other is not None:  # nothing learned beat its start: once more, on another solver
+            more, tried = _candidates(ctx, other[0].solver, nfe, o, n_train, train, other)
+            for r in tried:
+                r["fallback"] = True
+            candidates, records = candidates + more, records + tried
     best, kind, sched, record = min(candidates, key=lambda c: c[0])
-    keys = ("init", "afs", "valid_init", "valid_best", "gate_z", "iters")
+    keys = ("init", "solver", "afs", "valid_init", "valid_best", "gate_z", "iters", "fallback")
     summary = {**record, "kept": kind, "valid_kept": best, "n_train": n_train, "n_valid": n_valid,
-               "tried": [{k: r[k] for k in keys if k in r} for r in records], "start_solver": solver,
+               "tried": [{k: r[k] for k in keys if k in r} for r in records], "start_solver": record["solver"],
                "teacher_calls": ctx.teacher.calls - teacher_calls0, "student_calls": ctx.denoiser.calls - student_calls0,
                "seconds": round(time.perf_counter() - begin, 3)}
     if n_valid < o.min_valid:

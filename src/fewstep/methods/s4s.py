@@ -282,7 +282,7 @@ def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """S4S (arXiv 2502.17423): a 'learned' solver of exactly ``nfe`` calls, started from ``solver`` (one call
     a step) on its LD3 schedule, or from the best given ``start`` on that start's solver (and, with ``afs``,
     from a baseline with the analytical first step); the start is returned where the learned solver's
-    validation gain does not pass the gate."""
+    validation gain does not pass the gate (with ``fallback``, after one more try on another given start's solver)."""
     untrained = unlearnable(ctx, solver, nfe, o.ld3_options(), "s4s")
     if untrained is not None:
         return untrained

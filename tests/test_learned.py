@@ -305,6 +305,40 @@ def test_a_start_brings_its_solver(gmm2d, method):
     assert fallback.solver == "dpmpp_2m" and "ld3" in str(fallback.metadata["training"].get("init", "ld3"))
 
 
+def test_training_in_pieces_is_training_in_one_go(gmm2d):
+    """ld3.Fit run in two pieces (s4s screens its plain start) takes exactly the steps of one run."""
+    from fewstep.methods import _calibration
+    from fewstep.methods.ld3 import Fit, Training, fit
+    from fewstep.methods.s4s import Learner, Options
+
+    den, teacher, _, _ = gmm2d
+    ctx, _ = _calibration(den, None, None, 32, 0, None, None, teacher, False)
+    start = fewstep.tuning.baseline("ays", "unipc", 4, {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max})
+    o, train = Options(), Training(iters=7, patience=7)
+    learners = [Learner(ctx, "unipc", {}, S.logits_from_sigmas(start.sigmas, ctx.sigma_min, o.learn_last), o)
+                for _ in range(2)]
+    one = fit(ctx, "learned", {}, learners[0].plan, learners[0].params, train)
+    two = Fit(ctx, "learned", {}, learners[1].plan, learners[1].params, train).run(3).run(100).finish()
+    assert one["iters"] == two["iters"] == 7 and one["valid_best"] == two["valid_best"]
+    for p, q in zip(learners[0].params, learners[1].params):
+        assert torch.equal(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("screen", [1 / 3, 1.0])
+def test_s4s_screens_its_plain_start_only_when_behind(gmm2d, screen):
+    """With both starts, the plain one stops after screen * iters steps if the AFS one is ahead then; the AFS
+    start trains to the end; screen=1 trains both to the end."""
+    den, teacher, _, _ = gmm2d
+    for nfe, behind in ((3, True), (5, False)):  # at NFE 3 the AFS start leads after 3 steps, at 5 it does not
+        out = fewstep.optimize(den, "s4s", "unipc", nfe, n=32, teacher=teacher, iters=9, patience=9, screen=screen)
+        plain, afs = out.metadata["training"]["tried"]
+        assert afs["afs"] and afs["iters"] == 9 and not afs.get("screened")
+        screened = behind and screen < 1
+        assert bool(plain.get("screened")) == screened and plain["iters"] == (3 if screened else 9)
+    with pytest.raises(ValueError, match="screen"):
+        fewstep.optimize(den, "s4s", "unipc", 5, n=32, teacher=teacher, screen=0)
+
+
 def test_s4s_learns_on_another_solver_when_it_would_keep_a_start(gmm2d):
     """When what would be returned is a start (gate=inf: nothing learned counts), the best given start of another
     solver is learned on once more (both starts, with and without AFS), and the best of all is returned."""

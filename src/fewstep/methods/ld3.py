@@ -135,62 +135,89 @@ class _Best:
 def fit(ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[..., tuple],
         params: Sequence[torch.Tensor], train: Training, desc: str = "ld3",
         penalty: Callable[[], torch.Tensor] | None = None) -> dict:
-    """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0.
+    """Train ``params`` so that the student from the first part of ``ctx.x`` lands on the teacher's x0
+    (``Fit``, all ``train.iters`` steps at once); the parameters are left at the best validation error seen."""
+    return Fit(ctx, solver, solver_options, plan_fn, params, train, desc, penalty).run(train.iters).finish()
+
+
+class Fit:
+    """LD3's training loop, run in as many pieces as the caller likes (s4s screens a start; ``fit``).
 
     ``plan_fn(x, cond)`` gives, for initial states x (and their conditions), the sigmas (``[steps + 1]`` or
     ``[steps + 1, batch]``) and the per-step corrections (shift, scale) of ``corrections.Corrected``, or None
     for none, and optionally a third item: solver options computed from the parameters (``methods/s4s.py``'s
     coefficients). AdamW on the training part (full batch), on its mean loss plus ``penalty()`` if given;
     after every step the validation part is solved from its exact x_T (``Training``), its plain mean loss
-    judged. The parameters are left at the best validation error seen.
+    judged (``err``: the best so far). ``finish`` leaves the parameters at the best and gives the record.
     """
-    spec = get_solver(solver)
-    opts = {**spec.options, **solver_options}
-    n_train, _ = train.split(ctx.x.shape[0])
-    teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
-    target = ctx.target()
-    tr, va = ctx.subset(slice(None, n_train)), ctx.subset(slice(n_train, None))
-    x_train, x_valid, y_train, y_valid = tr.x, va.x, target[:n_train], target[n_train:]
-    teacher_calls = ctx.teacher.calls - teacher_calls0
 
-    def student(part: Calibration, x_start: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
-        sig, corrections, *learned = plan_fn(part.x, part.cond)
-        return spec.fn(corrected(_NeedsGrad(part.denoiser, desc), corrections), x_start, sig,
-                       **{**opts, **(learned[0] if learned else {})})
+    def __init__(self, ctx: Calibration, solver: str, solver_options: dict, plan_fn: Callable[..., tuple],
+                 params: Sequence[torch.Tensor], train: Training, desc: str = "ld3",
+                 penalty: Callable[[], torch.Tensor] | None = None):
+        self.ctx, self.spec, self.plan_fn, self.params, self.train = ctx, get_solver(solver), plan_fn, params, train
+        self.opts, self.desc, self.penalty = {**self.spec.options, **solver_options}, desc, penalty
+        self.n_train, _ = train.split(ctx.x.shape[0])
+        teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
+        target = ctx.target()
+        self.tr, self.va = ctx.subset(slice(None, self.n_train)), ctx.subset(slice(self.n_train, None))
+        self.y_train, self.y_valid = target[:self.n_train], target[self.n_train:]
+        self.teacher_calls = ctx.teacher.calls - teacher_calls0
+        # x'_T = x_T + sigma_max * delta, the soft teacher
+        self.delta = torch.zeros_like(self.tr.x, requires_grad=bool(train.radius))
+        first = self.tr.subset(slice(0, 1))
+        self.shift_lr = 12.0 / (len(plan_fn(first.x, first.cond)[0]) - 1)  # LD3's 3 * 4 / steps (utils.py)
+        self.best = _Best(params, self.valid_error(), train)
+        self.init_err, self.iters, self.done = self.best.err, 0, False
+        self.opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+        self.student_calls, self.seconds = ctx.denoiser.calls - student_calls0, time.perf_counter() - start
 
-    def valid_error() -> float:
+    @property
+    def err(self) -> float:
+        return self.best.err
+
+    def student(self, part: Calibration, x_start: torch.Tensor) -> torch.Tensor:  # phi sees the exact x_T
+        sig, corrections, *learned = self.plan_fn(part.x, part.cond)
+        return self.spec.fn(corrected(_NeedsGrad(part.denoiser, self.desc), corrections), x_start, sig,
+                            **{**self.opts, **(learned[0] if learned else {})})
+
+    def valid_error(self) -> float:
         with torch.no_grad():
-            return float(per_sample_loss(student(va, x_valid), y_valid, train.loss).mean())
+            return float(per_sample_loss(self.student(self.va, self.va.x), self.y_valid, self.train.loss).mean())
 
-    delta = torch.zeros_like(x_train, requires_grad=bool(train.radius))  # x'_T = x_T + sigma_max * delta
-    first = tr.subset(slice(0, 1))
-    shift_lr = 12.0 / (len(plan_fn(first.x, first.cond)[0]) - 1)  # LD3's shift_lr = 3 * 4 / steps (utils.py)
-    best = _Best(params, valid_error(), train)
-    init_err, it = best.err, 0
-    opt = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
-    bar = tqdm(range(train.iters), desc=desc, leave=False, disable=not ctx.progress)
-    for it in bar:
-        err = per_sample_loss(student(tr, x_train + ctx.sigma_max * delta), y_train, train.loss)
-        opt.zero_grad()
-        (err.mean() + (penalty() if penalty is not None else 0)).backward()
-        if not _finite(err, params, delta):  # not taken: back to the best parameters, smaller steps
-            if not best.setback(opt):
+    def run(self, steps: int) -> "Fit":
+        """Up to ``steps`` more training steps (fewer when training stops, or at ``train.iters`` in all)."""
+        calls0, start, ctx, train = self.ctx.denoiser.calls, time.perf_counter(), self.ctx, self.train
+        bar = tqdm(range(max(0, min(steps, train.iters - self.iters))), desc=self.desc, leave=False,
+                   disable=not ctx.progress or self.done)
+        for _ in bar:
+            if self.done:
                 break
-            continue
-        opt.step()
-        if train.radius:
-            _project(delta, shift_lr * n_train, train.radius)
-        val = valid_error()
-        bar.set_postfix(train=f"{float(err.detach().mean()):.3g}", valid=f"{val:.3g}", best=f"{best.err:.3g}")
-        if not best.update(val, opt):
-            break
-    best.restore()
-    return {
-        "teacher_calls": teacher_calls, "student_calls": ctx.denoiser.calls - student_calls0,
-        "seconds": round(time.perf_counter() - start, 3), "iters": it + 1, "n_train": n_train,
-        "n_valid": ctx.x.shape[0] - n_train, "loss": train.loss, "radius": train.radius,
-        "valid_init": init_err, "valid_best": best.err, "nonfinite_steps": best.nonfinite,
-    }
+            self.iters += 1
+            err = per_sample_loss(self.student(self.tr, self.tr.x + ctx.sigma_max * self.delta), self.y_train, train.loss)
+            self.opt.zero_grad()
+            (err.mean() + (self.penalty() if self.penalty is not None else 0)).backward()
+            if not _finite(err, self.params, self.delta):  # not taken: back to the best parameters, smaller steps
+                self.done = not self.best.setback(self.opt)
+                continue
+            self.opt.step()
+            if train.radius:
+                _project(self.delta, self.shift_lr * self.n_train, train.radius)
+            val = self.valid_error()
+            bar.set_postfix(train=f"{float(err.detach().mean()):.3g}", valid=f"{val:.3g}", best=f"{self.best.err:.3g}")
+            self.done = not self.best.update(val, self.opt)
+        self.student_calls += ctx.denoiser.calls - calls0
+        self.seconds += time.perf_counter() - start
+        return self
+
+    def finish(self) -> dict:
+        """The parameters set to the best validation error seen, and the training record."""
+        self.best.restore()
+        return {
+            "teacher_calls": self.teacher_calls, "student_calls": self.student_calls,
+            "seconds": round(self.seconds, 3), "iters": self.iters, "n_train": self.n_train,
+            "n_valid": self.ctx.x.shape[0] - self.n_train, "loss": self.train.loss, "radius": self.train.radius,
+            "valid_init": self.init_err, "valid_best": self.best.err, "nonfinite_steps": self.best.nonfinite,
+        }
 
 
 def _finite(err: torch.Tensor, params: Sequence[torch.Tensor], delta: torch.Tensor) -> bool:

@@ -34,7 +34,7 @@ from ..schedules import Schedule, logits_from_sigmas, sigmas_from_logits
 from ..solvers import PLANNED, chain, get_solver, plan
 from .base import Calibration, register
 from . import ld3
-from .ld3 import Training, default_radius, fit, initial_logits, learn_global, per_sample_loss
+from .ld3 import Fit, Training, default_radius, initial_logits, learn_global, per_sample_loss
 
 COEF_SCALE = 0.1  # coefficient deltas per unit of a parameter: AdamW's lr 0.1 moves them by ~0.01 a step
 
@@ -67,7 +67,9 @@ class Options(LearnedStage):
 
     ``lr``, ``iters``, ``patience``: AdamW on the logits and the coefficient deltas (LD3's loop);
     ``reg``: the penalty toward the start solver (above); ``afs``: True, False or 'auto' (train from both
-    starts, with and without the analytical first step, and keep the better on validation); ``fallback``: when what is kept is a start (nothing learned passed the gate and
+    starts, with and without the analytical first step, and keep the better on validation); ``screen``: with
+    both, the plain start stops after this share of ``iters`` if the AFS start's validation error is then
+    lower (1: both train to the end); ``fallback``: when what is kept is a start (nothing learned passed the gate and
     beat it), learn once more on the best given start of another solver (a solver whose coefficients do not
     improve on its start is not the only one tried); ``min_valid``:
     with fewer validation noises than this the start is returned untrained (with a few noises the
@@ -80,6 +82,7 @@ class Options(LearnedStage):
     patience: int = 20
     reg: float = 10.0
     afs: bool | str = "auto"
+    screen: float = 1 / 3
     fallback: bool = True
     min_valid: int = 16
     learn_sigmas: bool = True
@@ -88,6 +91,8 @@ class Options(LearnedStage):
         super().__post_init__()
         if self.afs not in (True, False, "auto"):
             raise ValueError(f"afs must be true, false or 'auto', got {self.afs!r}")
+        if not (isinstance(self.screen, (int, float)) and 0 < self.screen <= 1):
+            raise ValueError(f"screen must be a fraction in (0, 1], got {self.screen!r}")
         if not (self.reg >= 0 and math.isfinite(self.reg)):
             raise ValueError(f"reg must be a finite number >= 0, got {self.reg!r}")
         for name in ("iters", "patience", "ld3_iters", "min_valid"):
@@ -228,24 +233,45 @@ def unlearnable(ctx: Calibration, solver: str, nfe: int, ld3_options: ld3.Option
     return single_noise(ctx, solver, nfe, ld3_options, method) if ctx.x.shape[0] == 1 else None
 
 
-def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int, train: bool,
-           given) -> tuple:
-    """From one start: (learned schedule, or None if not ``train``, the start's schedule, record)."""
+def _prepare(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_train: int, train: bool,
+             given) -> tuple:
+    """From one start: (the Learner, its training loop ``ld3.Fit`` or None if not ``train``, the start's
+    schedule, record)."""
     logits, sopts, name, ld3_record = _start(ctx, solver, nfe, o, afs, n_train, given)
     learner = Learner(ctx, solver, sopts, logits, o)
     with torch.no_grad():
         start = Schedule(learner.sigmas(), solver=solver, solver_options=sopts)
+    record = {"init": name, "afs": afs, "solver": solver, "ld3_reused": ld3_record.get("reused")}
     if not train:
-        return None, start, {"init": name, "afs": afs, "solver": solver, "ld3_reused": ld3_record.get("reused")}
+        return learner, None, start, record
     radius = default_radius(ctx.x.shape[1:], start.steps) if o.radius is None else o.radius
-    train = Training(loss=o.loss, radius=radius, lr=o.lr, iters=o.iters, patience=o.patience, valid=o.valid,
-                     seed=o.seed)
+    training = Training(loss=o.loss, radius=radius, lr=o.lr, iters=o.iters, patience=o.patience, valid=o.valid,
+                        seed=o.seed)
     l0 = float(losses(ctx.subset(slice(None, n_train)), start, ctx.target()[:n_train], o.loss).mean())
-    record = fit(ctx, "learned", {}, learner.plan, learner.params, train, desc=f"s4s {solver} nfe={nfe} from {name}",
-                 penalty=learner.penalty(o.reg * l0 / n_train))
-    record.update(init=name, afs=afs, solver=solver, ld3_reused=ld3_record.get("reused"),
-                  penalty_weight=o.reg * l0 / n_train)
-    return learner.schedule(), start, record
+    loop = Fit(ctx, "learned", {}, learner.plan, learner.params, training,
+               desc=f"s4s {solver} nfe={nfe} from {name}", penalty=learner.penalty(o.reg * l0 / n_train))
+    record["penalty_weight"] = o.reg * l0 / n_train
+    return learner, loop, start, record
+
+
+def _learn(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: int, train: bool, given) -> list[tuple]:
+    """Per start (with and without AFS for afs='auto'): (learned schedule or None, the start's schedule, record).
+    With both, the plain start stops after ``screen`` of the steps if the AFS start is ahead by then."""
+    runs = [_prepare(ctx, solver, nfe, o, afs, n_train, train, given)
+            for afs in ((False, True) if o.afs == "auto" else (o.afs,))]
+    loops = [r[1] for r in runs if r[1] is not None]
+    if len(loops) == 2 and o.screen < 1:
+        plain, with_afs = (loop.run(math.ceil(o.screen * o.iters)) for loop in loops)
+        if plain.err >= with_afs.err:  # the plain start is behind: it stops here
+            plain.done = runs[0][3]["screened"] = True
+    for loop in loops:
+        loop.run(o.iters)  # Fit.run takes no more steps once done, and at most iters in all
+    out = []
+    for learner, loop, start, record in runs:
+        if loop is not None:
+            record = {**loop.finish(), **record}
+        out.append((None if loop is None else learner.schedule(), start, record))
+    return out
 
 
 def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: int, train: bool, given) -> tuple:
@@ -253,8 +279,7 @@ def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: in
     gate; the records."""
     valid, y_valid = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
     candidates, records = [], []
-    for afs in ((False, True) if o.afs == "auto" else (o.afs,)):
-        learned, start, record = _learn(ctx, solver, nfe, o, afs, n_train, train, given)
+    for learned, start, record in _learn(ctx, solver, nfe, o, n_train, train, given):
         start_losses = losses(valid, start, y_valid, o.loss)
         candidates.append((float(start_losses.mean()), "start", start, record))
         if learned is not None:
@@ -300,7 +325,7 @@ def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
                 r["fallback"] = True
             candidates, records = candidates + more, records + tried
     best, kind, sched, record = min(candidates, key=lambda c: c[0])
-    keys = ("init", "solver", "afs", "valid_init", "valid_best", "gate_z", "iters", "fallback")
+    keys = ("init", "solver", "afs", "valid_init", "valid_best", "gate_z", "iters", "screened", "fallback")
     summary = {**record, "kept": kind, "valid_kept": best, "n_train": n_train, "n_valid": n_valid,
                "tried": [{k: r[k] for k in keys if k in r} for r in records], "start_solver": record["solver"],
                "teacher_calls": ctx.teacher.calls - teacher_calls0, "student_calls": ctx.denoiser.calls - student_calls0,

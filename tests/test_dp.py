@@ -78,9 +78,32 @@ def test_schedule_contract(method, solver, nfe, opts):
     assert prov["candidate_rows"] > 0 and s.metadata["method"] == method
     real = fewstep.rmse(fewstep.sample(den, calib, s), _grid_teacher_final(teacher, calib, 24)).mean()
     assert math.isclose(prov["calib_error"], float(real), rel_tol=1e-9)
-    if method == "gits":  # coeff and propagation 'auto': the candidate with the least calibration error
-        assert len(prov["candidates"]) > 1 and prov["calib_error"] == min(c[2] for c in prov["candidates"])
-        assert [prov["coeff"], prov["propagation"], prov["calib_error"]] in prov["candidates"]
+    if method == "gits":  # coeff and propagation 'auto': of those measured on the whole batch, the least error
+        full = [c for c in prov["candidates"] if c[3] == 16]
+        assert len(prov["candidates"]) > 1 and prov["calib_error"] == min(c[2] for c in full)
+        assert [prov["coeff"], prov["propagation"], prov["calib_error"], 16] in prov["candidates"]
+
+
+def test_gits_measures_only_the_close_candidates_on_the_whole_batch():
+    """Each candidate schedule is measured on half the warm-up noises; only those not clearly worse than the
+    best there (metrics.clearly_worse) on the rest: fewer rows, the same choice as measuring all on all."""
+    from fewstep.methods.gits import _measure
+
+    rng = torch.Generator().manual_seed(0)
+    level = {"a": 1.0, "b": 1.02, "c": 3.0, "d": 5.0}  # per-sample errors: a level and independent noise
+    noise = {p: torch.rand(16, generator=rng, dtype=torch.float64) * 0.1 for p in level}
+    calls = []
+
+    def errors(path, part):
+        calls.append((path, part))
+        return level[path] + noise[path][part]
+
+    got = _measure(errors, set(level), 16)
+    assert {p: len(e) for p, e in got.items()} == {"a": 16, "b": 16, "c": 8, "d": 8}
+    assert min((p for p in got if len(got[p]) == 16), key=lambda p: got[p].mean()) == "a"
+    assert len(calls) == 6
+    for p in level:
+        assert torch.equal(got[p], (level[p] + noise[p])[:len(got[p])])
 
 
 def test_bad_input():

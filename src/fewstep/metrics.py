@@ -4,7 +4,24 @@ RMSE is computed where the samples are; summaries and distances on the CPU (seed
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+CLEARLY = 3.0  # standard errors above 0 that make paired differences "clearly worse" (the races of tune and GITS)
+
+
+def significance(d: torch.Tensor) -> float:
+    """Paired per-sample differences d (worse minus better): how many standard errors their mean is above 0."""
+    if d.numel() < 2:
+        return 0.0
+    return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
+
+
+def clearly_worse(d: torch.Tensor) -> bool:
+    """Whether paired differences d (candidate minus leader) put the candidate CLEARLY standard errors behind."""
+    return significance(d) > CLEARLY
 
 
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

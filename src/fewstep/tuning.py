@@ -37,7 +37,7 @@ from .costs import BudgetExhausted, Meter, Staged, seconds_per_row
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
 from .methods.base import any_solver, memo_table
-from .metrics import rmse, summarize
+from .metrics import clearly_worse, rmse, summarize
 from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import nfe as count_nfe, probe_denoiser, sample
@@ -50,7 +50,6 @@ RESULTS_VERSION = 2
 FIRST_ROUND = 16  # test noises every scored cell gets
 CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (the learned methods: fewer)
 COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
-Z = 3.0  # a cell leaves the race when its paired difference to the leader is Z standard errors above 0
 TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
 INITIAL_REL_TOL = 2e-2  # until then: this fraction of the RMS of its answers
 
@@ -173,7 +172,8 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     optimizers): every one for ``solver``, and for each other solver the method accepts, the one with the least
     first-round error. A start brings its solver, so the method is not bound to the solver of its cell. They come
     least first-round error first, so starts tied on validation (an exact model: all exactly right) go to the
-    one the tune measured best."""
+    one the tune measured best. An exhaustive run gives each cell its own solver's only: the method then runs
+    on every solver it accepts, each cell its own (else every cell would pick the same start)."""
     tier, accepts = METHODS[method].tier, METHODS[method].accepts
     rows = sorted((r for r in _ok(run, k) if "sigmas" in r and accepts(r["solver"])
                    and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier)),
@@ -182,7 +182,7 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     for r in rows:
         best.setdefault(r["solver"], r)
     for r in rows:
-        if r["solver"] == solver or best[r["solver"]] is r:
+        if r["solver"] == solver or (best[r["solver"]] is r and not run.exhaustive):
             sched = _schedule(run, k, r["method"], r["solver"])
             if isinstance(sched, Schedule) and sched.solver == r["solver"]:
                 out.append(sched.with_metadata(method=r["method"]))
@@ -396,8 +396,8 @@ def _alive(run: _Run, k: int) -> list[Cell]:
 
 
 def _close(d: torch.Tensor) -> bool:
-    """Whether paired differences to the leader leave the cell in the race: not Z standard errors above 0."""
-    return len(d) < 2 or float(d.mean()) <= Z * float(d.std()) / math.sqrt(len(d))
+    """Whether paired differences to the leader leave the cell in the race: not clearly worse."""
+    return not clearly_worse(d)
 
 
 def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) -> None:

@@ -41,7 +41,8 @@ weight, the last step goes to 0, and the teacher is the run's error-controlled o
 
 Cost in network evaluations (rows; G grid points, K steps, warm-up batch B, M distinct schedules among
 the auto candidates, M <= 24): the teacher's solve of the B states (shared with every method of a run;
-the model's outputs on the teacher states come with it), and M * K * B to measure the candidates; Heun
+the model's outputs on the teacher states come with it), and at most M * K * B to measure the candidates
+(all on half the batch, those not clearly worse there on the other half too); Heun
 adds one corrector call per candidate pair, (G^2 / 2) * B for each of its two step orders. The DP
 itself is K levels of [G, G] tensor operations per candidate, no model calls.
 """
@@ -55,7 +56,7 @@ from typing import Callable
 
 import torch
 
-from ..metrics import rmse
+from ..metrics import clearly_worse, rmse
 from ..sampling import sample
 from ..schedules import RHO, Schedule
 from ..solvers import MAX_HISTORY, get_solver, plan
@@ -186,7 +187,7 @@ def _level_costs(model: Counter, solver: str, orders, steps: int, history: int, 
 
 
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
-    """M * K * B to measure the candidate schedules (M distinct among the pairs, about half of them),
+    """At most M * K * B to measure the candidate schedules (M distinct among the pairs, about half of them),
     plus Heun's corrector call per candidate pair, G^2 * B."""
     b, pairs = min(n, opts.warmup or n), len(opts.coeffs()) * len(opts.propagations())
     return (pairs + 1) // 2 * nfe * b + (opts.grid ** 2 * b if get_solver(solver).calls_per_step == 2 else 0)
@@ -206,16 +207,34 @@ def gits(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     traj, den, final, weight = _on_teacher(ctx, sig, opts.substeps)
     history = opts.history if get_solver(solver).calls_per_step == 1 else 0  # a two-call solver (Heun) has none
     level_cost = _level_costs(model, solver, orders, steps, history, traj, den, sig)
-    tried, errors = [], {}
-    for c, p in itertools.product(opts.coeffs(), opts.propagations()):
-        path = _dp(steps, end, c, weight ** p, final, level_cost)
-        if tuple(path) not in errors:
-            out = sample(model, ctx.x, Schedule(sig[path], solver=solver, solver_options=sopts))
-            errors[tuple(path)] = float(rmse(out, traj[-1]).mean())
-        tried.append([c, p, errors[tuple(path)]])
-    c, p, calib = min(tried, key=lambda t: t[2])
-    path = _dp(steps, end, c, weight ** p, final, level_cost)
+    pairs = {(c, p): tuple(_dp(steps, end, c, weight ** p, final, level_cost))
+             for c, p in itertools.product(opts.coeffs(), opts.propagations())}
+
+    def errors(path, part):  # a candidate's per-sample errors on the warm-up noises ``part``, its rows counted
+        sub = ctx.subset(part)
+        count = Counter(sub.denoiser)
+        out = sample(count, sub.x, Schedule(sig[list(path)], solver=solver, solver_options=sopts))
+        model.samples += count.samples
+        return rmse(out, traj[-1][part])
+
+    measured = _measure(errors, set(pairs.values()), n)
+    tried = [[c, p, float(measured[path].mean()), len(measured[path])] for (c, p), path in pairs.items()]
+    c, p, calib, _ = min(tried, key=lambda t: (-t[3], t[2]))  # the least error among those measured on all
+    path = list(pairs[(c, p)])
     return Schedule(sig[path], solver=solver, solver_options=sopts, method="gits",
                     provenance={"grid": {"size": opts.grid, "rho": RHO, "substeps": opts.substeps, "indices": path},
                                 "coeff": c, "propagation": p, "candidates": tried, "warmup": n,
                                 "candidate_rows": model.samples, "calib_error": calib})
+
+
+def _measure(errors: Callable, paths: set, n: int) -> dict:
+    """Per-sample errors of each candidate path (``errors(path, part)`` on the warm-up noises ``part``): all
+    on the first half, the rest only for those not clearly worse there than the best (a small race, as the
+    tune's: ``metrics.clearly_worse``)."""
+    half = slice(None, max(2, n // 2))
+    out = {path: errors(path, half) for path in sorted(paths)}
+    best = out[min(out, key=lambda q: out[q].mean())]
+    for path in [q for q in out if not clearly_worse(out[q] - best)]:
+        if n > len(best):
+            out[path] = torch.cat([out[path], errors(path, slice(len(best), n))])
+    return out

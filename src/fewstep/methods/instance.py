@@ -16,7 +16,6 @@ the global schedule and then per sample. See docs/methods/instance.md.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
@@ -24,6 +23,7 @@ from typing import Sequence
 import torch
 
 from ..corrections import corrected, corrections_from_raw
+from ..metrics import significance as paired_significance
 from .. import conditions
 from ..policy import SchedulePolicy, cond_spec
 from ..schedules import Schedule, as_schedule, logits_from_sigmas, sigmas_from_logits
@@ -179,10 +179,8 @@ def significance(ctx: Calibration, solver: str, opts: dict, policy: SchedulePoli
     """How many standard errors the policy's mean validation loss lies below the global schedule's
     (paired per-sample differences). The per-sample loss is heavy-tailed (a schedule change can move a
     sample to another mode), so the best validation step alone can be a selection artifact."""
-    d = (valid_losses(ctx, solver, opts, glob, loss, n_train) - valid_losses(ctx, solver, opts, policy, loss, n_train))
-    if d.numel() < 2:
-        return 0.0
-    return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
+    return paired_significance(valid_losses(ctx, solver, opts, glob, loss, n_train)
+                               - valid_losses(ctx, solver, opts, policy, loss, n_train))
 
 
 @dataclass(frozen=True)

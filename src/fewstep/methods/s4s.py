@@ -30,6 +30,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..files import FewstepWarning
+from ..metrics import significance
 from ..schedules import Schedule, logits_from_sigmas, sigmas_from_logits
 from ..solvers import PLANNED, chain, get_solver, plan
 from .base import Calibration, register
@@ -152,13 +153,6 @@ def losses(part: Calibration, sched: Schedule, y: torch.Tensor, loss: str) -> to
     with torch.no_grad():
         out = spec.fn(part.denoiser, part.x, sched.sigmas, **{**spec.options, **sched.solver_options})
     return per_sample_loss(out, y, loss)
-
-
-def significance(d: torch.Tensor) -> float:
-    """Paired per-sample differences d (start minus learned): how many standard errors their mean is above 0."""
-    if d.numel() < 2:
-        return 0.0
-    return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
 
 
 def check_starts(starts) -> None:

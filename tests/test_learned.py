@@ -397,6 +397,25 @@ def test_tune_gives_a_learned_method_the_best_starts_of_every_one_call_solver(tm
     assert cell_label({**row, "start_solver": "deis"}) == f"s4s + {row['solver']} (started on deis)"
 
 
+def test_an_exhaustive_tune_gives_each_learned_cell_its_own_solvers_starts(tmp_path, monkeypatch):
+    """With exhaustive=True s4s runs on every one-call solver from that solver's schedules only, so its cells
+    differ (given every solver's best, each would pick the same start and learn the same solver)."""
+    seen, real = [], fewstep.tuning._starts
+    monkeypatch.setattr(fewstep.tuning, "_starts",
+                        lambda run, k, m, s: seen.append((s, real(run, k, m, s))) or seen[-1][1])
+    den = fewstep.load_model("gmm2d")
+    summary = fewstep.tune(den, nfe=[3], methods=["karras", "ays", "time_uniform", "s4s"],
+                           solvers=["dpmpp_2m", "ipndm", "heun"], n_calib=32, n_test=16, outdir=tmp_path,
+                           progress=False, report=False, exhaustive=True, method_options={"s4s": {"iters": 5}})
+    starts = dict(seen)
+    assert sorted(starts) == ["dpmpp_2m", "heun", "ipndm"] and starts["heun"] == ()  # two calls a step: none
+    for solver in ("dpmpp_2m", "ipndm"):
+        assert sorted(x.metadata["method"] for x in starts[solver]) == ["ays", "karras", "time_uniform"]
+        assert {x.solver for x in starts[solver]} == {solver}
+    rows = {c["solver"]: c for c in summary["cells"] if c["method"] == "s4s" and c["status"] == "ok"}
+    assert {"dpmpp_2m", "ipndm"} <= set(rows) and all("start_solver" not in rows[s] for s in ("dpmpp_2m", "ipndm"))
+
+
 # --------------------------------------------------------------------------------------------
 # a learned schedule inside a diffusers pipeline
 

@@ -48,7 +48,7 @@ def test_corrupt_cache_is_recomputed(small_gmm, tmp_path):
 
 def test_trajectory_comes_with_the_solve_on_the_candidate_grid(small_gmm):
     """The candidate grid's states and the model's outputs there come from the one solve: the same x0,
-    no more calls; a grid off the teacher's is solved on its own refinement."""
+    no more calls; a grid off the teacher's comes from them too (dense output), with no more calls."""
     x = fewstep.noise(8, (4,), 80, 0)
     t = Teacher(small_gmm, steps=78, grid=40)
     grid = t.candidate_grid(80.0)
@@ -58,6 +58,21 @@ def test_trajectory_comes_with_the_solve_on_the_candidate_grid(small_gmm):
     assert rows == 8 * 79  # one solve: N + 1 calls per sample
     assert torch.allclose(outs[5], small_gmm(traj[5], grid[5].expand(8)), atol=1e-12)  # D at the teacher state
     assert torch.allclose(traj[-1], t.solve(x), atol=1e-12)
-    other = torch.tensor([80.0, 5.0, 0.5, 0.002, 0.0], dtype=torch.float64)
+    other, rows = torch.tensor([80.0, 5.0, 0.5, 0.002, 0.0], dtype=torch.float64), t.rows
     sub = t.trajectory(x, other)
-    assert sub.shape == (5, 8, 4) and float(fewstep.rmse(sub[-1], t.solve(x)).max()) < 1e-3
+    assert sub.shape == (5, 8, 4) and torch.equal(sub[-1], traj[-1]) and t.rows == rows
+    assert torch.equal(sub[3], traj[-2])  # sigma_min is a candidate point: its state as solved
+
+
+def test_dense_output_is_as_accurate_as_the_solve(small_gmm):
+    """States between the candidate points from the solve's states and outputs there (Lagrange in log sigma,
+    the exact integral of the probability-flow ODE): against a 16x finer solve, at most the error a solve on
+    the requested grid's own refinement (as many steps) makes."""
+    x = fewstep.noise(16, (4,), 80, 0)
+    t, fine = Teacher(small_gmm, steps=78, grid=40), Teacher(small_gmm, steps=78 * 16, grid=40)
+    other = torch.tensor([80.0, 17.3, 3.1, 0.71, 0.093, 0.0041, 0.0], dtype=torch.float64)
+    dense, truth = t.trajectory(x, other), fine.trajectory(x, other, substeps=64)
+    own = t.trajectory(x, other, substeps=13)  # 78 steps on the grid's own refinement
+    for i in range(1, 6):
+        err, own_err = (float(fewstep.rmse(a[i], truth[i]).mean()) for a in (dense, own))
+        assert err <= own_err, (i, err, own_err)

@@ -76,3 +76,5 @@ def test_dense_output_is_as_accurate_as_the_solve(small_gmm):
     for i in range(1, 6):
         err, own_err = (float(fewstep.rmse(a[i], truth[i]).mean()) for a in (dense, own))
         assert err <= own_err, (i, err, own_err)
+    odd = Teacher(small_gmm, steps=100, grid=40)  # the candidate points are not on its fine grid: from the fine grid
+    assert torch.allclose(odd.trajectory(x, other)[-1], odd.solve(x), rtol=0, atol=1e-12)

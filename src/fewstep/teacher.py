@@ -311,16 +311,18 @@ class Teacher:
         """Teacher states at every sigma of ``grid`` (which starts at the sigma of ``x``; the last, 0, is the
         teacher's x0): ``[len(grid), batch, ...]`` float64. A grid on the teacher's fine grid (its candidate points, or
         any subset) comes from the one solve; another grid, from the same solve's states and outputs on the
-        candidate points (``dense_state``: no more model calls), or with ``substeps`` steps per interval of its own."""
+        candidate points (``dense_state``: no more model calls; its x0 is ``solve``'s), or with ``substeps`` steps
+        per interval of its own (as ``with_outputs`` does off the fine grid: there D is the model's, exact)."""
         grid = check_sigmas(grid)
         full = grid if float(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
         fine = self.fine_grid(float(grid[0]))
-        cand = self.candidate_grid(float(grid[0]))
-        inside = bool((grid[grid > 0] >= cand[-2] * (1 - 1e-12)).all())
+        inside = bool((grid[grid > 0] >= fine[-2] * (1 - 1e-12)).all())
         if substeps is not None or self._on_grid(full, fine) is not None or not inside:
             return self.with_outputs(x, grid, substeps, cond)[0]
-        states, outs = self.with_outputs(x, cand, None, cond)
-        out = [states[-1] if float(s) == 0 else dense_state(cand, states, outs, float(s)) for s in grid]
+        base = self.candidate_grid(float(grid[0]))  # on the fine grid (else the fine grid itself): x0 is solve(x)'s
+        base = base if self._on_grid(base, fine) is not None else fine
+        states, outs = self.with_outputs(x, base, None, cond)
+        out = [states[-1] if float(s) == 0 else dense_state(base, states, outs, float(s)) for s in grid]
         return torch.stack(out)
 
     def with_outputs(self, x: torch.Tensor, grid, substeps: int | None = None,

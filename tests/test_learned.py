@@ -374,16 +374,21 @@ def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
     assert counter.calls == fewstep.nfe(best) == 3
 
 
-def test_tune_gives_a_learned_method_the_best_starts_of_every_one_call_solver(tmp_path, monkeypatch):
-    """s4s's starts in a tune: every global schedule for its cell's solver, and the best (first-round error) of
-    each other one-call solver, least error first; none for a two-call solver."""
+def _tune_seeing_starts(tmp_path, monkeypatch, **kw) -> tuple[dict, list]:
+    """A small s4s tune on gmm2d at NFE 3, and the (solver, starts) tune gave each s4s cell."""
     seen, real = [], fewstep.tuning._starts
     monkeypatch.setattr(fewstep.tuning, "_starts",
                         lambda run, k, m, s: seen.append((s, real(run, k, m, s))) or seen[-1][1])
-    den = fewstep.load_model("gmm2d")
-    summary = fewstep.tune(den, nfe=[3], methods=["karras", "ays", "time_uniform", "s4s"],
+    summary = fewstep.tune(fewstep.load_model("gmm2d"), nfe=[3], methods=["karras", "ays", "time_uniform", "s4s"],
                            solvers=["dpmpp_2m", "ipndm", "heun"], n_calib=32, n_test=16, outdir=tmp_path,
-                           progress=False, report=False)
+                           progress=False, report=False, **kw)
+    return summary, seen
+
+
+def test_tune_gives_a_learned_method_the_best_starts_of_every_one_call_solver(tmp_path, monkeypatch):
+    """s4s's starts in a tune: every global schedule for its cell's solver, and the best (first-round error) of
+    each other one-call solver, least error first; none for a two-call solver."""
+    summary, seen = _tune_seeing_starts(tmp_path, monkeypatch)
     first = {(c["method"], c["solver"]): sum(c["errors"][:16]) / 16 for c in summary["cells"] if c["status"] == "ok"}
     (solver, starts), = seen
     other = "ipndm" if solver == "dpmpp_2m" else "dpmpp_2m"
@@ -400,13 +405,7 @@ def test_tune_gives_a_learned_method_the_best_starts_of_every_one_call_solver(tm
 def test_an_exhaustive_tune_gives_each_learned_cell_its_own_solvers_starts(tmp_path, monkeypatch):
     """With exhaustive=True s4s runs on every one-call solver from that solver's schedules only, so its cells
     differ (given every solver's best, each would pick the same start and learn the same solver)."""
-    seen, real = [], fewstep.tuning._starts
-    monkeypatch.setattr(fewstep.tuning, "_starts",
-                        lambda run, k, m, s: seen.append((s, real(run, k, m, s))) or seen[-1][1])
-    den = fewstep.load_model("gmm2d")
-    summary = fewstep.tune(den, nfe=[3], methods=["karras", "ays", "time_uniform", "s4s"],
-                           solvers=["dpmpp_2m", "ipndm", "heun"], n_calib=32, n_test=16, outdir=tmp_path,
-                           progress=False, report=False, exhaustive=True, method_options={"s4s": {"iters": 5}})
+    summary, seen = _tune_seeing_starts(tmp_path, monkeypatch, exhaustive=True, method_options={"s4s": {"iters": 5}})
     starts = dict(seen)
     assert sorted(starts) == ["dpmpp_2m", "heun", "ipndm"] and starts["heun"] == ()  # two calls a step: none
     for solver in ("dpmpp_2m", "ipndm"):

@@ -389,15 +389,10 @@ def _alive(run: _Run, k: int) -> list[Cell]:
         return []
     lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
     base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
-    alive = [r for r in rows if r is base or _close(torch.tensor(r["errors"][:m]) - lead)]
+    alive = [r for r in rows if r is base or not clearly_worse(torch.tensor(r["errors"][:m]) - lead)]
     if len([r for r in alive if r is not base]) <= 1:
         return []
     return [(k, r["method"], r["solver"]) for r in sorted(alive, key=lambda r: r["mean"])]
-
-
-def _close(d: torch.Tensor) -> bool:
-    """Whether paired differences to the leader leave the cell in the race: not clearly worse."""
-    return not clearly_worse(d)
 
 
 def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) -> None:

@@ -234,7 +234,7 @@ def _measure(errors: Callable, paths: set, n: int) -> dict:
     half = slice(None, max(2, n // 2))
     out = {path: errors(path, half) for path in sorted(paths)}
     best = out[min(out, key=lambda q: out[q].mean())]
-    for path in [q for q in out if not clearly_worse(out[q] - best)]:
-        if n > len(best):
+    if n > len(best):
+        for path in [q for q in out if not clearly_worse(out[q] - best)]:
             out[path] = torch.cat([out[path], errors(path, slice(len(best), n))])
     return out

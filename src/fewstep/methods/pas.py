@@ -27,11 +27,11 @@ from dataclasses import dataclass
 
 import torch
 
+from ..metrics import significance
 from ..schedules import BUILTIN_SCHEDULES, Schedule, builtin, sigmas_from_logits
 from ..solvers import chain, pas_basis, plan
 from .base import Calibration, register
 from .ld3 import Training, learn_global
-from ..metrics import significance
 from .s4s import LearnedStage, given_start, losses, one_call, unlearnable
 
 

@@ -9,7 +9,9 @@ noises (seed 2) under conditions in no pool, against a fine teacher. Conditions:
 class-conditional mixture) condition vectors on the simplex, the held-out ones fresh (seed 7); for
 ``digits-cond`` (the shipped class-conditional network) the pool's first half is digits 0-4 and its second
 half digits 5-9, and the held-out samples are digits 5-9: classes no optimizer saw. Prints the winner, the
-best baseline, and the paired difference winner - best baseline with its standard error.
+best baseline, and the paired difference winner - best baseline with its standard error; and, from the tune's
+report on its own test noises, the winner's lead over its best baseline in standard errors (z) and the share
+of its mean error in its worst 5% of samples (tail5%).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 import fewstep
+from fewstep.report import improvement_rows
 from fewstep.schedules import BASELINES
 from fewstep.tuning import baseline
 from fewstep.zoo import digits_cond, gmm_cond, simplex_conditions
@@ -64,13 +67,14 @@ def main() -> None:
     print(f"{args.model}; held out: {args.n} noises (seed 2) under conditions in no pool; tune pool {args.pool} "
           "(first half calibrates, second half scores)")
     print(f"{'w':>3} {'nfe':>3} | {'winner':22} {'error':>7} | {'best baseline':24} {'error':>7} | "
-          f"{'diff':>8} {'+-se':>7} {'ratio':>6} | {'evals':>8}")
+          f"{'diff':>8} {'+-se':>7} {'ratio':>6} | {'evals':>8} | {'z':>5} {'tail5%':>6}")
     for w in args.guidance:
         den, out = make(w), Path(tempfile.mkdtemp())
         summary = fewstep.tune(den, nfe=nfes, conds=pool(args.pool), outdir=out, progress=False, report=False,
                                n_test=args.n_test)
         x, c = fewstep.noise(args.n, den.shape, den.sigma_max, 2), held_out(args.n)
         ref = fewstep.Teacher(den, tol=1e-4, check_cond=c).solve(x, cond=c)
+        sure = {r["nfe"]: r for r in improvement_rows(summary)}  # on the tune's own test noises
         for k in nfes:
             win, sched = summary["best"][str(k)]["winner"], fewstep.Schedule.load(out / "best" / f"nfe-{k}.json")
             e_win = fewstep.rmse(fewstep.sample(den, x, sched, cond=c), ref)
@@ -79,7 +83,8 @@ def main() -> None:
             d = e_win - base[0]
             print(f"{w:3g} {k:3d} | {win['method'] + '+' + win['solver']:22} {e_win.mean():7.4f} | "
                   f"{base[1] + '+' + base[2]:24} {base[0].mean():7.4f} | {d.mean():+8.4f} {d.std() / math.sqrt(len(d)):7.4f} "
-                  f"{e_win.mean() / base[0].mean():6.3f} | {summary['cost']['total']:8,}", flush=True)
+                  f"{e_win.mean() / base[0].mean():6.3f} | {summary['cost']['total']:8,} | "
+                  f"{sure[k].get('z', math.nan):5.1f} {sure[k]['tail']:6.0%}", flush=True)
             if args.optimizer_cells:
                 _optimizer_cells(summary, out, den, x, c, ref, k)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import fewstep
 from fewstep.tuning import tune
@@ -198,3 +199,34 @@ def test_the_race_compares_the_cells_still_in_it_on_every_noise_they_share():
 
     alive = _alive(Run(), 4)
     assert [m for _, m, _ in alive] == ["karras", "oss", "sdm"]  # gits and the lucky ays are out
+
+
+def test_tail_share_tells_even_errors_from_a_few_large_ones():
+    from fewstep.metrics import tail_share
+
+    even = torch.full((100,), 0.02, dtype=torch.float64)
+    flips = torch.cat([torch.full((96,), 0.002, dtype=torch.float64), torch.ones(4, dtype=torch.float64)])
+    assert tail_share(even) == pytest.approx(0.05)
+    assert tail_share(flips) == pytest.approx((4 + 0.002) / (4 + 96 * 0.002))  # the worst 5: the 4 flips, one more
+    assert tail_share(torch.zeros(8, dtype=torch.float64)) == 0.0
+
+
+def test_report_says_how_sure_each_winner_is(tuned):
+    """The paired lead of each winner over the best baseline (on the noises both were scored on) and the share
+    of its mean in its worst 5% of samples; a heavy tail is named with what settles it."""
+    from fewstep.report import _certainty_lines, improvement_rows
+
+    out, summary, _ = tuned
+    rows = improvement_rows(summary)
+    for r in rows:
+        entry = summary["best"][str(r["nfe"])]
+        win, base = torch.tensor(entry["winner"]["errors"]), torch.tensor(entry["best_baseline"]["errors"])
+        m = min(len(win), len(base))
+        assert r["diff_n"] == m and r["diff"] == pytest.approx(float((win[:m] - base[:m]).mean()))
+        assert (r["z"] > 0) == (r["diff"] < 0) or r["diff"] == 0
+    assert "## How sure" in (out / "report.md").read_text()
+    heavy = {**summary, "best": {k: {**v, "winner": {**v["winner"], "errors": [0.001] * 31 + [1.0]}}
+                                 for k, v in summary["best"].items()}}
+    text = "\n".join(_certainty_lines(improvement_rows(heavy)))
+    assert "over 50% of the winner's mean error" in text and "--n-test" in text
+    assert "over 50%" not in "\n".join(_certainty_lines([{**r, "tail": 0.2} for r in rows]))

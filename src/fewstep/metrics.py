@@ -24,6 +24,16 @@ def clearly_worse(d: torch.Tensor) -> bool:
     return significance(d) > CLEARLY
 
 
+def tail_share(errors: torch.Tensor, fraction: float = 0.05) -> float:
+    """The share of the summed (non-negative) errors carried by the largest ceil(fraction * n) of them: near
+    ``fraction`` for even errors, near 1 when a few samples (mode flips, outliers) make the mean."""
+    total = float(errors.sum())
+    if errors.numel() == 0 or total <= 0:
+        return 0.0
+    k = math.ceil(fraction * errors.numel())
+    return float(errors.topk(k).values.sum()) / total
+
+
 def rmse(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-sample root-mean-square error over all dimensions, float64, shape [batch]."""
     if x.shape != ref.shape:

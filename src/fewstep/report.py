@@ -15,8 +15,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .files import write_atomic  # noqa: E402
+from .metrics import significance, tail_share  # noqa: E402
 from .sampling import sample  # noqa: E402
 from .schedules import BUILTIN_SCHEDULES, Schedule, karras  # noqa: E402
+
+
+TAIL, HEAVY = 0.05, 0.5  # the worst share of samples looked at; what share of the mean makes errors heavy-tailed
 
 
 def _save(fig, path: Path) -> str:
@@ -160,13 +164,37 @@ def improvement_rows(summary: dict) -> list[dict]:
         win, base = entry["winner"], entry["best_baseline"]
         row = {"nfe": int(k), "winner": cell_label(win), "mean": win["mean"],
                "ci": win["mean_ci95"], "n": win["n"]}
+        errors = torch.tensor(win["errors"], dtype=torch.float64)
+        row["tail"] = tail_share(errors, TAIL)
         if base is not None:
             row.update({"baseline": cell_label(base), "base_mean": base["mean"],
                         "base_ci": base["mean_ci95"], "ratio": win["mean"] / base["mean"]})
+            m = min(len(win["errors"]), len(base["errors"]))  # the noises both were scored on: a paired difference
+            d = errors[:m] - torch.tensor(base["errors"][:m], dtype=torch.float64)
+            row.update({"diff": float(d.mean()), "diff_se": float(d.std() / math.sqrt(m)) if m > 1 else 0.0,
+                        "diff_n": m, "z": -significance(d)})
         if entry.get("policy"):
             row["policy"] = f"{entry['policy']['method']} + {entry['policy']['solver']}: {entry['policy']['mean']:.4g}"
         rows.append(row)
     return rows
+
+
+def _certainty_lines(rows: list[dict]) -> list[str]:
+    """How sure each winner is: its paired difference to the best baseline, and how much of its mean error the
+    worst samples carry (heavy tails: a ranking on a few hundred noises rests on a few of them)."""
+    lines = ["## How sure", "", "| NFE | winner - best baseline (paired, n) | z (> 0: the winner is better) | "
+             "the worst 5% of the winner's samples carry |", "|---|---|---|---|"]
+    for r in rows:
+        diff = (f"{r['diff']:+.4g} +- {r['diff_se']:.2g} ({r['diff_n']}) | {r['z']:.1f}" if "diff" in r else "- | -")
+        lines.append(f"| {r['nfe']} | {diff} | {r['tail']:.0%} of its mean |")
+    heavy = [str(r["nfe"]) for r in rows if r["tail"] > HEAVY]
+    lines.append("")
+    if heavy:
+        lines += [f"At NFE {', '.join(heavy)} the worst 5% of the samples carry over {HEAVY:.0%} of the winner's "
+                  "mean error (mode flips or outliers): the ranking there rests on a few samples, and on other noises "
+                  "(or other conditions) the order of close cells can change. More test noises (`--n-test`) and, for "
+                  "a conditional model, more test conditions (a larger pool) settle it.", ""]
+    return lines
 
 
 def _header(summary: dict) -> list[str]:
@@ -237,14 +265,15 @@ def _markdown(summary: dict, images: dict[str, str]) -> str:
     lines = _header(summary) + ["## Best schedule per NFE", "",
                                 "| NFE | best | mean RMSE [95% CI] (n) | best baseline | its mean [95% CI] | ratio |",
                                 "|---|---|---|---|---|---|"]
-    for r in improvement_rows(summary):
+    rows = improvement_rows(summary)
+    for r in rows:
         lines.append(f"| {r['nfe']} | {r['winner']} | {r['mean']:.4g} [{r['ci'][0]:.4g}, {r['ci'][1]:.4g}] ({r['n']}) | "
                      f"{r.get('baseline', '-')} | " + (f"{r['base_mean']:.4g} [{r['base_ci'][0]:.4g}, {r['base_ci'][1]:.4g}] | "
                                                         f"{r['ratio']:.3f} |" if "ratio" in r else "- | - |"))
         if "policy" in r:
             lines.append(f"|  | per-sample policy {r['policy']} | | | | |")
     lines += ["", "ratio < 1: the tuned schedule's held-out error is that fraction of the best baseline's.", ""]
-    lines += _condition_lines(summary) + _cost_lines(summary)
+    lines += _certainty_lines(rows) + _condition_lines(summary) + _cost_lines(summary)
     for title, name in images.items():
         lines += [f"## {title}", "", f"![{title}](plots/{name})", ""]
     return "\n".join(lines + _cell_lists(summary)) + "\n"

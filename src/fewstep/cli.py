@@ -276,7 +276,7 @@ def cmd_optimize(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .report import HEAVY, improvement_rows  # matplotlib: imported only when a report is made
+    from .report import HEAVY, TAIL, improvement_rows  # matplotlib: imported only when a report is made
 
     den, info, teacher, pool = _load(args)
     summary = tune(den, nfe=args.nfe, methods=args.methods or "all", solvers=args.solvers or "all",
@@ -293,12 +293,14 @@ def cmd_tune(args) -> int:
     print(f"fewstep tune: {info['name']}; report: {Path(args.output) / 'report.html'}")
     print("network evaluations: " + ", ".join(f"{k} {v:,}" for k, v in cost["evaluations"].items())
           + f"; total {cost['total']:,}" + (f" of a budget of {cost['budget']:,}" if cost["budget"] else ""))
-    _print_table([{**r, "ci95": f"{r['ci'][0]:.4g}-{r['ci'][1]:.4g}", "tail5%": f"{r['tail']:.0%}"} for r in rows],
-                 ["nfe", "winner", "mean", "ci95", "baseline", "base_mean", "ratio", "z", "tail5%"])
-    heavy = [str(r["nfe"]) for r in rows if r["tail"] > HEAVY]
-    print("z: the winner's paired lead over the best baseline in standard errors; tail5%: the share of its mean "
-          "error in its worst 5% of samples" + (f" (over {HEAVY:.0%} at NFE {', '.join(heavy)}: a few samples decide "
-                                                 "there; more test noises settle it, see the report)" if heavy else ""))
+    tail = f"tail{TAIL:.0%}"
+    _print_table([{**r, "ci95": f"{r['ci'][0]:.4g}-{r['ci'][1]:.4g}", tail: f"{r['tail']:.0%}"} for r in rows],
+                 ["nfe", "winner", "mean", "ci95", "baseline", "base_mean", "ratio", "z", tail])
+    heavy = [str(r["nfe"]) for r in rows if r["heavy"]]
+    print(f"z: the winner's paired lead over the best baseline in standard errors; {tail}: the share of its mean "
+          f"error in its worst {TAIL:.0%} of samples" + (f" (over {HEAVY:.0%} at NFE {', '.join(heavy)}: a few "
+                                                         "samples decide there; more test noises settle it, see the "
+                                                         "report)" if heavy else ""))
     return 0
 
 

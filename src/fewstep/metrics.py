@@ -12,11 +12,16 @@ import torch
 CLEARLY = 3.0  # standard errors above 0 that make paired differences "clearly worse" (the races of tune and GITS)
 
 
+def standard_error(d: torch.Tensor) -> torch.Tensor:
+    """The standard error of the mean of per-sample values d (at least two)."""
+    return d.std() / math.sqrt(d.numel())
+
+
 def significance(d: torch.Tensor) -> float:
     """Paired per-sample differences d (worse minus better): how many standard errors their mean is above 0."""
     if d.numel() < 2:
         return 0.0
-    return float(d.mean() / (d.std() / math.sqrt(d.numel())).clamp_min(1e-300))
+    return float(d.mean() / standard_error(d).clamp_min(1e-300))
 
 
 def clearly_worse(d: torch.Tensor) -> bool:

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from .files import write_atomic  # noqa: E402
-from .metrics import significance, tail_share  # noqa: E402
+from .metrics import significance, standard_error, tail_share  # noqa: E402
 from .sampling import sample  # noqa: E402
 from .schedules import BUILTIN_SCHEDULES, Schedule, karras  # noqa: E402
 
@@ -166,12 +166,13 @@ def improvement_rows(summary: dict) -> list[dict]:
                "ci": win["mean_ci95"], "n": win["n"]}
         errors = torch.tensor(win["errors"], dtype=torch.float64)
         row["tail"] = tail_share(errors, TAIL)
+        row["heavy"] = row["tail"] > HEAVY
         if base is not None:
             row.update({"baseline": cell_label(base), "base_mean": base["mean"],
                         "base_ci": base["mean_ci95"], "ratio": win["mean"] / base["mean"]})
             m = min(len(win["errors"]), len(base["errors"]))  # the noises both were scored on: a paired difference
             d = errors[:m] - torch.tensor(base["errors"][:m], dtype=torch.float64)
-            row.update({"diff": float(d.mean()), "diff_se": float(d.std() / math.sqrt(m)) if m > 1 else 0.0,
+            row.update({"diff": float(d.mean()), "diff_se": float(standard_error(d)) if m > 1 else 0.0,
                         "diff_n": m, "z": -significance(d)})
         if entry.get("policy"):
             row["policy"] = f"{entry['policy']['method']} + {entry['policy']['solver']}: {entry['policy']['mean']:.4g}"
@@ -183,14 +184,14 @@ def _certainty_lines(rows: list[dict]) -> list[str]:
     """How sure each winner is: its paired difference to the best baseline, and how much of its mean error the
     worst samples carry (heavy tails: a ranking on a few hundred noises rests on a few of them)."""
     lines = ["## How sure", "", "| NFE | winner - best baseline (paired, n) | z (> 0: the winner is better) | "
-             "the worst 5% of the winner's samples carry |", "|---|---|---|---|"]
+             f"the worst {TAIL:.0%} of the winner's samples carry |", "|---|---|---|---|"]
     for r in rows:
         diff = (f"{r['diff']:+.4g} +- {r['diff_se']:.2g} ({r['diff_n']}) | {r['z']:.1f}" if "diff" in r else "- | -")
         lines.append(f"| {r['nfe']} | {diff} | {r['tail']:.0%} of its mean |")
-    heavy = [str(r["nfe"]) for r in rows if r["tail"] > HEAVY]
+    heavy = [str(r["nfe"]) for r in rows if r["heavy"]]
     lines.append("")
     if heavy:
-        lines += [f"At NFE {', '.join(heavy)} the worst 5% of the samples carry over {HEAVY:.0%} of the winner's "
+        lines += [f"At NFE {', '.join(heavy)} the worst {TAIL:.0%} of the samples carry over {HEAVY:.0%} of the winner's "
                   "mean error (mode flips or outliers): the ranking there rests on a few samples, and on other noises "
                   "(or other conditions) the order of close cells can change. More test noises (`--n-test`) and, for "
                   "a conditional model, more test conditions (a larger pool) settle it.", ""]

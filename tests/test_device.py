@@ -76,3 +76,67 @@ def test_cli_device_option(capsys):
         assert main(["evaluate", "--model", "gmm2d", "--device", "cuda", "--builtin", "karras", "--nfe", "4",
                      "--solver", "euler"]) == 2
         assert "sees no CUDA device" in capsys.readouterr().err
+
+
+class _Float32Net(nn.Module):
+    """A user's float32 network D(x, sigma): an exact mixture's denoiser plus a small float32 layer, so a float64
+    input fails inside it (``mat1 and mat2 must have the same dtype``) unless fewstep casts."""
+
+    def __init__(self, gmm, dtype=torch.float32):
+        super().__init__()
+        self.gmm, self.layer = gmm, nn.Linear(gmm.means.shape[1] + 1, gmm.means.shape[1]).to(dtype)
+
+    def forward(self, x, sigma):
+        feats = torch.cat([x / (1 + sigma[:, None] ** 2).sqrt(), sigma.log()[:, None].to(x.dtype)], 1)
+        return self.gmm(x.double(), sigma.double()).to(x.dtype) + 0.01 * self.layer(feats)
+
+
+def test_model_dtype_is_the_networks():
+    from fewstep.models.device import model_dtype
+
+    assert model_dtype(nn.Linear(2, 2)) == torch.float32 and model_dtype(nn.Linear(2, 2).half()) == torch.float16
+    assert model_dtype(_Wrapped(nn.Linear(2, 2).to(torch.bfloat16))) == torch.bfloat16  # found through a wrapper
+    assert model_dtype(lambda x, s: x) is None and model_dtype(fewstep.load_model("gmm2d")) is None
+    assert model_dtype(type("Declares", (), {"dtype": torch.float64})()) == torch.float64
+    # fewstep's wrappers take any dtype (their arithmetic in the state's) and cast at their network
+    assert model_dtype(fewstep.FlowDenoiser(nn.Linear(2, 2))) is None
+
+
+def test_a_float32_network_samples_trains_and_tunes_in_its_own_dtype(small_gmm, tmp_path):
+    """The state stays float64; the network gets float32 inputs: exactly what casting by hand gives."""
+    net = _Float32Net(small_gmm)
+    net.shape = (small_gmm.means.shape[1],)
+    x = fewstep.noise(8, net.shape, 80.0, seed=0)
+    sched = fewstep.schedules.karras(5)
+    by_hand = fewstep.sample(lambda x, s: net(x.float(), s.float()).double(), x, sched, "dpmpp_2m")
+    out = fewstep.sample(net, x, sched, "dpmpp_2m")
+    assert out.dtype == torch.float64 and torch.equal(out, by_hand)
+    learned = fewstep.optimize(net, "ld3", "euler", 3, n=4, iters=2)  # its gradient flows through the cast
+    assert torch.isfinite(learned.sigmas).all() and learned.metadata["training"]["iters"] == 2
+    summary = fewstep.tune(net, nfe=[3], methods="karras,gits", solvers="euler", quick=True, outdir=tmp_path,
+                           progress=False, report=False)
+    assert {c["status"] for c in summary["cells"]} == {"ok"}
+
+
+def test_a_vp_wrapper_calls_a_bfloat16_network_in_bfloat16(small_gmm):
+    ac = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+    seen = []
+
+    class Eps(nn.Module):  # eps of the exact mixture, through a bfloat16 identity layer
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+            nn.init.eye_(self.layer.weight)
+
+        def forward(self, x_vp, t):
+            seen.append((x_vp.dtype, t.dtype))
+            a = ac[t.double().round().long()][:, None]
+            x, s = x_vp.double() / a.sqrt(), ((1 - a) / a).sqrt()
+            return self.layer(((x - small_gmm(x, s[:, 0])) / s).to(x_vp.dtype))
+
+    den = fewstep.VPDiscreteDenoiser(Eps(), ac)
+    x = torch.randn(4, 4, dtype=torch.float64) * 3
+    sigma = fewstep.VPDiscreteDenoiser(lambda x, t: x, ac).sigmas[[100, 300, 500, 700]]
+    out = den(x, sigma)
+    assert seen == [(torch.bfloat16, torch.float32)] and out.dtype == torch.float64
+    assert torch.allclose(out, small_gmm(x, sigma), rtol=0.05, atol=0.05)

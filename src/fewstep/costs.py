@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import distributed
+from .models.device import model_dtype, model_inputs
 
 STAGES = ("probe", "teacher", "method", "scoring")
 FACTS = ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance")  # passed through to wrappers
@@ -106,7 +107,7 @@ class Staged:
 
 def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float, cond=None) -> float:
     """Wall seconds per evaluated row, from one timed call on ``x`` (after one untimed warm-up call)."""
-    s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
+    x, s = model_inputs(model_dtype(denoiser), x, torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device))
     kw = {} if cond is None else {"cond": cond}
     with torch.no_grad():
         denoiser(x, s, **kw)

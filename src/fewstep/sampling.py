@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from . import conditions
 from .corrections import corrected
 from .files import FewstepWarning
+from .models.device import model_dtype, model_inputs
 from .noises import noise
 from .schedules import ScheduleError, ScheduleLike, as_schedule
 from .solvers import get_solver, stepped
@@ -59,21 +60,23 @@ class CheckedDenoiser:
     """Calls the user's denoiser with sigma of shape [batch] (and the step, if it takes one: ``solvers.stepped``;
     and ``cond=`` rows, if given: ``conditions``), checks what comes back, and counts: ``calls`` (batched
     calls) and ``rows`` (network evaluations: a call on a batch of 128 is 128). A batch of k times the
-    condition's rows is k candidates stacked whole (``conditions.tile``). ``bind(cond)``: the same
+    condition's rows is k candidates stacked whole (``conditions.tile``). A network computing in another
+    dtype than the state (float32, half: ``models.device.model_dtype``) gets its inputs in it and gives its
+    output back in the state's. ``bind(cond)``: the same
     denoiser and count for other rows."""
 
     takes_step = True
 
-    def __init__(self, denoiser: Callable, cond=None, count: _Count | None = None):
+    def __init__(self, denoiser: Callable, cond=None, count: _Count | None = None, dtype=...):
         self.denoiser, self._call, self.cond = denoiser, stepped(denoiser), cond
-        self._count = count or _Count()
+        self._count, self.dtype = count or _Count(), model_dtype(denoiser) if dtype is ... else dtype
         self._n = conditions.length(cond)
 
     calls = property(lambda self: self._count.calls)
     rows = property(lambda self: self._count.rows)
 
     def bind(self, cond) -> "CheckedDenoiser":
-        return CheckedDenoiser(self.denoiser, cond, self._count)
+        return CheckedDenoiser(self.denoiser, cond, self._count, self.dtype)
 
     def _cond(self, b: int):
         if b == self._n:
@@ -85,10 +88,11 @@ class CheckedDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
         sig = sigma.to(device=x.device, dtype=x.dtype)
         sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
+        x_in, sig_in = model_inputs(self.dtype, x, sig)  # a float32 (or half) network gets its own dtype
         if self.cond is None:
-            out = self._call(x, sig, step)
+            out = self._call(x_in, sig_in, step)
         else:
-            out = self.denoiser(x, sig, cond=self._cond(x.shape[0]))
+            out = self.denoiser(x_in, sig_in, cond=self._cond(x.shape[0]))
         self._count.calls, self._count.rows = self._count.calls + 1, self._count.rows + x.shape[0]
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -14,19 +14,23 @@ import torch
 from torch import nn
 
 
-def _modules(obj: Any, depth: int = 3) -> Iterator[nn.Module]:
-    """The torch modules a denoiser is or wraps: itself, or its attributes ``depth`` levels down
-    (a fewstep wrapper holds the network, e.g. ``den.model.net`` for a diffusers UNet)."""
+def _walk(obj: Any, depth: int = 3) -> Iterator[Any]:
+    """A denoiser and what it wraps, breadth first: itself, then its attributes ``depth`` levels down (a
+    fewstep wrapper holds the network, e.g. ``den.model.net`` for a diffusers UNet); tensors not entered."""
     seen, todo = set(), [(obj, 0)]
     while todo:
         o, d = todo.pop(0)
         if id(o) in seen:
             continue
         seen.add(id(o))
-        if isinstance(o, nn.Module):
-            yield o
-        elif d < depth and hasattr(o, "__dict__") and not isinstance(o, type):
+        yield o
+        if d < depth and hasattr(o, "__dict__") and not isinstance(o, (type, nn.Module, torch.Tensor)):
             todo += [(v, d + 1) for v in vars(o).values()]
+
+
+def _modules(obj: Any) -> Iterator[nn.Module]:
+    """The torch modules a denoiser is or wraps (``_walk``)."""
+    return (o for o in _walk(obj) if isinstance(o, nn.Module))
 
 
 def model_device(den: Any) -> torch.device:
@@ -39,6 +43,29 @@ def model_device(den: Any) -> torch.device:
         for t in chain(module.parameters(), module.buffers()):
             return t.device
     return torch.device("cpu")
+
+
+def model_dtype(den: Any) -> torch.dtype | None:
+    """The floating dtype a denoiser's network computes in (its inputs are cast to it): the first ``dtype``
+    attribute met (``_walk``; None: the object takes any dtype, as fewstep's wrappers do, which cast at their
+    network), else that of the first floating parameter or buffer of a torch module it is or wraps, else None."""
+    for o in _walk(den):
+        declared = None if isinstance(o, torch.Tensor) else getattr(o, "dtype", ...)
+        if declared is None or isinstance(declared, torch.dtype):
+            return declared if declared is None or declared.is_floating_point else None
+        if isinstance(o, nn.Module):
+            for t in chain(o.parameters(), o.buffers()):
+                if t.is_floating_point():
+                    return t.dtype
+    return None
+
+
+def model_inputs(dtype: torch.dtype | None, x: torch.Tensor, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and sigma (or the network's time) cast for a network computing in ``dtype`` (None: as they are): x to
+    it, sigma too unless it is a half type (then float32, as diffusers pipelines pass timesteps)."""
+    if dtype is None or dtype == x.dtype:
+        return x, sigma
+    return x.to(dtype), sigma.to(torch.float32 if dtype.itemsize < 4 else dtype)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device | None:

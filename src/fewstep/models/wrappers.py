@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from ..schedules import vp_time, VP_BETA_D, VP_BETA_MIN
+from .device import model_dtype, model_inputs
 
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 
@@ -38,12 +39,15 @@ def vp_output_to_x0(out: torch.Tensor, x_vp: torch.Tensor, alpha: torch.Tensor, 
 
 
 def _call(model: Callable, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
-    """model(x, t), with ``cond=`` passed on only when there is one (an unconditional network need not take it)."""
+    """model(x, t) in the network's dtype (``model_dtype``: a float32 or half network gets its own), with ``cond=``
+    passed on only when there is one (an unconditional network need not take it)."""
+    x, t = model_inputs(model_dtype(model), x, t)
     return model(x, t) if cond is None else model(x, t, cond=cond)
 
 
 class _VPDenoiser:
     prediction: str
+    dtype = None  # takes any: its arithmetic in the state's dtype, the network called in its own (``_call``)
 
     def _time(self, sigma: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -106,6 +110,8 @@ class FlowDenoiser:
 
     sigma = t / (1 - t), x_t = x / (1 + sigma), x0 = x_t - t v (rectified flow, as in SD3 / Flux).
     """
+
+    dtype = None  # as _VPDenoiser's
 
     def __init__(self, model: Callable, time_scale: float = 1.0, name: str = "flow"):
         self.model, self.time_scale, self.name = model, time_scale, name

@@ -15,6 +15,7 @@ import fewstep
 from fewstep.cli import main
 from fewstep.files import FewstepWarning
 from fewstep.methods.ld3 import NoGradientError
+from fewstep.sampling import DenoiserError
 from fewstep.tuning import tune
 
 SMALL = dict(n_calib=8, n_test=8, progress=False, report=False)
@@ -268,6 +269,15 @@ def test_bad_values_are_named():
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+
+
+def test_states_of_another_sample_shape_are_named_when_the_model_fails_on_them():
+    gmm, x = _gmm(), fewstep.noise(2, (2,), 80.0, 0)
+    with pytest.raises(DenoiserError, match=r"sample shape \(1,\), and it declares shape \(2,\)"):
+        fewstep.sample(gmm, x[:, :1], fewstep.schedules.karras(3), "euler")
+    wide = lambda x, s: x / (1 + s.reshape(-1, *[1] * (x.ndim - 1)) ** 2)  # noqa: E731  runs at any shape
+    wide.shape = (2,)
+    assert fewstep.sample(wide, fewstep.noise(2, (3, 4), 80.0, 0), fewstep.schedules.karras(3), "euler").shape == (2, 3, 4)
 
 
 def test_schedule_files_with_bad_contents_are_named(tmp_path):

@@ -85,14 +85,26 @@ class CheckedDenoiser:
             raise ValueError(f"internal error: a batch of {b} rows for {self._n} conditions")
         return conditions.tile(self.cond, b // self._n)
 
+    def _misshapen(self, x: torch.Tensor, e: Exception) -> None:
+        """A failed call on states of another sample shape than the model declares: a DenoiserError naming
+        both (a network that runs at other shapes, e.g. a UNet at another resolution, is not stopped)."""
+        shape = getattr(self.denoiser, "shape", None)
+        if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+            raise DenoiserError(f"the denoiser failed on states of sample shape {tuple(x.shape[1:])}, and it declares "
+                                f"shape {tuple(shape)} (x is [batch, *shape]): {type(e).__name__}: {e}") from e
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
         sig = sigma.to(device=x.device, dtype=x.dtype)
         sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
         x_in, sig_in = model_inputs(self.dtype, x, sig)  # a float32 (or half) network gets its own dtype
-        if self.cond is None:
-            out = self._call(x_in, sig_in, step)
-        else:
-            out = self.denoiser(x_in, sig_in, cond=self._cond(x.shape[0]))
+        try:
+            if self.cond is None:
+                out = self._call(x_in, sig_in, step)
+            else:
+                out = self.denoiser(x_in, sig_in, cond=self._cond(x.shape[0]))
+        except Exception as e:
+            self._misshapen(x, e)
+            raise
         self._count.calls, self._count.rows = self._count.calls + 1, self._count.rows + x.shape[0]
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -93,3 +93,11 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (ROOT / "README.md").read_text()
     cmd = re.search(r"<!-- test-command -->\s*```(?:bash|sh)?\n(.+?)\n```", readme, re.S).group(1).strip()
     assert cmd in (ROOT / ".ci" / "run").read_text()
+
+
+def test_tune_tables_without_a_baseline_or_without_any_scored_cell(tmp_path, capsys):
+    base = ["tune", "--model", "gmm2d", "--nfe", "3", "--solvers", "euler", "--quick"]
+    assert main([*base, "--methods", "gits", "-o", str(tmp_path / "a")]) == 0  # a winner with no baseline beside it
+    assert "gits + euler" in capsys.readouterr().out
+    assert main([*base, "--methods", "karras", "--budget", "40", "-o", str(tmp_path / "b")]) == 1
+    assert "no schedule was scored at any NFE" in capsys.readouterr().out

@@ -363,8 +363,8 @@ def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):
                            n_calib=32, n_test=64, outdir=tmp_path, progress=False, report=False)
     cells = {(c["method"], c["solver"]): c for c in summary["cells"]}
     assert cells[("s4s", "dpmpp_2m")]["status"] == cells[("pas", "dpmpp_2m")]["status"] == "ok"
-    # a learned method runs for the best solver so far (tier 2); heun (two calls a step) it refuses anyway
-    assert cells[("s4s", "heun")]["status"] == "pruned" and "a learned method" in cells[("s4s", "heun")]["reason"]
+    # a learned method runs on one-call solvers: heun (two calls a step) is skipped with that reason
+    assert cells[("s4s", "heun")]["status"] == "skipped" and "one network call a step" in cells[("s4s", "heun")]["reason"]
     with pytest.raises(ValueError, match="one call a step"):
         fewstep.optimize(den, "s4s", "heun", 3, n=4)
     assert summary["best"]["3"]["winner"]["method"] in ("s4s", "pas")
@@ -407,7 +407,8 @@ def test_an_exhaustive_tune_gives_each_learned_cell_its_own_solvers_starts(tmp_p
     differ (given every solver's best, each would pick the same start and learn the same solver)."""
     summary, seen = _tune_seeing_starts(tmp_path, monkeypatch, exhaustive=True, method_options={"s4s": {"iters": 5}})
     starts = dict(seen)
-    assert sorted(starts) == ["dpmpp_2m", "heun", "ipndm"] and starts["heun"] == ()  # two calls a step: none
+    assert sorted(starts) == ["dpmpp_2m", "ipndm"]  # heun, two calls a step, is not tried: skipped, with why
+    assert {c["status"] for c in summary["cells"] if c["method"] == "s4s" and c["solver"] == "heun"} == {"skipped"}
     for solver in ("dpmpp_2m", "ipndm"):
         assert sorted(x.metadata["method"] for x in starts[solver]) == ["ays", "karras", "time_uniform"]
         assert {x.solver for x in starts[solver]} == {solver}

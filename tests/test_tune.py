@@ -84,6 +84,20 @@ def test_tune_names_bad_budgets_and_skips_refused_cells():
     assert cell["status"] == "skipped" and "nothing to optimize" in cell["reason"]
 
 
+def test_a_solver_a_method_does_not_run_on_is_skipped_and_none_at_all_is_named(tmp_path):
+    """s4s learns on one-call solvers: its Heun cell is skipped with that reason (not raced out), and a run in which
+    no cell can run is an error before any work."""
+    gmm = fewstep.load_model("gmm2d")
+    summary = tune(gmm, nfe=[3], methods=["karras", "s4s"], solvers=["heun", "euler"], quick=True, outdir=tmp_path,
+                   progress=False, report=False)
+    cells = {(c["method"], c["solver"]): c for c in summary["cells"]}
+    assert cells["s4s", "heun"]["status"] == "skipped" and "one network call a step" in cells["s4s", "heun"]["reason"]
+    assert cells["s4s", "euler"]["status"] == "ok"
+    with pytest.raises(ValueError, match="no cell can run on the solvers heun: s4s runs only on solvers of one"):
+        tune(gmm, nfe=[3], methods=["s4s"], solvers=["heun"], outdir=tmp_path / "none", progress=False)
+    assert not (tmp_path / "none").exists()
+
+
 SCRIPT = """
 import os, signal, sys, fewstep
 from fewstep import tuning

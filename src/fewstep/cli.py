@@ -293,6 +293,9 @@ def cmd_tune(args) -> int:
     print(f"fewstep tune: {info['name']}; report: {Path(args.output) / 'report.html'}")
     print("network evaluations: " + ", ".join(f"{k} {v:,}" for k, v in cost["evaluations"].items())
           + f"; total {cost['total']:,}" + (f" of a budget of {cost['budget']:,}" if cost["budget"] else ""))
+    if not rows:
+        print(f"no schedule was scored at any NFE: every cell was skipped, pruned or failed ({Path(args.output) / 'results.json'} says why)")
+        return 1
     tail = f"tail{TAIL:.0%}"
     _print_table([{**r, "ci95": f"{r['ci'][0]:.4g}-{r['ci'][1]:.4g}", tail: f"{r['tail']:.0%}"} for r in rows],
                  ["nfe", "winner", "mean", "ci95", "baseline", "base_mean", "ratio", "z", tail])

@@ -316,6 +316,16 @@ def _ranked_solvers(run: _Run, k: int, solvers: list[str]) -> list[str]:
     return sorted(best, key=best.get)
 
 
+def _takes(method: str) -> str:
+    return f"{method} runs only on solvers of {METHODS[method].accepts.__doc__.strip().rstrip('.')}"
+
+
+def _refuse(run: _Run, k: int, method: str, solver: str) -> None:
+    """A solver the method does not run on (``Method.accepts``): skipped, with the reason."""
+    run.results[_cell_name(k, method, solver)] = {"nfe": k, "method": method, "solver": solver, "status": "skipped",
+                                                  "reason": f"{_takes(method)}; {solver} is not one"}
+
+
 def _prune(run: _Run, k: int, method: str, solver: str, why: str) -> None:
     name = _cell_name(k, method, solver)
     if name not in run.results:
@@ -342,10 +352,12 @@ def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: li
     todo = []
     for method in methods:  # the best solvers the method runs on (s4s and pas: one call a step)
         accepts = METHODS[method].accepts if method in METHODS else any_solver
-        chosen = solvers if run.exhaustive else [s for s in ranked if accepts(s)][:count]
+        chosen = [s for s in (solvers if run.exhaustive else ranked) if accepts(s)][:None if run.exhaustive else count]
         costs = {s: _cost(run, method, s, k) for s in chosen}
         for solver in solvers:
-            if solver not in chosen:
+            if not accepts(solver):
+                _refuse(run, k, method, solver)
+            elif solver not in chosen:
                 _prune(run, k, method, solver, why)
             elif not run.exhaustive and costs[solver] > COSTLIER * max(1, min(costs.values())):
                 _prune(run, k, method, solver, f"costs ~{costs[solver]:,} evaluations, over {COSTLIER}x the "
@@ -457,6 +469,8 @@ def _checked(methods, solvers) -> tuple[list[str], list[str]]:
     bad = [s for s in solvers if s not in PLANNED]
     if bad:
         raise ValueError(f"unknown or unplanned solver(s) {bad}; known: {PLANNED}")
+    if methods and solvers and not any(m in BUILTIN_SCHEDULES or METHODS[m].accepts(s) for m in methods for s in solvers):
+        raise ValueError(f"no cell can run on the solvers {', '.join(solvers)}: " + "; ".join(map(_takes, methods)))
     return methods, solvers
 
 
@@ -491,11 +505,12 @@ def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: 
         count = len(solvers) if exhaustive or m in BUILTIN_SCHEDULES else min(len(solvers), CONTENDERS)
         if m in METHODS and METHODS[m].tier and not exhaustive:
             count = _solver_count(METHODS[m].tier)
-        per = 0  # a method's cost for its ``count`` cheapest solvers (a race leaves out the costly ones)
+        per = 0  # a method's cost for its ``count`` cheapest solvers it runs on (a race leaves out the costly ones)
         if m in METHODS:
-            opts = METHODS[m].make_options(m, options[m])
-            each = sorted(sum(METHODS[m].cost(opts, s, k, n_calib) for k in nfes) for s in solvers)
-            per = sum(each[:count]) / count
+            opts, runs_on = METHODS[m].make_options(m, options[m]), [s for s in solvers if METHODS[m].accepts(s)]
+            each = sorted(sum(METHODS[m].cost(opts, s, k, n_calib) for k in nfes) for s in runs_on)
+            count = min(count, len(runs_on))
+            per = sum(each[:count]) / max(count, 1)
         est[m] = int(count * (per + n1 * sum(nfes)))
     if not exhaustive:  # about 6 cells per NFE stay in the race
         est["race"] = 6 * (n_test - n1) * sum(nfes)

@@ -214,7 +214,7 @@ def single_noise(ctx: Calibration, solver: str, nfe: int, ld3_options: ld3.Optio
 
 
 def one_call(solver: str) -> bool:
-    """The solvers a learned-coefficient method starts from: one network call a step."""
+    """one network call a step (the solvers a learned-coefficient method starts from)."""
     return get_solver(solver).calls_per_step == 1
 
 

@@ -1,6 +1,9 @@
 """Device handling that a CPU-only machine can check: where a denoiser computes, moving one, bad devices.
 The same pipeline on a GPU is run by bench/gpu.py (it compares every stage with the CPU)."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -140,3 +143,47 @@ def test_a_vp_wrapper_calls_a_bfloat16_network_in_bfloat16(small_gmm):
     out = den(x, sigma)
     assert seen == [(torch.bfloat16, torch.float32)] and out.dtype == torch.float64
     assert torch.allclose(out, small_gmm(x, sigma), rtol=0.05, atol=0.05)
+
+
+class _Small:
+    """A model that runs out of memory (here: raises) on more than ``limit`` rows a call, with a max_batch."""
+
+    def __init__(self, den, limit):
+        self.den, self.limit, self.max_batch, self.shape, self.widest = den, limit, limit, den.shape, 0
+
+    def __call__(self, x, sigma):
+        if x.shape[0] > self.limit:
+            raise RuntimeError(f"CUDA out of memory (a batch of {x.shape[0]})")
+        self.widest = max(self.widest, x.shape[0])
+        return self.den(x, sigma)
+
+
+@pytest.mark.parametrize("method,options", [("gits", {}), ("oss", {"grid": 10}), ("sdm", {}), ("ld3", {"iters": 3}),
+                                            ("s4s", {"iters": 3}), ("instance", {"iters": 2, "ld3_iters": 2}),
+                                            ("pas", {})])
+def test_max_batch_splits_every_call_and_changes_no_result(method, options):
+    """Methods, scoring and training (a training step back-propagates max_batch samples at a time) on a model that
+    takes at most 3 rows a call give what the model without a limit gives."""
+    gmm = fewstep.load_model("gmm2d")
+    small = _Small(gmm, 3)
+    kw = dict(n=8, teacher=fewstep.Teacher(gmm, steps=16), **options)
+    whole, split = fewstep.optimize(gmm, method, "dpmpp_2m", 4, **kw), fewstep.optimize(small, method, "dpmpp_2m", 4, **kw)
+    x = fewstep.noise(7, gmm.shape, 80.0, seed=5)
+    a, b = fewstep.sample(gmm, x, whole), fewstep.sample(small, x, split)
+    assert small.widest == 3 and torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_max_batch_is_checked_and_the_cli_sets_it(tmp_path, capsys):
+    gmm = fewstep.load_model("gmm2d")
+    bad = _Small(gmm, 3)
+    bad.max_batch = 0
+    with pytest.raises(ValueError, match="max_batch must be a positive integer"):
+        fewstep.sample(bad, fewstep.noise(2, gmm.shape, 80.0, 0), fewstep.schedules.karras(3), "euler")
+    f = tmp_path / "small.py"
+    f.write_text("import fewstep, sys\nsys.path.insert(0, %r)\nfrom test_device import _Small\n\n"
+                 "def make():\n    small = _Small(fewstep.load_model('gmm2d'), 100)\n    small.limit = 2\n    return small\n"
+                 % str(Path(__file__).parent))
+    assert main(["tune", "--model", f"{f}:make", "--nfe", "3", "--quick", "--max-batch", "2", "--teacher-steps", "16",
+                 "-o", str(tmp_path / "out"), "--json"]) == 0
+    cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
+    assert {c["status"] for c in cells} <= {"ok", "pruned", "skipped"} and sum(c["status"] == "ok" for c in cells) > 10

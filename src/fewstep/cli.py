@@ -109,6 +109,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto",
                    help="where the model runs: auto (default: a built-in model on CUDA when available; a user "
                         "model where its factory put it), cpu, cuda, cuda:1, ...")
+    p.add_argument("--max-batch", type=_positive,
+                   help="at most this many rows a network call (larger batches are split; a training step "
+                        "back-propagates this many samples at a time): for a model that fills the GPU's memory")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
 
 
@@ -131,6 +134,12 @@ def _load(args):
         if args.negative_prompt is not None:
             raise ValueError("--negative-prompt is for a diffusers pipeline folder")
         den, pool = load_model(args.model, device, args.guidance_scale), read_conds(args.conds) if args.conds else None
+    if args.max_batch:
+        try:
+            den.max_batch = args.max_batch
+        except AttributeError:
+            raise ValueError(f"--max-batch: the model ({type(den).__name__}) takes no attributes; set max_batch "
+                             "in its factory instead") from None
     info = model_info(den, args.shape, args.sigma_min, args.sigma_max)
     conditions.check_model(den, pool)
     probe_denoiser(den, info, pool)

@@ -19,9 +19,10 @@ import torch
 
 from . import distributed
 from .models.device import model_dtype, model_inputs
+from .models.info import max_batch
 
 STAGES = ("probe", "teacher", "method", "scoring")
-FACTS = ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance")  # passed through to wrappers
+FACTS = ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance", "max_batch")  # passed through to wrappers
 
 
 class BudgetExhausted(RuntimeError):
@@ -107,6 +108,7 @@ class Staged:
 
 def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float, cond=None) -> float:
     """Wall seconds per evaluated row, from one timed call on ``x`` (after one untimed warm-up call)."""
+    x = x[:max_batch(denoiser)]  # one call the model takes
     x, s = model_inputs(model_dtype(denoiser), x, torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device))
     kw = {} if cond is None else {"cond": cond}
     with torch.no_grad():

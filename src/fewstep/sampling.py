@@ -15,6 +15,7 @@ from . import conditions
 from .corrections import corrected
 from .files import FewstepWarning
 from .models.device import model_dtype, model_inputs
+from .models.info import max_batch
 from .noises import noise
 from .schedules import ScheduleError, ScheduleLike, as_schedule
 from .solvers import get_solver, stepped
@@ -62,7 +63,8 @@ class CheckedDenoiser:
     calls) and ``rows`` (network evaluations: a call on a batch of 128 is 128). A batch of k times the
     condition's rows is k candidates stacked whole (``conditions.tile``). A network computing in another
     dtype than the state (float32, half: ``models.device.model_dtype``) gets its inputs in it and gives its
-    output back in the state's. ``bind(cond)``: the same
+    output back in the state's. A model with ``max_batch`` gets at most that many rows a call (a larger batch
+    is split and the outputs joined). ``bind(cond)``: the same
     denoiser and count for other rows."""
 
     takes_step = True
@@ -70,7 +72,7 @@ class CheckedDenoiser:
     def __init__(self, denoiser: Callable, cond=None, count: _Count | None = None, dtype=...):
         self.denoiser, self._call, self.cond = denoiser, stepped(denoiser), cond
         self._count, self.dtype = count or _Count(), model_dtype(denoiser) if dtype is ... else dtype
-        self._n = conditions.length(cond)
+        self._n, self.max_batch = conditions.length(cond), max_batch(denoiser)
 
     calls = property(lambda self: self._count.calls)
     rows = property(lambda self: self._count.rows)
@@ -93,15 +95,10 @@ class CheckedDenoiser:
             raise DenoiserError(f"the denoiser failed on states of sample shape {tuple(x.shape[1:])}, and it declares "
                                 f"shape {tuple(shape)} (x is [batch, *shape]): {type(e).__name__}: {e}") from e
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        sig = sigma.to(device=x.device, dtype=x.dtype)
-        sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
-        x_in, sig_in = model_inputs(self.dtype, x, sig)  # a float32 (or half) network gets its own dtype
+    def _network(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None, cond) -> torch.Tensor:
+        """One call of the user's denoiser on these rows, counted, its output's shape checked."""
         try:
-            if self.cond is None:
-                out = self._call(x_in, sig_in, step)
-            else:
-                out = self.denoiser(x_in, sig_in, cond=self._cond(x.shape[0]))
+            out = self._call(x, sigma, step) if cond is None else self.denoiser(x, sigma, cond=cond)
         except Exception as e:
             self._misshapen(x, e)
             raise
@@ -109,6 +106,16 @@ class CheckedDenoiser:
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise DenoiserError(f"denoiser returned shape {got} for input of shape {tuple(x.shape)}")
+        return out
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        sig = sigma.to(device=x.device, dtype=x.dtype)
+        sig = sig.expand(x.shape[0]) if sig.ndim == 0 else sig
+        x_in, sig_in = model_inputs(self.dtype, x, sig)  # a float32 (or half) network gets its own dtype
+        cond, size = None if self.cond is None else self._cond(x.shape[0]), self.max_batch or x.shape[0]
+        outs = [self._network(x_in[i:i + size], sig_in[i:i + size], step, conditions.rows(cond, slice(i, i + size)))
+                for i in range(0, x.shape[0], size)]  # at most max_batch rows a call
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
         # A sum of finite values is finite unless it overflows: only then check every element.
         if not math.isfinite(float(out.detach().sum())) and not torch.isfinite(out).all():
             raise DenoiserError(

@@ -184,6 +184,27 @@ class Fit:
         with torch.no_grad():
             return float(per_sample_loss(self.student(self.va, self.va.x), self.y_valid, self.train.loss).mean())
 
+    def backward(self) -> torch.Tensor:
+        """The training part's per-sample losses (detached), with the gradient of their mean plus the penalty
+        accumulated: the whole part in one pass, or, for a model with ``max_batch``, that many samples a pass
+        (the loss is a mean over samples: the same gradient, each pass holding only its samples' graph)."""
+        size, n, loss = self.ctx.denoiser.max_batch or self.n_train, self.n_train, self.train.loss
+        penalty = self.penalty() if self.penalty is not None else 0
+        if size >= n:
+            err = per_sample_loss(self.student(self.tr, self.tr.x + self.ctx.sigma_max * self.delta), self.y_train, loss)
+            (err.mean() + penalty).backward()
+            return err.detach()
+        errs = []
+        for i in range(0, n, size):
+            part = self.tr.subset(slice(i, i + size))
+            err = per_sample_loss(self.student(part, part.x + self.ctx.sigma_max * self.delta[i:i + size]),
+                                  self.y_train[i:i + size], loss)
+            (err.sum() / n).backward()
+            errs.append(err.detach())
+        if torch.is_tensor(penalty):
+            penalty.backward()
+        return torch.cat(errs)
+
     def run(self, steps: int) -> "Fit":
         """Up to ``steps`` more training steps (fewer when training stops, or at ``train.iters`` in all)."""
         calls0, start, ctx, train = self.ctx.denoiser.calls, time.perf_counter(), self.ctx, self.train
@@ -193,9 +214,8 @@ class Fit:
             if self.done:
                 break
             self.iters += 1
-            err = per_sample_loss(self.student(self.tr, self.tr.x + ctx.sigma_max * self.delta), self.y_train, train.loss)
             self.opt.zero_grad()
-            (err.mean() + (self.penalty() if self.penalty is not None else 0)).backward()
+            err = self.backward()
             if not _finite(err, self.params, self.delta):  # not taken: back to the best parameters, smaller steps
                 self.done = not self.best.setback(self.opt)
                 continue

@@ -33,6 +33,15 @@ def model_info(den: Callable, shape=None, sigma_min=None, sigma_max=None) -> dic
     return info
 
 
+def max_batch(denoiser: Callable) -> int | None:
+    """The denoiser's ``max_batch`` (at most this many rows a network call: larger batches are split), checked;
+    None: no limit."""
+    limit = getattr(denoiser, "max_batch", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"the model's max_batch must be a positive integer (rows a network call), got {limit!r}")
+    return limit
+
+
 def _tensors(obj: Any, prefix: str, depth: int, seen: set) -> Iterator[tuple[str, torch.Tensor]]:
     """(path, tensor) for the tensors a denoiser holds: torch modules' state, tensor attributes, and those
     of the objects and closures it holds, ``depth`` levels down."""

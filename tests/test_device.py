@@ -187,3 +187,25 @@ def test_max_batch_is_checked_and_the_cli_sets_it(tmp_path, capsys):
                  "-o", str(tmp_path / "out"), "--json"]) == 0
     cells = json.loads((tmp_path / "out" / "results.json").read_text())["cells"]
     assert {c["status"] for c in cells} <= {"ok", "pruned", "skipped"} and sum(c["status"] == "ok" for c in cells) > 10
+
+
+def test_out_of_memory_says_what_splits_the_batch_and_tune_goes_on(tmp_path, monkeypatch):
+    gmm = fewstep.load_model("gmm2d")
+
+    class Tight(_Small):  # a GPU that runs out of memory on more than 16 rows
+        def __call__(self, x, sigma):
+            if x.shape[0] > self.limit:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return self.den(x, sigma)
+
+    tight = Tight(gmm, 16)
+    tight.max_batch = None
+    with pytest.raises(torch.OutOfMemoryError, match="a call of 32 rows; give the model max_batch"):
+        fewstep.sample(tight, fewstep.noise(32, gmm.shape, 80.0, 0), fewstep.schedules.karras(3), "euler")
+    released = []
+    monkeypatch.setattr("fewstep.tuning.release_cached_memory", lambda: released.append(1))
+    summary = fewstep.tune(tight, nfe=[3], methods=["karras", "oss"], solvers=["euler"], n_calib=8, n_test=16,
+                           outdir=tmp_path, progress=False, report=False, method_options={"oss": {"grid": 8}})
+    cells = {c["method"]: c for c in summary["cells"]}
+    assert cells["karras"]["status"] == "ok" and cells["oss"]["status"] == "failed" and released
+    assert cells["oss"]["error"] == "OutOfMemoryError" and "max_batch" in cells["oss"]["reason"]

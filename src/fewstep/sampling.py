@@ -99,6 +99,9 @@ class CheckedDenoiser:
         """One call of the user's denoiser on these rows, counted, its output's shape checked."""
         try:
             out = self._call(x, sigma, step) if cond is None else self.denoiser(x, sigma, cond=cond)
+        except torch.OutOfMemoryError as e:  # the same error, saying what splits the batch
+            raise torch.OutOfMemoryError(f"{e} [fewstep: a call of {x.shape[0]} rows; give the model max_batch "
+                                         "(den.max_batch = k, or --max-batch k) to split its batches]") from e
         except Exception as e:
             self._misshapen(x, e)
             raise

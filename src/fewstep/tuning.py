@@ -38,6 +38,7 @@ from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
 from .methods.base import any_solver, memo_table
 from .metrics import clearly_worse, rmse, summarize
+from .models.device import release_cached_memory
 from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import nfe as count_nfe, probe_denoiser, sample
@@ -239,6 +240,8 @@ def _run_cell(run: _Run, k: int, method: str, solver: str, n: int) -> tuple[dict
     except (ValueError, NotImplementedError) as e:
         return {**cell, "status": "skipped", "reason": str(e), "error": type(e).__name__}, None
     except Exception as e:  # one cell never ends the run: recorded, and the run goes on
+        if isinstance(e, torch.OutOfMemoryError):
+            release_cached_memory()  # what the failed cell held, back to the device for the next cells
         return {**cell, "status": "failed", "error": type(e).__name__, "reason": str(e),
                 "seconds": round(time.perf_counter() - start, 3)}, None
 

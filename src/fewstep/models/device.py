@@ -68,6 +68,12 @@ def model_inputs(dtype: torch.dtype | None, x: torch.Tensor, sigma: torch.Tensor
     return x.to(dtype), sigma.to(torch.float32 if dtype.itemsize < 4 else dtype)
 
 
+def release_cached_memory() -> None:
+    """The blocks torch's CUDA allocator keeps cached, returned to the device (after an out-of-memory error)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device | None:
     """``'auto'``: CUDA when available, else the CPU; None stays None (keep the model where it is)."""
     if device is None:

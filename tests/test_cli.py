@@ -101,3 +101,9 @@ def test_tune_tables_without_a_baseline_or_without_any_scored_cell(tmp_path, cap
     assert "gits + euler" in capsys.readouterr().out
     assert main([*base, "--methods", "karras", "--budget", "40", "-o", str(tmp_path / "b")]) == 1
     assert "no schedule was scored at any NFE" in capsys.readouterr().out
+
+
+def test_nfe_lists_take_ranges():
+    from fewstep.cli import _ints
+
+    assert _ints("3-6") == [3, 4, 5, 6] and _ints("8,3-4") == [3, 4, 8] and _ints("5") == [5]

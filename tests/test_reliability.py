@@ -307,6 +307,8 @@ CLI_CASES = [
     (["demo", "--n", "-1"], "positive integer"),
     (["demo", "--nfe", "0"], "positive integers"),
     (["tune", "--nfe", "2.5"], "positive integers"),
+    (["tune", "--nfe", "6-4"], "or ranges"),
+    (["tune", "--nfe", "4-"], "or ranges"),
     (["optimize", "--model", "gmm2d", "--method", "oss", "--solver", "euler", "--nfe", "3", "--options", "{bad"],
      "not valid JSON"),
     (["optimize", "--model", "gmm2d", "--method", "oss", "--solver", "euler", "--nfe", "3", "--options", "[1]"],

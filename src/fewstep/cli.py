@@ -32,14 +32,21 @@ DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
 
 def _ints(text: str) -> list[int]:
-    """Comma-separated positive integers."""
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
-    return values
+    """Comma-separated positive integers and ranges: '4,6,8', '3-6' (3, 4, 5, 6), '3-5,8'."""
+    bad = argparse.ArgumentTypeError(f"expected comma-separated positive integers or ranges (4,6,8 or 3-6), got {text!r}")
+    values = []
+    for part in (v.strip() for v in text.split(",") if v.strip()):
+        lo, dash, hi = part.partition("-")
+        try:
+            a, b = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise bad from None
+        if a < 1 or b < a:
+            raise bad
+        values += range(a, b + 1)
+    if not values:
+        raise bad
+    return sorted(set(values))
 
 
 def _positive(text: str) -> int:
@@ -327,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="held-out error of the built-in schedules with every solver at a few NFE")
     _add_model_args(d)
-    d.add_argument("--nfe", type=_ints, default=[4, 6, 8], help="comma-separated NFE budgets (default 4,6,8)")
+    d.add_argument("--nfe", type=_ints, default=[4, 6, 8], help="NFE budgets: comma-separated, ranges too (3-6; default 4,6,8)")
     d.add_argument("--solvers", type=_names(PLANNED), default=PLANNED, help="comma-separated, or all")
     d.add_argument("--schedules", type=_names(list(BUILTIN_SCHEDULES)), default=DEMO_SCHEDULES,
                    help=f"comma-separated built-in schedules (default {','.join(DEMO_SCHEDULES)})")
@@ -362,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="every method x solver x NFE on held-out noises: best schedule per NFE + report")
     _add_model_args(t)
-    t.add_argument("--nfe", type=_ints, help="comma-separated NFE budgets (default 4,5,6,8,10; --quick: 5,10)")
+    t.add_argument("--nfe", type=_ints, help="NFE budgets: comma-separated, ranges too (3-6,8; default 4,5,6,8,10; --quick: 5,10)")
     t.add_argument("--methods", type=_names(all_methods()), help="comma-separated methods and baselines (default all)")
     t.add_argument("--solvers", type=_names(PLANNED), help="comma-separated solvers (default all)")
     t.add_argument("--n-calib", type=_positive, help="calibration noises (default 32; --quick 16)")

@@ -107,3 +107,14 @@ def test_nfe_lists_take_ranges():
     from fewstep.cli import _ints
 
     assert _ints("3-6") == [3, 4, 5, 6] and _ints("8,3-4") == [3, 4, 8] and _ints("5") == [5]
+
+
+def test_sample_writes_an_image_grid_for_an_image_model(tmp_path, capsys):
+    import matplotlib.image
+
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", "digits", "--nfe", "4", "--solver", "euler", "--n", "5", "-o", str(out)]) == 0
+    img = matplotlib.image.imread(out)  # 3 x 2 images of 8 x 8 pixels, each enlarged 8 times, 1 pixel apart
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[:2] == (2 * 65 - 1, 3 * 65 - 1)
+    assert main(["sample", "--model", "gmm2d", "--nfe", "4", "--solver", "euler", "-o", str(tmp_path / "no.png")]) == 2
+    assert "are not images" in capsys.readouterr().err and not (tmp_path / "no.png").exists()

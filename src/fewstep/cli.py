@@ -31,6 +31,9 @@ from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, is_pipeline, load_model, load_pi
 DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # fewstep sample -o: an image grid, else a torch file
+
+
 def _ints(text: str) -> list[int]:
     """Comma-separated positive integers and ranges: '4,6,8', '3-6' (3, 4, 5, 6), '3-5,8'."""
     bad = argparse.ArgumentTypeError(f"expected comma-separated positive integers or ranges (4,6,8 or 3-6), got {text!r}")
@@ -243,13 +246,21 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 def cmd_sample(args) -> int:
     den, info, _, pool = _load(args)
     sched = _load_schedule(args, info)
+    image = Path(args.output).suffix.lower() in IMAGE_SUFFIXES  # an image model's samples as one grid image
+    if image:
+        from .report import check_image_shape, save_image_grid  # matplotlib: imported only when needed
+
+        check_image_shape(info["shape"])
     x = noise(args.n, info["shape"], sched.sigma_max, args.seed, device=info["device"])
     cond = _each(pool, args.n, info)
     out = sample(den, x, sched, args.solver, progress=True, cond=cond).cpu()
     sigmas = sched.for_batch(x, cond).sigmas  # [steps + 1(, n)]
-    buf = io.BytesIO()
-    torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
-    write_atomic(args.output, buf.getvalue())
+    if image:
+        save_image_grid(out, args.output)
+    else:
+        buf = io.BytesIO()
+        torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
+        write_atomic(args.output, buf.getvalue())
     print(json.dumps({"output": str(args.output), "n": args.n, "shape": list(out.shape)}) if args.json
           else f"wrote {args.n} samples of shape {tuple(out.shape[1:])} to {args.output}")
     return 0
@@ -346,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_schedule_args(s)
     s.add_argument("--n", type=_positive, default=16)
     s.add_argument("--seed", type=int, default=TEST_SEED)
-    s.add_argument("-o", "--output", default="samples.pt")
+    s.add_argument("-o", "--output", default="samples.pt",
+                   help="a torch file of the samples, sigmas and metadata (default samples.pt); .png or .jpg: an "
+                        "image model's samples as one grid image")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="held-out RMSE of a schedule against the teacher")

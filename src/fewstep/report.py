@@ -152,6 +152,31 @@ def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Te
     return _save(fig, path)
 
 
+def check_image_shape(shape: tuple) -> None:
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(f"samples of shape {shape} are not images (1 or 3 channels, H, W): save them as a torch "
+                         "file (-o samples.pt); a latent model's samples need its VAE to decode")
+
+
+def save_image_grid(samples: torch.Tensor, path: Path) -> None:
+    """Samples of shape [n, 1 or 3, H, W] in [-1, 1] as one image: a near-square grid, 1 pixel apart (a named
+    error for samples that are no such images, e.g. latents to decode with the model's VAE first)."""
+    check_image_shape(tuple(samples.shape[1:]))
+    up = max(1, 64 // samples.shape[2])  # small images (8x8 digits) enlarged, pixel by pixel, to >= 64 pixels
+    samples = samples.repeat_interleave(up, 2).repeat_interleave(up, 3)
+    n, c, h, w = samples.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    grid = torch.ones(c, rows * (h + 1) - 1, cols * (w + 1) - 1, dtype=torch.float64)
+    for i, img in enumerate(samples.to("cpu", torch.float64).clamp(-1, 1).add(1).div(2)):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + 1):r * (h + 1) + h, q * (w + 1):q * (w + 1) + w] = img
+    buf = io.BytesIO()
+    image = grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+    plt.imsave(buf, image, cmap="gray", vmin=0, vmax=1, format=Path(path).suffix.lstrip(".").lower().replace("jpg", "jpeg"))
+    write_atomic(path, buf.getvalue())
+
+
 def cell_label(row: dict, sep: str = " + ") -> str:
     """'method + solver', and the solver of the start a learned method took where it is another."""
     start = f" (started on {row['start_solver']})" if row.get("start_solver") else ""

@@ -352,14 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=_positive, default=128, help="held-out noises (default 128)")
     d.set_defaults(func=cmd_demo)
 
-    s = sub.add_parser("sample", help="generate samples with a schedule and save them (torch .pt)")
+    s = sub.add_parser("sample", help="generate samples with a schedule and save them (torch .pt, or an image grid)")
     _add_model_args(s)
     _add_schedule_args(s)
     s.add_argument("--n", type=_positive, default=16)
     s.add_argument("--seed", type=int, default=TEST_SEED)
-    s.add_argument("-o", "--output", default="samples.pt",
-                   help="a torch file of the samples, sigmas and metadata (default samples.pt); .png or .jpg: an "
-                        "image model's samples as one grid image")
+    s.add_argument("-o", "--output", default="samples.pt", help="a torch file (default samples.pt) of the samples, "
+                   "sigmas and metadata; .png or .jpg: an image model's samples as one grid image")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="held-out RMSE of a schedule against the teacher")

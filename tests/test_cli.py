@@ -118,3 +118,20 @@ def test_sample_writes_an_image_grid_for_an_image_model(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and img.shape[:2] == (2 * 65 - 1, 3 * 65 - 1)
     assert main(["sample", "--model", "gmm2d", "--nfe", "4", "--solver", "euler", "-o", str(tmp_path / "no.png")]) == 2
     assert "are not images" in capsys.readouterr().err and not (tmp_path / "no.png").exists()
+
+
+def test_a_built_in_conditional_model_runs_on_its_pool_or_the_one_given(tmp_path, capsys):
+    """demo / evaluate of a conditional model (the teacher's error check under the pool's conditions): its built-in
+    pool when none is given, else the given --conds file's."""
+    from fewstep.zoo import class_conditions
+
+    torch.save(class_conditions(6, seed=4), tmp_path / "classes.pt")
+    args = ["demo", "--model", "gmm-cond", "--nfe", "3", "--solvers", "euler", "--n", "8", "--json"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "built-in pool of 64" in captured.err
+    own = {r["schedule"]: r["mean"] for r in json.loads(captured.out)["rows"]}
+    assert main([*args, "--conds", str(tmp_path / "classes.pt")]) == 0
+    captured = capsys.readouterr()
+    given = {r["schedule"]: r["mean"] for r in json.loads(captured.out)["rows"]}
+    assert "built-in pool" not in captured.err and given.keys() == own.keys() and given != own

@@ -26,7 +26,7 @@ from .solvers import PLANNED, SOLVERS
 from .teacher import Teacher
 from .tuning import all_methods, baseline, tune
 from .version import __version__
-from .zoo import BUILTIN_MODELS, DEFAULT_MODEL, is_pipeline, load_model, load_pipeline
+from .zoo import BUILTIN_CONDITIONS, BUILTIN_MODELS, DEFAULT_MODEL, is_pipeline, load_model, load_pipeline
 
 DEMO_SCHEDULES = ["karras", "logsnr_uniform", "time_uniform", "ays"]
 
@@ -144,6 +144,10 @@ def _load(args):
         if args.negative_prompt is not None:
             raise ValueError("--negative-prompt is for a diffusers pipeline folder")
         den, pool = load_model(args.model, device, args.guidance_scale), read_conds(args.conds) if args.conds else None
+        if pool is None and args.model in BUILTIN_CONDITIONS:
+            pool = BUILTIN_CONDITIONS[args.model]()
+            print(f"conditions: {args.model}'s built-in pool of {conditions.length(pool)} (give --conds FILE for "
+                  "others)", file=sys.stderr)
     if args.max_batch:
         try:
             den.max_batch = args.max_batch
@@ -154,7 +158,8 @@ def _load(args):
     conditions.check_model(den, pool)
     probe_denoiser(den, info, pool)
     teacher = Teacher(den, steps=args.teacher_steps, sigma_min=info["sigma_min"], cache_dir=cache_dir(),
-                      model_id=_model_id(args.model, den), progress=True, shape=info["shape"])
+                      model_id=_model_id(args.model, den), progress=True, shape=info["shape"],
+                      check_cond=conditions.to(pool, info["device"]))  # a conditional model's error check needs them
     return den, info, teacher, pool
 
 

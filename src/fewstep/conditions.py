@@ -101,4 +101,5 @@ def check_model(denoiser: Callable, cond: Cond) -> None:
                          "cond= argument: it is unconditional")
     if cond is None and takes is True:
         raise ValueError(f"the denoiser {getattr(denoiser, 'name', type(denoiser).__name__)} is conditional (it needs "
-                         "cond=): give one condition per sample, e.g. cond=..., or conds= to fewstep.tune")
+                         "cond=): give one condition per sample (cond=, or conds= to fewstep.tune; on the command "
+                         "line --conds FILE, or --prompts FILE for a pipeline folder)")

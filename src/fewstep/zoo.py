@@ -162,6 +162,9 @@ BUILTIN_MODELS: dict[str, Callable] = {"digits": digits, "gmm2d": gmm2d, "gmm64"
                                        "digits-unet": digits_unet, "digits-flow": digits_flow,
                                        "digits-cond": digits_cond}
 DEFAULT_MODEL = "digits-unet"
+# the pools of conditions the command line gives a built-in conditional model when none is given (--conds)
+BUILTIN_CONDITIONS: dict[str, Callable[[], Any]] = {"gmm-cond": lambda: simplex_conditions(64, seed=3),
+                                                    "digits-cond": lambda: class_labels(64, seed=3)}
 
 
 def is_pipeline(spec: str) -> bool:

@@ -78,3 +78,15 @@ def test_dense_output_is_as_accurate_as_the_solve(small_gmm):
         assert err <= own_err, (i, err, own_err)
     odd = Teacher(small_gmm, steps=100, grid=40)  # the candidate points are not on its fine grid: from the fine grid
     assert torch.allclose(odd.trajectory(x, other)[-1], odd.solve(x), rtol=0, atol=1e-12)
+
+
+def test_a_conditional_models_teacher_checks_its_error_under_the_conditions_it_is_given():
+    from fewstep.zoo import simplex_conditions
+
+    den = fewstep.load_model("gmm-cond")
+    with pytest.raises(ValueError, match="needs conditions for its error check"):
+        fewstep.Teacher(den).steps()
+    c = simplex_conditions(8, seed=1)
+    x = fewstep.noise(8, den.shape, 80.0, 0)
+    given = fewstep.Teacher(den, check_cond=c)
+    assert torch.equal(fewstep.Teacher(den).solve(x, cond=c), given.solve(x, cond=c))  # the first cond= given

@@ -115,7 +115,8 @@ class Teacher:
     answers); ``steps``: a fixed number of steps instead (also the denoiser's ``teacher_steps``
     attribute). ``grid``: the candidate points (from sigma_max to sigma_min) the fine grid refines.
     ``sigma_min``: where the solve stops before its final step (default: the denoiser's, else 0.002).
-    ``check_cond``: for a conditional denoiser, the conditions its error control's check noises take in turn.
+    ``check_cond``: for a conditional denoiser, the conditions its error control's check noises take in turn
+    (default: the first ``cond`` it is asked to solve for).
     ``model_id`` names the model in the disk cache key (default: its name and ``models.info.fingerprint``,
     which changes with its weights). Cache entries carry a format version, their key and a checksum
     (``files.load_cached``): a damaged or foreign file is recomputed with a warning naming it.
@@ -208,7 +209,11 @@ class Teacher:
         return _richardson(a, b, ORDER), float(b.pow(2).mean().sqrt())
 
     def _check_cond(self):
-        """The check noises' conditions: ``check_cond`` in turn (a conditional model needs them)."""
+        """The check noises' conditions: ``check_cond`` in turn (a conditional model needs them; else the first
+        conditions it is asked to solve for)."""
+        if self.check_cond is None and conditions.takes_cond(self.denoiser) is True:
+            raise ValueError("the teacher of a conditional model needs conditions for its error check: give "
+                             "check_cond= (a few conditions), or solve with cond= first")
         return conditions.cycle(self.check_cond, CHECK_NOISES)
 
     def _check_noises(self, sigma_max: float) -> torch.Tensor:
@@ -294,6 +299,8 @@ class Teacher:
         if not isinstance(x, torch.Tensor) or x.ndim < 1 or not torch.isfinite(x).all():
             raise ValueError("the initial states x must be a finite tensor [batch, ...] (NaN or inf found)")
         conditions.check(cond, x.shape[0])
+        if self.check_cond is None and cond is not None:  # the error check of a conditional model: these conditions
+            self.check_cond = cond
 
     def solve(self, x: torch.Tensor, sigma_max: float | None = None, cond=None) -> torch.Tensor:
         """x0 from initial states ``x`` at ``sigma_max`` (default: the denoiser's sigma_max, else 80), with
@@ -313,6 +320,7 @@ class Teacher:
         any subset) comes from the one solve; another grid, from the same solve's states and outputs on the
         candidate points (``dense_state``: no more model calls; its x0 is ``solve``'s), or with ``substeps`` steps
         per interval of its own (as ``with_outputs`` does off the fine grid: there D is the model's, exact)."""
+        self._check_input(x, cond)
         grid = check_sigmas(grid)
         full = grid if float(grid[-1]) == 0 else torch.cat([grid, grid.new_zeros(1)])
         fine = self.fine_grid(float(grid[0]))

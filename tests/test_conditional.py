@@ -200,3 +200,9 @@ def test_learned_solvers_calibrate_over_conditions(cg, method):
     held = class_conditions(16, seed=9)
     out = fewstep.sample(cg, fewstep.noise(16, cg.shape, cg.sigma_max, seed=5), sched, cond=held)
     assert torch.isfinite(out).all()
+
+
+def test_sampling_a_conditional_model_without_conditions_is_named():
+    den = fewstep.load_model("gmm-cond")
+    with pytest.raises(ValueError, match="is conditional"):
+        fewstep.sample(den, fewstep.noise(2, den.shape, 80.0, 0), fewstep.schedules.karras(3), "euler")

@@ -200,6 +200,7 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
     if not torch.isfinite(x).all():
         raise ValueError("the initial states x contain NaN or inf")
     conditions.check(cond, x.shape[0])
+    conditions.check_model(denoiser, cond)
     sched = as_schedule(schedule)
     name = _solver_name(sched, solver)
     spec = get_solver(name)

@@ -381,3 +381,13 @@ def test_warnings_do_not_hide_errors():
         warnings.simplefilter("error", FewstepWarning)  # a clean run raises none
         gmm = _gmm()
         fewstep.optimize(gmm, "gits", "euler", 3, n=8, grid=10, teacher=fewstep.Teacher(gmm, steps=16))
+
+
+def test_an_nfe_with_nothing_to_optimize_is_named_before_any_evaluation():
+    gmm, rows = _gmm(), []
+    counted = lambda x, s: rows.append(len(x)) or gmm(x, s)  # noqa: E731
+    counted.shape = (2,)
+    for method in ("gits", "ld3", "s4s"):
+        with pytest.raises(ValueError, match="nothing to optimize"):
+            fewstep.optimize(counted, method, "heun", 1, n=4)
+    assert rows == []

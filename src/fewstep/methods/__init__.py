@@ -19,7 +19,7 @@ from ..models.info import model_info
 from ..noises import CALIB_SEED, noise
 from ..sampling import CheckedDenoiser, nfe as count_nfe, probe_denoiser
 from ..schedules import ScheduleLike
-from ..solvers import get_solver
+from ..solvers import get_solver, plan
 from ..teacher import Teacher
 from ..version import __version__
 from .base import METHODS, Calibration, memo_key
@@ -86,6 +86,9 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
         raise ValueError(f"nfe must be a positive integer, got {nfe!r}")
     entry = METHODS[method]
     opts = entry.make_options(method, options)
+    if plan(solver, int(nfe))[0] < 2:  # every method learns interior sigmas: said before the teacher's work
+        raise ValueError(f"{solver} at nfe={nfe} makes 1 step: the only schedule is [sigma_max, 0], nothing to "
+                         "optimize; ask for a larger nfe")
     ctx, info = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress, cond)
     teacher_rows0, start = ctx.teacher.rows, time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's

@@ -435,5 +435,19 @@ def test_to_comfyui_text_has_no_exponents_and_a_flow_option():
     assert "e" not in text.lower() and [float(v) for v in COMFY_NUMBER.findall(text)] == sched.to_list()
     flow = fewstep.to_comfyui(sched, flow=True)
     assert [float(v) for v in COMFY_NUMBER.findall(flow)] == (sched.sigmas / (1 + sched.sigmas)).tolist()
-    with pytest.warns(UserWarning, match=r"per-step solver orders \[1, 2, 1\].*FewstepSampler"):
+    with pytest.warns(UserWarning, match=r"solver options \(orders\) do not go.*FewstepSampler"):
         fewstep.to_comfyui(Schedule([80.0, 2.0, 0.5, 0.0], solver="heun", solver_options={"orders": [1, 2, 1]}))
+
+
+def test_exports_of_sigmas_alone_say_what_they_leave_behind():
+    """A learned solver's sigmas go to k-diffusion or ComfyUI without its coefficients (a warning); a per-sample
+    policy has no one sigma list (an error)."""
+    learned = Schedule([80.0, 2.0, 0.5, 0.0], solver="learned",
+                       solver_options={"a": [1.0, 1.0, 0.0], "b": [[1.0], [0.0, 1.0], [0.0, 0.0, 1.0]]})
+    for export in (fewstep.to_kdiffusion, fewstep.to_comfyui):
+        with pytest.warns(UserWarning, match=r"coefficients of a learned solver \(a, b\)"):
+            export(learned)
+    den = fewstep.load_model("gmm2d")
+    policy = fewstep.optimize(den, "instance", "euler", 3, n=8, iters=1, ld3_iters=1, corrections_iters=1)
+    with pytest.raises(ValueError, match="per-sample policy has no single sigma list for k-diffusion"):
+        fewstep.to_kdiffusion(policy)

@@ -149,7 +149,7 @@ def test_ld3_bad_options(gmm2d_setup, options, match):
 
 def test_ld3_nothing_to_learn(gmm2d_setup):
     den, teacher, _ = gmm2d_setup
-    with pytest.raises(ValueError, match="no interior sigma"):
+    with pytest.raises(ValueError, match="nothing to optimize"):
         fewstep.optimize(den, "ld3", "euler", 1, n=8, teacher=teacher)
 
 

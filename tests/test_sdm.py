@@ -143,7 +143,7 @@ def test_bad_options(gmm2d, opts, match):
 
 
 def test_nfe_below_minimum(gmm2d):
-    with pytest.raises(ValueError, match="nfe >= 2"):
+    with pytest.raises(ValueError, match="nothing to optimize"):
         fewstep.optimize(gmm2d, "sdm", "dpmpp_2m", 1, n=4)
     with pytest.raises(ValueError, match="tau"):
         sdm.sample_adaptive(gmm2d, torch.zeros(2, 2), karras(4))

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..files import FewstepWarning
 from ..schedules import as_schedule
 from .comfyui import flow_times
 
@@ -54,7 +55,24 @@ def from_kdiffusion(model: Callable, shape=None, sigma_min: float | None = None,
 def to_kdiffusion(schedule: Any, device: str | torch.device | None = None,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The schedule as the ``sigmas`` tensor k-diffusion's samplers take (``sample_euler(model, x, sigmas)``)."""
-    return as_schedule(schedule).sigmas.to(device=device, dtype=dtype)
+    return plain_sigmas(schedule, "k-diffusion's samplers").to(device=device, dtype=dtype)
+
+
+def plain_sigmas(schedule: Any, where: str) -> torch.Tensor:
+    """The sigmas of a global schedule, for a sampler that takes sigmas only (``where``): a per-sample policy
+    is an error, solver options that sampler cannot follow (per-step ``orders``, a learned solver's coefficients,
+    the analytical first step) a warning naming them; the fewstep nodes and ``fewstep.sample`` run them as made."""
+    sched = as_schedule(schedule)
+    if sched.per_sample:
+        raise ValueError(f"a per-sample policy has no single sigma list for {where}: pass a global Schedule, or run "
+                         "the policy with fewstep.sample (in ComfyUI: the FewstepSampler node)")
+    lost = [k for k in ("orders", "a", "b", "afs") if k in sched.solver_options]
+    if lost:
+        what = "coefficients of a learned solver" if sched.solver == "learned" else "solver options"
+        warnings.warn(f"the schedule's {what} ({', '.join(lost)}) do not go with its sigmas to {where}, which run "
+                      "them with their own solver: run it with fewstep.sample, FewstepScheduler or the FewstepSampler "
+                      "node to keep them", FewstepWarning, stacklevel=3)
+    return sched.sigmas
 
 
 def import_kdiffusion() -> tuple[types.ModuleType, types.ModuleType]:
@@ -88,14 +106,9 @@ def to_comfyui(schedule: Any, flow: bool = False) -> str:
 
     Full float precision, never an exponent (ComfyUI's ManualSigmas reads 1e-05 as two numbers). ``flow``:
     the flow times t = sigma / (1 + sigma), the sigmas of ComfyUI's flow models (SD3, Flux). The text carries no
-    solver options: a schedule with per-step ``orders`` warns, and runs as made with the fewstep nodes
+    solver options: a schedule with some (``plain_sigmas``) warns, and runs as made with the fewstep nodes
     (``comfyui-fewstep/``: FewstepSigmas + FewstepSampler).
     """
-    sched = as_schedule(schedule)
-    if sched.per_sample:
-        raise ValueError("a per-sample policy has no single sigma list for ComfyUI: pass a global Schedule")
-    if "orders" in sched.solver_options:
-        warnings.warn(f"the schedule's per-step solver orders {sched.solver_options['orders']} are not in the text: "
-                      "run it with the FewstepSampler node to keep them", stacklevel=2)
-    values = flow_times(sched.sigmas) if flow else sched.sigmas
+    sigmas = plain_sigmas(schedule, "ComfyUI's sigma text")
+    values = flow_times(sigmas) if flow else sigmas
     return ", ".join(format(Decimal(repr(v)), "f") for v in values.tolist())

@@ -209,3 +209,19 @@ def test_out_of_memory_says_what_splits_the_batch_and_tune_goes_on(tmp_path, mon
     cells = {c["method"]: c for c in summary["cells"]}
     assert cells["karras"]["status"] == "ok" and cells["oss"]["status"] == "failed" and released
     assert cells["oss"]["error"] == "OutOfMemoryError" and "max_batch" in cells["oss"]["reason"]
+
+
+def test_the_timing_probe_calls_the_model_as_every_evaluation_does():
+    """A conditional model with max_batch: the probe's calls are split, each with its own rows' conditions."""
+    from fewstep.costs import seconds_per_row
+    from fewstep.zoo import simplex_conditions
+
+    gmm, seen = fewstep.load_model("gmm-cond"), []
+
+    def den(x, sigma, cond):
+        seen.append((len(x), len(cond)))
+        return gmm(x, sigma, cond=cond)
+    den.max_batch = 3
+    x = fewstep.noise(8, gmm.shape, 80.0, 0)
+    assert seconds_per_row(den, x, 80.0, simplex_conditions(8, seed=1)) > 0
+    assert seen == [(3, 3), (3, 3), (2, 2)] * 2

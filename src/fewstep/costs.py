@@ -18,8 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import distributed
-from .models.device import model_dtype, model_inputs
-from .models.info import max_batch
+from .sampling import CheckedDenoiser
 
 STAGES = ("probe", "teacher", "method", "scoring")
 FACTS = ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance", "max_batch")  # passed through to wrappers
@@ -107,14 +106,14 @@ class Staged:
 
 
 def seconds_per_row(denoiser: Callable, x: torch.Tensor, sigma: float, cond=None) -> float:
-    """Wall seconds per evaluated row, from one timed call on ``x`` (after one untimed warm-up call)."""
-    x = x[:max_batch(denoiser)]  # one call the model takes
-    x, s = model_inputs(model_dtype(denoiser), x, torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device))
-    kw = {} if cond is None else {"cond": cond}
+    """Wall seconds per evaluated row, from one timed pass over ``x`` (after one untimed warm-up pass), called as
+    every evaluation is (``CheckedDenoiser``: the network's dtype, its ``max_batch``, ``cond`` rows aligned)."""
+    model = CheckedDenoiser(denoiser, cond)
+    s = torch.full((x.shape[0],), float(sigma), dtype=x.dtype, device=x.device)
     with torch.no_grad():
-        denoiser(x, s, **kw)
+        model(x, s)
         start = time.perf_counter()
-        denoiser(x, s, **kw)
+        model(x, s)
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
     return (time.perf_counter() - start) / x.shape[0]

@@ -186,23 +186,17 @@ class Fit:
 
     def backward(self) -> torch.Tensor:
         """The training part's per-sample losses (detached), with the gradient of their mean plus the penalty
-        accumulated: the whole part in one pass, or, for a model with ``max_batch``, that many samples a pass
-        (the loss is a mean over samples: the same gradient, each pass holding only its samples' graph)."""
-        size, n, loss = self.ctx.denoiser.max_batch or self.n_train, self.n_train, self.train.loss
-        penalty = self.penalty() if self.penalty is not None else 0
-        if size >= n:
-            err = per_sample_loss(self.student(self.tr, self.tr.x + self.ctx.sigma_max * self.delta), self.y_train, loss)
-            (err.mean() + penalty).backward()
-            return err.detach()
-        errs = []
+        accumulated, ``max_batch`` samples a pass for a model that has one (else the whole part in one): the loss
+        is a mean over samples, so the gradient is the same, each pass holding only its samples' graph."""
+        size, n, errs = self.ctx.denoiser.max_batch or self.n_train, self.n_train, []
         for i in range(0, n, size):
             part = self.tr.subset(slice(i, i + size))
             err = per_sample_loss(self.student(part, part.x + self.ctx.sigma_max * self.delta[i:i + size]),
-                                  self.y_train[i:i + size], loss)
+                                  self.y_train[i:i + size], self.train.loss)
             (err.sum() / n).backward()
             errs.append(err.detach())
-        if torch.is_tensor(penalty):
-            penalty.backward()
+        if self.penalty is not None:
+            self.penalty().backward()
         return torch.cat(errs)
 
     def run(self, steps: int) -> "Fit":

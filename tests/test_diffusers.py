@@ -253,6 +253,17 @@ def test_sd_pipeline_fewstep_scheduler_matches_sample(sd_pipe):
         got = sd_latents(sd_pipe, fewstep.FewstepScheduler.from_schedule(sched, config, solver=solver), n, steps)
         want = fewstep.sample(den, n * math.sqrt(1 + den.sigma_max ** 2), sched, solver)
         assert rel(got, want) <= 1e-5, solver
+    # a learned solver with the analytical first step, its first step learned: the first call's input is
+    # kappa times the initial latents, which the pipeline takes from scale_model_input
+    sigmas = karras(5, den.sigma_min, den.sigma_max).sigmas
+    a, b = fewstep.solvers.chain("dpmpp_2m", sigmas)
+    learned = Schedule(sigmas, solver="learned", solver_options={"a": (a * torch.tensor([1.03, 1, 1, 1, 1])).tolist(),
+                                                                 "b": [row.tolist() for row in b], "afs": True})
+    scheduler = fewstep.FewstepScheduler.from_schedule(learned, config)
+    got = sd_latents(sd_pipe, scheduler, n, 5)
+    assert rel(got, fewstep.sample(den, n * math.sqrt(1 + den.sigma_max ** 2), learned)) <= 1e-5
+    scheduler.set_timesteps(5)
+    assert rel(scheduler.scale_model_input(n, scheduler.timesteps[0]), n) > 1e-3  # not the identity at the first call
     sd_pipe.scheduler = EulerDiscreteScheduler.from_config(config)
 
 

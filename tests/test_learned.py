@@ -423,7 +423,8 @@ def test_an_exhaustive_tune_gives_each_learned_cell_its_own_solvers_starts(tmp_p
 def test_learned_schedule_in_a_ddpm_pipeline_matches_sample_and_counts_unet_calls(with_pas):
     """FewstepScheduler.from_schedule runs a learned schedule (s4s on the shipped UNet, briefly trained; with
     AFS; and with PAS corrections) in DDPMPipeline: the output is fewstep.sample's, the UNet is called exactly
-    fewstep.nfe times."""
+    fewstep.nfe times. Its learned first step does not land on the initial latents: the first call's input comes
+    from scale_model_input, which DDPMPipeline does not call (a named error), a loop as Stable Diffusion's runs it."""
     pytest.importorskip("diffusers")
     from pathlib import Path
     from diffusers import DDPMPipeline, UNet2DModel
@@ -432,21 +433,29 @@ def test_learned_schedule_in_a_ddpm_pipeline_matches_sample_and_counts_unet_call
     unet = UNet2DModel.from_pretrained(assets / "unet").eval().requires_grad_(False)
     config = json.loads((assets / "scheduler" / "scheduler_config.json").read_text())
     den = fewstep.load_model("digits-unet")
-    sched = fewstep.optimize(den, "s4s", "dpmpp_2m", 4, n=16, min_valid=4, iters=8, afs=True, gate=-math.inf,
+    # a small lr: at the default 0.1 the first of 8 steps can overshoot on 8 training noises (as on some CPUs)
+    sched = fewstep.optimize(den, "s4s", "dpmpp_2m", 4, n=16, min_valid=4, iters=8, afs=True, gate=-math.inf, lr=0.01,
                              teacher=fewstep.Teacher(den, steps=64, sigma_min=den.sigma_min))
     assert sched.solver == "learned" and sched.solver_options["afs"] and sched.steps == 5
     if with_pas:
         pas = [[], [1.01, 0.005, -0.005, 0.0], [], [0.99, 0.0, 0.005, 0.0], []]
         sched = sched.with_metadata(solver_options={**sched.solver_options, "pas": pas})
-    calls = []
-    unet.register_forward_pre_hook(lambda module, args: calls.append(1))
-    pipe = DDPMPipeline(unet=unet, scheduler=fewstep.FewstepScheduler.from_schedule(sched, config))
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="pt").images
-    assert len(calls) == fewstep.nfe(sched) == 4
     n = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     ref = fewstep.sample(fewstep.from_diffusers(unet, config), n * math.sqrt(1 + sched.sigma_max ** 2), sched)
     ref = (ref / 2 + 0.5).clamp(0, 1)
+    scheduler = fewstep.FewstepScheduler.from_schedule(sched, config)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ValueError, match="scale_model_input"):
+        pipe(batch_size=3, generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="pt")
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(1))
+    scheduler.set_timesteps(5)
+    latents = n.clone()
+    for t in scheduler.timesteps:
+        latents = scheduler.step(unet(scheduler.scale_model_input(latents, t), t).sample, t, latents).prev_sample
+    assert len(calls) == fewstep.nfe(sched) == 4
+    out = (latents / 2 + 0.5).clamp(0, 1)
     assert float((out.double() - ref.double()).norm() / ref.double().norm()) <= 1e-5
 
 

@@ -353,7 +353,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     ``scale_noise`` run the tail of the schedule, as img2img and inpainting pipelines ask.
 
     Latents are the network's input (x_vp for VP models, x_t for flow models), so ``init_noise_sigma`` is 1
-    and ``scale_model_input`` is the identity, as with DDPM / flow-matching schedulers: pure noise n as the
+    and ``scale_model_input`` is the identity, as with DDPM / flow-matching schedulers, but at the first call of
+    a schedule whose analytical first step (afs) does not land on the initial latents (a learned solver's first
+    step, a PAS correction of it): there it gives the first call's input, kappa times the latents
+    (``_first_input_scale``), so a pipeline must call it (Stable Diffusion's pipelines do; one that does not, as
+    DDPMPipeline, gets a ValueError at the first ``step``, before any latents come back). Pure noise n as the
     first latents is x = n sqrt(1 + sigma_max^2) (VP), x = n (1 + sigma_max) (flow). Euler's 'linspace' and
     'trailing' spacings start from x = n sigma_max instead (2.3e-3 relative apart at sigma_max = 14.6).
     The solver's state is float64 whatever the pipeline's dtype; the latents handed back are in its dtype.
@@ -386,6 +390,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self._table = self._read_table()
         self.init_noise_sigma = 1.0
         self.timesteps, self._begin_index, self._step_index = None, None, None
+        self._kappa, self._scaled = 1.0, False
         if sigmas is not None:
             self.set_timesteps()
 
@@ -501,6 +506,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "the schedule with afs=False or run it with fewstep.sample")
         self.schedule, self._starts = sched, _step_starts(sched)
         self._call_sigmas = self._dry_run(sched)
+        self._kappa, self._scaled = self._first_input_scale(sched), False
         # the network's timestep at each call, for a float32 state (as pipelines run)
         ts = torch.cat([network_inputs(self._spec, torch.zeros(1, 1), s.to(torch.float32).reshape(1))[1]
                         for s in self._call_sigmas]).to(torch.float32)
@@ -559,7 +565,34 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         return (starts or hits or [None])[0]
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
+        """The latents as the network's input: themselves, but at the first call of a schedule whose first step
+        does not land on them (``_first_input_scale``)."""
+        if self._step_index is not None or self._kappa == 1.0:
+            return sample
+        self._scaled = True
+        return sample * self._kappa
+
+    def _first_input_scale(self, sched: Schedule) -> float:
+        """kappa: the first network call's input over the initial latents, 1 but for a schedule with the
+        analytical first step (afs). Its first step makes x_1 from x alone, linearly (``solvers.afs_denoised``): every
+        solver's lands on the Gaussian flow, whose input is the latents themselves (kappa = 1), a learned one's (or a
+        PAS-corrected one's) on kappa times them."""
+        if not sched.solver_options.get("afs") or self._spec["kind"] != "vp":
+            return 1.0
+        first = []
+
+        def record(x, sigma):
+            first.append(network_inputs(self._spec, x, sigma)[0].flatten()[0])
+            raise _Pause(x, sigma)
+
+        ones = torch.ones(1, 1, dtype=torch.float64)
+        x_init = ones / network_inputs(self._spec, ones, sched.sigmas[:1])[0]  # latents 1 at sigma_max
+        try:
+            sample(record, x_init, sched)
+        except _Pause:
+            pass
+        kappa = float(first[0])
+        return 1.0 if abs(kappa - 1) < 1e-12 else kappa
 
     def _noise_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The sigma to noise to, as diffusers' schedulers choose it: the next call's once the run has begun
@@ -648,6 +681,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "set_timesteps before a new run")
         dtype = self._state_dtype(sample)
         if j == self._first:  # the initial latents: the state at the run's first sigma (afs: one before its first call)
+            if self._kappa != 1.0 and not self._scaled:
+                raise ValueError(f"this schedule's first network call is on {self._kappa:.6g} times the initial latents "
+                                 "(its analytical first step is learned or corrected), which scheduler.scale_model_input "
+                                 "gives: this pipeline does not call it (DDPMPipeline does not; Stable Diffusion's "
+                                 "pipelines do). Run the schedule with fewstep.sample, or make it with afs=False")
             self._x_init = self._to_state(sample, j, dtype, self._run.sigmas[0])
         elif not torch.equal(sample, self._returned):  # a callback or inpainting changed the latents
             self._edits[j - self._first] = self._to_state(sample, j, self._x_init.dtype)

@@ -356,7 +356,7 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
     and ``scale_model_input`` is the identity, as with DDPM / flow-matching schedulers, but at the first call of
     a schedule whose analytical first step (afs) does not land on the initial latents (a learned solver's first
     step, a PAS correction of it): there it gives the first call's input, kappa times the latents
-    (``_first_input_scale``), so a pipeline must call it (Stable Diffusion's pipelines do; one that does not, as
+    (``_dry_run``), so a pipeline must call it (Stable Diffusion's pipelines do; one that does not, as
     DDPMPipeline, gets a ValueError at the first ``step``, before any latents come back). Pure noise n as the
     first latents is x = n sqrt(1 + sigma_max^2) (VP), x = n (1 + sigma_max) (flow). Euler's 'linspace' and
     'trailing' spacings start from x = n sigma_max instead (2.3e-3 relative apart at sigma_max = 14.6).
@@ -505,8 +505,8 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                              "network call is on the initial latents in VP coordinates, not a flow model's; make "
                              "the schedule with afs=False or run it with fewstep.sample")
         self.schedule, self._starts = sched, _step_starts(sched)
-        self._call_sigmas = self._dry_run(sched)
-        self._kappa, self._scaled = self._first_input_scale(sched), False
+        self._call_sigmas, self._kappa = self._dry_run(sched)
+        self._scaled = False
         # the network's timestep at each call, for a float32 state (as pipelines run)
         ts = torch.cat([network_inputs(self._spec, torch.zeros(1, 1), s.to(torch.float32).reshape(1))[1]
                         for s in self._call_sigmas]).to(torch.float32)
@@ -515,17 +515,23 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(ts)
         self._begin_index = self._step_index = None
 
-    @staticmethod
-    def _dry_run(sched: Schedule) -> torch.Tensor:
-        """The sigma of every network call the solver makes on this schedule (they do not depend on x)."""
-        calls = []
+    def _dry_run(self, sched: Schedule) -> tuple[torch.Tensor, float]:
+        """The sigma of every network call the solver makes on this schedule (they do not depend on x), and kappa:
+        the first call's input over the initial latents. That is 1 (the call is on them) but for a schedule with the
+        analytical first step (afs), whose first step makes x_1 from x alone, linearly (``solvers.afs_denoised``):
+        every built-in solver's lands on the Gaussian flow, whose input is the latents themselves, a learned one's
+        (or a PAS-corrected one's) on kappa times them."""
+        calls, inputs = [], []
 
         def record(x, sigma):
             calls.append(sigma[0])
+            inputs.append(network_inputs(self._spec, x, sigma)[0].flatten()[0])
             return torch.zeros_like(x)
 
-        sample(record, torch.zeros(1, 1, dtype=torch.float64), sched)
-        return torch.stack(calls)
+        ones = torch.ones(1, 1, dtype=torch.float64)
+        sample(record, ones / network_inputs(self._spec, ones, sched.sigmas[:1])[0], sched)  # latents 1 at sigma_max
+        kappa = float(inputs[0])
+        return torch.stack(calls), 1.0 if abs(kappa - 1) < 1e-12 else kappa
 
     def _check_ready(self) -> None:
         if self.timesteps is None:
@@ -566,33 +572,11 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """The latents as the network's input: themselves, but at the first call of a schedule whose first step
-        does not land on them (``_first_input_scale``)."""
+        does not land on them (``_dry_run``)."""
         if self._step_index is not None or self._kappa == 1.0:
             return sample
         self._scaled = True
         return sample * self._kappa
-
-    def _first_input_scale(self, sched: Schedule) -> float:
-        """kappa: the first network call's input over the initial latents, 1 but for a schedule with the
-        analytical first step (afs). Its first step makes x_1 from x alone, linearly (``solvers.afs_denoised``): every
-        solver's lands on the Gaussian flow, whose input is the latents themselves (kappa = 1), a learned one's (or a
-        PAS-corrected one's) on kappa times them."""
-        if not sched.solver_options.get("afs") or self._spec["kind"] != "vp":
-            return 1.0
-        first = []
-
-        def record(x, sigma):
-            first.append(network_inputs(self._spec, x, sigma)[0].flatten()[0])
-            raise _Pause(x, sigma)
-
-        ones = torch.ones(1, 1, dtype=torch.float64)
-        x_init = ones / network_inputs(self._spec, ones, sched.sigmas[:1])[0]  # latents 1 at sigma_max
-        try:
-            sample(record, x_init, sched)
-        except _Pause:
-            pass
-        kappa = float(first[0])
-        return 1.0 if abs(kappa - 1) < 1e-12 else kappa
 
     def _noise_sigmas(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The sigma to noise to, as diffusers' schedulers choose it: the next call's once the run has begun

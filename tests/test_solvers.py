@@ -206,3 +206,24 @@ def test_registry_declares_what_planning_reads():
     assert fewstep.SOLVERS["unipc_3"].max_order() == 3 and fewstep.SOLVERS["unipc"].max_order({"order": 3}) == 3
     fn, options = fewstep.SOLVERS["ipndm"]  # unpacks as (function, default options)
     assert fn is fewstep.solvers.ipndm and options == {"max_order": 4}
+
+
+def test_twins_are_the_solvers_that_run_exactly_as_an_earlier_one(small_gmm):
+    """UniPC-3 at 3 and 4 calls is UniPC (its order capped), at 2 calls three multistep solvers are DPM-Solver++(2M);
+    the claim holds on a real model (the same samples to the bit), and at 5 calls no two solvers agree there."""
+    from fewstep.solvers import SOLVERS, plan, twins
+
+    names = tuple(s for s in SOLVERS if s != "learned")
+    assert twins(names, 4) == {"unipc_3": "unipc"} and twins(names, 5) == twins(names, 8) == {}
+    assert twins(("unipc_3", "unipc"), 4) == {"unipc": "unipc_3"}  # the earlier one in the given order stays
+    assert twins(names, 2) == {"heun": "euler", "dpmpp_3m": "dpmpp_2m", "unipc": "dpmpp_2m", "unipc_3": "dpmpp_2m"}
+    x = fewstep.noise(4, small_gmm.shape, 80, 0)
+    for k in (2, 4, 5):
+        outs = {}
+        for s in names:
+            steps, opts = plan(s, k)
+            sched = fewstep.Schedule(S.polynomial(steps).sigmas, solver=s, solver_options=opts)
+            outs[s] = fewstep.sample(small_gmm, x, sched)
+        for s, t in twins(names, k).items():
+            assert torch.equal(outs[s], outs[t]), (k, s, t)
+    assert all(not torch.equal(outs[s], outs[t]) for i, s in enumerate(names) for t in names[:i])

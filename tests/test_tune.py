@@ -84,6 +84,22 @@ def test_tune_names_bad_budgets_and_skips_refused_cells():
     assert cell["status"] == "skipped" and "nothing to optimize" in cell["reason"]
 
 
+def test_a_solver_that_runs_exactly_as_another_at_an_nfe_is_left_out_there(tmp_path):
+    """At 4 calls UniPC-3 is UniPC (solvers.twins): its cells are pruned with that reason and cost nothing, in
+    the race and exhaustively; at 5 calls it runs. The report lists them."""
+    gmm = fewstep.load_model("gmm2d")
+    for exhaustive in (False, True):
+        out = tmp_path / str(exhaustive)
+        summary = tune(gmm, nfe=[4, 5], methods=["karras", "gits"], solvers=["unipc", "unipc_3"], n_calib=8,
+                       n_test=16, exhaustive=exhaustive, outdir=out, progress=False)
+        cells = {(c["nfe"], c["method"], c["solver"]): c for c in summary["cells"]}
+        for m in ("karras", "gits"):
+            assert cells[4, m, "unipc_3"]["status"] == "pruned" and "evaluations" not in cells[4, m, "unipc_3"]
+            assert "computes exactly what unipc does" in cells[4, m, "unipc_3"]["reason"]
+            assert cells[4, m, "unipc"]["status"] == cells[5, m, "unipc_3"]["status"] == "ok"
+        assert "NFE 4 gits + unipc_3: at NFE 4 unipc_3 computes exactly" in (out / "report.md").read_text()
+
+
 def test_a_solver_a_method_does_not_run_on_is_skipped_and_none_at_all_is_named(tmp_path):
     """s4s learns on one-call solvers: its Heun cell is skipped with that reason (not raced out), and a run in which
     no cell can run is an error before any work."""

@@ -274,7 +274,8 @@ def _cell_lists(summary: dict) -> list[str]:
     left = summary.get("plan", {}).get("left_out") or []
     lines = ["## Left out for the budget", "", *[f"- {w}" for w in left], ""] if left else []
     for status, title, note in (
-            ("pruned", "Cells left out", "Not run: the race gave them no chance, or the budget had run out."),
+            ("pruned", "Cells left out", "Not run: the race gave them no chance, the budget had run out, or the "
+                                       "solver runs exactly as another at that NFE."),
             ("skipped", "Skipped cells", "The method refused the setting."),
             ("failed", "Failed cells", "Each failed with the error below and was not scored; the run went on "
                                        "(`fewstep tune --retry-failed` tries them again).")):

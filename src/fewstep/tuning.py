@@ -43,7 +43,7 @@ from .models.info import fingerprint, model_info
 from .noises import CALIB_SEED, TEST_SEED, noise
 from .sampling import nfe as count_nfe, probe_denoiser, sample
 from .schedules import BASELINES, BUILTIN_SCHEDULES, Schedule, ScheduleLike, builtin
-from .solvers import PLANNED, SOLVERS, plan
+from .solvers import PLANNED, SOLVERS, plan, twins
 from .teacher import Teacher, content_key
 from .version import __version__
 
@@ -351,14 +351,19 @@ def _portable(table: dict, known: set) -> dict:
 def _stage(run: _Run, k: int, methods: list[str], solvers: list[str], ranked: list[str], count: int,
            why: str) -> list[Cell]:
     """The cells of ``methods`` for the ``count`` best solvers each accepts (all of them when exhaustive), the others
-    pruned; in a race, also a solver for which a method costs more than COSTLIER times its cheapest chosen solver."""
-    todo = []
+    pruned; in a race, also a solver for which a method costs more than COSTLIER times its cheapest chosen solver.
+    A solver that at NFE ``k`` runs exactly as an earlier one (``solvers.twins``) is pruned in every mode."""
+    todo, same = [], twins(tuple(solvers), k)
     for method in methods:  # the best solvers the method runs on (s4s and pas: one call a step)
         accepts = METHODS[method].accepts if method in METHODS else any_solver
-        chosen = [s for s in (solvers if run.exhaustive else ranked) if accepts(s)][:None if run.exhaustive else count]
+        chosen = [s for s in (solvers if run.exhaustive else ranked)
+                  if accepts(s) and s not in same][:None if run.exhaustive else count]
         costs = {s: _cost(run, method, s, k) for s in chosen}
         for solver in solvers:
-            if not accepts(solver):
+            if solver in same:
+                _prune(run, k, method, solver, f"at NFE {k} {solver} computes exactly what {same[solver]} does "
+                                               f"(solvers.twins): its cells would repeat {same[solver]}'s")
+            elif not accepts(solver):
                 _refuse(run, k, method, solver)
             elif solver not in chosen:
                 _prune(run, k, method, solver, why)

@@ -355,6 +355,13 @@ def test_s4s_learns_on_another_solver_when_it_would_keep_a_start(gmm2d):
     assert training["kept"] == "start" and out.solver == training["start_solver"]
     plain = fewstep.optimize(den, "s4s", "dpmpp_2m", 4, gate=math.inf, fallback=False, **kw)
     assert not any(t.get("fallback") for t in plain.metadata["training"]["tried"])
+    three = starts + (fewstep.tuning.baseline("ays", "deis", 4, facts),)
+    more = fewstep.optimize(den, "s4s", "dpmpp_2m", 4, gate=math.inf, fallback=2, **{**kw, "start": three})
+    solvers = [t["solver"] for t in more.metadata["training"]["tried"]]  # every solver once (two starts each)
+    assert sorted(set(solvers)) == ["deis", "dpmpp_2m", "ipndm"] and len(solvers) == 6
+    for bad in (-1, 1.5, "two"):
+        with pytest.raises(ValueError, match="fallback"):
+            fewstep.optimize(den, "s4s", "dpmpp_2m", 4, fallback=bad, **kw)
 
 
 def test_tune_runs_the_new_methods_and_their_best_file_samples(tmp_path):

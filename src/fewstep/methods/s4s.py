@@ -72,7 +72,8 @@ class Options(LearnedStage):
     both, the plain start stops after this share of ``iters`` if the AFS start's validation error is then
     lower (1: both train to the end); ``fallback``: when what is kept is a start (nothing learned passed the gate and
     beat it), learn once more on the best given start of another solver (a solver whose coefficients do not
-    improve on its start is not the only one tried); ``min_valid``:
+    improve on its start is not the only one tried); a number: up to that many other solvers, while a start is
+    still what would be kept (True: 1); ``min_valid``:
     with fewer validation noises than this the start is returned untrained (with a few noises the
     validation cannot see a learned solver's losses: docs/methods/s4s.md); ``learn_sigmas``: learn the
     timesteps too (else only the coefficients, on the start's timesteps).
@@ -84,7 +85,7 @@ class Options(LearnedStage):
     reg: float = 10.0
     afs: bool | str = "auto"
     screen: float = 1 / 3
-    fallback: bool = True
+    fallback: bool | int = True
     min_valid: int = 16
     learn_sigmas: bool = True
 
@@ -96,6 +97,8 @@ class Options(LearnedStage):
             raise ValueError(f"screen must be a fraction in (0, 1], got {self.screen!r}")
         if not (self.reg >= 0 and math.isfinite(self.reg)):
             raise ValueError(f"reg must be a finite number >= 0, got {self.reg!r}")
+        if not isinstance(self.fallback, int) or self.fallback < 0:
+            raise ValueError(f"fallback must be true, false or a number of solvers >= 0, got {self.fallback!r}")
         for name in ("iters", "patience", "ld3_iters", "min_valid"):
             v = getattr(self, name)
             if isinstance(v, bool) or int(v) != v or v < 1:
@@ -285,17 +288,37 @@ def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, n_train: in
     return candidates, records
 
 
+def _fall_back(ctx: Calibration, nfe: int, o: Options, n_train: int, train: bool, given, candidates: list,
+               records: list) -> tuple:
+    """While what would be kept is a start (nothing learned passed the gate and beat it), learn once more on the
+    best given start of a solver not tried yet, up to ``fallback`` more solvers."""
+    tried_solvers = {given[0].solver} if given is not None else set()
+    for _ in range(int(o.fallback) if train and given is not None else 0):
+        if min(candidates, key=lambda c: c[0])[1] != "start":
+            break
+        other = given_start(ctx, nfe, [s for s in o.start if s.solver not in tried_solvers], o.loss, n_train)
+        if other is None:
+            break
+        tried_solvers.add(other[0].solver)
+        more, tried = _candidates(ctx, other[0].solver, nfe, o, n_train, train, other)
+        for r in tried:
+            r["fallback"] = True
+        candidates, records = candidates + more, records + tried
+    return candidates, records
+
+
 def cost(o: Options, solver: str, nfe: int, n: int) -> int:
     """Per start (two with afs='auto'), up to ``iters`` steps on the whole batch (the training part forward
-    and backward, the validation part forward): starts * iters * B * NFE; a fallback (when a start would be
+    and backward, the validation part forward): starts * iters * B * NFE; each fallback (when a start would be
     returned) as much again, not counted: it is the exception. The LD3 start's (``ld3.cost``) is reused
     inside tune, not counted here."""
     return (2 if o.afs == "auto" else 1) * o.iters * n * nfe
 
 
 # tune: ld3's OSS grid (its start is the ld3 cell's, reused) and fewer steps (measured: same error, half the time);
+# up to 2 more solvers where a start would be kept (digits-unet, NFE 5: the third, UniPC, learned; docs/tune.md);
 # tier 2: tune runs it for the best one-call solver so far at each NFE (its LD3 start is that solver's ld3 cell's)
-@register("s4s", Options, tune_options={"oss_grid": 40, "iters": 60, "patience": 10},
+@register("s4s", Options, tune_options={"oss_grid": 40, "iters": 60, "patience": 10, "fallback": 2},
           quick_options={"ld3_iters": 10, "iters": 20, "patience": 5}, cost=cost, tier=2, accepts=one_call)
 def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """S4S (arXiv 2502.17423): a 'learned' solver of exactly ``nfe`` calls, started from ``solver`` (one call
@@ -311,13 +334,7 @@ def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     given = given_start(ctx, nfe, o.start, o.loss, n_train)
     solver = given[0].solver if given is not None else solver  # a given start brings its solver
     candidates, records = _candidates(ctx, solver, nfe, o, n_train, train, given)
-    if train and o.fallback and given is not None and min(candidates, key=lambda c: c[0])[1] == "start":
-        other = given_start(ctx, nfe, [s for s in o.start if s.solver != solver], o.loss, n_train)
-        if other is not None:  # nothing learned beat its start: once more, on another solver
-            more, tried = _candidates(ctx, other[0].solver, nfe, o, n_train, train, other)
-            for r in tried:
-                r["fallback"] = True
-            candidates, records = candidates + more, records + tried
+    candidates, records = _fall_back(ctx, nfe, o, n_train, train, given, candidates, records)
     best, kind, sched, record = min(candidates, key=lambda c: c[0])
     keys = ("init", "solver", "afs", "valid_init", "valid_best", "gate_z", "iters", "screened", "fallback")
     summary = {**record, "kept": kind, "valid_kept": best, "n_train": n_train, "n_valid": n_valid,

@@ -143,7 +143,8 @@ def test_tune_inputs_are_checked_before_any_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         tune(gmm, nfe=[3], methods=["karras"], solvers=["euler"], outdir=tmp_path / "file", **SMALL)
-    for kw, match in (({"n_calib": 0}, "n_calib"), ({"n_test": 0}, "n_test"), ({"nfe": [2.5]}, "nfe")):
+    for kw, match in (({"n_calib": 0}, "n_calib"), ({"n_test": 0}, "n_test"), ({"nfe": [2.5]}, "nfe"),
+                      ({"seconds_per_eval": -1}, "seconds_per_eval"), ({"seconds_per_eval": float("nan")}, "seconds")):
         with pytest.raises(ValueError, match=match):
             tune(gmm, **{**dict(nfe=[3], methods=["karras"], solvers=["euler"], **SMALL), **kw})
     cells = tune(gmm, nfe=[3], methods="karras", solvers="euler", **SMALL)["cells"]  # a name, not letters
@@ -309,6 +310,8 @@ CLI_CASES = [
     (["tune", "--nfe", "2.5"], "positive integers"),
     (["tune", "--nfe", "6-4"], "or ranges"),
     (["tune", "--nfe", "4-"], "or ranges"),
+    (["tune", "--seconds-per-eval", "-1"], "positive number of seconds"),
+    (["tune", "--seconds-per-eval", "inf"], "positive number of seconds"),
     (["optimize", "--model", "gmm2d", "--method", "oss", "--solver", "euler", "--nfe", "3", "--options", "{bad"],
      "not valid JSON"),
     (["optimize", "--model", "gmm2d", "--method", "oss", "--solver", "euler", "--nfe", "3", "--options", "[1]"],
@@ -338,6 +341,8 @@ def test_cli_errors_after_loading_are_named(tmp_path, capsys, monkeypatch):
           '{"gridd": 8}'], "unknown option(s) 'gridd'"),
         (["tune", "--model", "gmm2d", "--nfe", "3", "--methods", "karras", "--solvers", "euler", "-o",
           str(tmp_path / "out")], "is a file"),
+        (["sample", "--model", "gmm2d"], "give --schedule FILE"),
+        (["sample", "--model", "gmm2d", "--nfe", "3"], "built-in karras schedule is sampled (--builtin): give its --solver"),
     ]
     for argv, match in cases:
         assert main(argv) == 2, argv

@@ -63,6 +63,17 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -233,9 +244,10 @@ def _load_schedule(args, info) -> ScheduleLike:
     if args.schedule:
         return load_schedule(args.schedule)
     if not args.nfe:
-        raise SystemExit("error: give --schedule FILE, or --builtin NAME with --nfe N and --solver S")
+        raise ValueError("give --schedule FILE, or --builtin NAME with --nfe N and --solver S")
     if not args.solver:
-        raise SystemExit("error: --builtin needs --solver")
+        raise ValueError(f"without --schedule the built-in {args.builtin} schedule is sampled (--builtin): "
+                         "give its --solver too")
     return baseline(args.builtin, args.solver, args.nfe, info)
 
 
@@ -395,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--retry-failed", action="store_true", help="on a resumed run, compute the failed cells again")
     t.add_argument("--budget", type=_positive, help="at most this many network evaluations in all, teacher included")
     t.add_argument("--exhaustive", action="store_true", help="every cell on every test noise (no race)")
-    t.add_argument("--seconds-per-eval", type=float, help="say what the run costs in hours at this speed")
+    t.add_argument("--seconds-per-eval", type=_seconds, help="say what the run costs in hours at this speed")
     t.add_argument("-o", "--output", default="fewstep-out", help="output folder (default fewstep-out); a rerun resumes")
     t.set_defaults(func=cmd_tune)
     return p

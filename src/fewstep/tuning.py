@@ -589,6 +589,10 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     """
     if budget is not None and (isinstance(budget, bool) or int(budget) != budget or budget < 1):
         raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
+    if seconds_per_eval is not None and not (isinstance(seconds_per_eval, (int, float))
+                                             and not isinstance(seconds_per_eval, bool)
+                                             and 0 < seconds_per_eval < math.inf):
+        raise ValueError(f"seconds_per_eval must be a positive number of seconds, got {seconds_per_eval!r}")
     nfes, n_calib, n_test = _counts(nfe, n_calib, n_test, Sizes.quick() if quick else Sizes())
     methods, solvers = _checked(methods, solvers)
     pools = _split(denoiser, conds)

@@ -144,6 +144,7 @@ def test_tune_inputs_are_checked_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="is a file"):
         tune(gmm, nfe=[3], methods=["karras"], solvers=["euler"], outdir=tmp_path / "file", **SMALL)
     for kw, match in (({"n_calib": 0}, "n_calib"), ({"n_test": 0}, "n_test"), ({"nfe": [2.5]}, "nfe"),
+                      ({"methods": []}, "methods is empty"), ({"solvers": ()}, "solvers is empty"),
                       ({"seconds_per_eval": -1}, "seconds_per_eval"), ({"seconds_per_eval": float("nan")}, "seconds")):
         with pytest.raises(ValueError, match=match):
             tune(gmm, **{**dict(nfe=[3], methods=["karras"], solvers=["euler"], **SMALL), **kw})
@@ -266,6 +267,7 @@ def test_bad_values_are_named():
         (lambda: fewstep.optimize(gmm, "oss", "euler", 3, n=0), "positive integer"),
         (lambda: fewstep.optimize(gmm, "oss", "euler", 3, n=4, gridd=8), "unknown option"),
         (lambda: fewstep.evaluate(gmm, fewstep.schedules.karras(3), "euler", n=0), "positive integer"),
+        (lambda: fewstep.sample(gmm, x, "karras", "euler"), "the string 'karras'"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -43,6 +43,9 @@ class ScheduleError(ValueError):
 def check_sigmas(sigmas: Any) -> torch.Tensor:
     """Return ``sigmas`` as a 1-d float64 tensor (keeping its autograd graph, so schedules can be
     learned through ``fewstep.sample``), or raise ScheduleError naming what is wrong."""
+    if isinstance(sigmas, str):
+        raise ScheduleError(f"sigmas must be a list or tensor of numbers, got the string {sigmas!r} (a schedule "
+                            "file: fewstep.load_schedule(path); a built-in: fewstep.schedules.karras(steps), ...)")
     try:
         s = torch.as_tensor(sigmas, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:

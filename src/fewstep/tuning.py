@@ -471,13 +471,16 @@ def _writable(outdir) -> Path | None:
 
 def _checked(methods, solvers) -> tuple[list[str], list[str]]:
     methods, solvers = _names(methods, all_methods()), _names(solvers, PLANNED)
+    for name, given in (("methods", methods), ("solvers", solvers)):
+        if not given:
+            raise ValueError(f"{name} is empty: give at least one, or 'all'")
     unknown = [m for m in methods if m not in BUILTIN_SCHEDULES and m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; known: {all_methods()}")
     bad = [s for s in solvers if s not in PLANNED]
     if bad:
         raise ValueError(f"unknown or unplanned solver(s) {bad}; known: {PLANNED}")
-    if methods and solvers and not any(m in BUILTIN_SCHEDULES or METHODS[m].accepts(s) for m in methods for s in solvers):
+    if not any(m in BUILTIN_SCHEDULES or METHODS[m].accepts(s) for m in methods for s in solvers):
         raise ValueError(f"no cell can run on the solvers {', '.join(solvers)}: " + "; ".join(map(_takes, methods)))
     return methods, solvers
 

@@ -148,6 +148,8 @@ def test_fewstep_scheduler_errors(digits_unet):
         scheduler.step(torch.zeros_like(x), scheduler.timesteps[-1], x)
     with pytest.raises(ValueError, match="sigmas= .one schedule. or schedules="):
         fewstep.FewstepScheduler(sigmas=[1.0, 0.0], schedules={})
+    with pytest.raises(ValueError, match="from_schedule"):
+        fewstep.FewstepScheduler(karras(4, 0.02, 80.0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -85,6 +85,8 @@ def test_extra_args_reach_the_model():
     x = torch.ones(2, 3)
     assert torch.allclose(den(x, torch.full((2,), 1.0)), torch.full((2, 3), 0.25))
     assert seen == {"cond": "text", "scale": 0.5} and (den.sigma_min, den.sigma_max) == (0.01, 10.0)
+    with pytest.raises(TypeError, match="got str"):
+        fewstep.from_kdiffusion("model")
 
 
 def test_comfyui_sigmas_text():

@@ -268,6 +268,10 @@ def test_bad_values_are_named():
         (lambda: fewstep.optimize(gmm, "oss", "euler", 3, n=4, gridd=8), "unknown option"),
         (lambda: fewstep.evaluate(gmm, fewstep.schedules.karras(3), "euler", n=0), "positive integer"),
         (lambda: fewstep.sample(gmm, x, "karras", "euler"), "the string 'karras'"),
+        (lambda: fewstep.sample(gmm, x.long(), fewstep.schedules.karras(3), "euler"), "floating-point"),
+        (lambda: fewstep.noise(-1, (2,), 80.0, 0), "n must be"),
+        (lambda: fewstep.noise(2, (0,), 80.0, 0), "shape must be"),
+        (lambda: fewstep.summarize(torch.zeros(0)), "no errors"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):

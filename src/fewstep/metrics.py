@@ -61,6 +61,8 @@ def bootstrap_ci(values: torch.Tensor, stat=torch.mean, n_boot: int = 1000, leve
 def summarize(errors: torch.Tensor, ci: bool = False) -> dict:
     """mean / median / p90 (and optionally a bootstrap 95% interval of the mean) of per-sample errors."""
     e = errors.detach().to("cpu", torch.float64).flatten()
+    if e.numel() == 0:
+        raise ValueError("summarize: no errors (an empty tensor)")
     out = {"mean": float(e.mean()), "median": float(e.median()), "p90": float(torch.quantile(e, 0.9)), "n": e.numel()}
     if ci:
         out["mean_ci95"] = list(bootstrap_ci(e))

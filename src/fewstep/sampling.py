@@ -197,6 +197,8 @@ def sample(denoiser: Callable, x: torch.Tensor, schedule: Any, solver: str | Non
     """
     if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
         raise ValueError("x must be a tensor of shape [batch, ...] with batch >= 1")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point tensor (the noise times sigma_max), got {x.dtype}")
     if not torch.isfinite(x).all():
         raise ValueError("the initial states x contain NaN or inf")
     conditions.check(cond, x.shape[0])

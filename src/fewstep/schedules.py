@@ -154,7 +154,7 @@ def load_schedule(path: str | os.PathLike) -> ScheduleLike:
     """Any fewstep schedule file (a JSON ``Schedule``, a torch ``SchedulePolicy``), by its format field."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"schedule file not found: {path}")
+        raise FileNotFoundError(f"schedule file not found: {path}" + (" (a folder)" if path.is_dir() else ""))
     data = path.read_bytes()
     if data.lstrip()[:1] == b"{":
         try:

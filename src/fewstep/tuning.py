@@ -469,6 +469,15 @@ def _writable(outdir) -> Path | None:
     return out
 
 
+def _check_budget(budget, seconds_per_eval) -> None:
+    """``budget``: a positive integer or None; ``seconds_per_eval``: a positive, finite number or None."""
+    if budget is not None and (isinstance(budget, bool) or int(budget) != budget or budget < 1):
+        raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
+    number = isinstance(seconds_per_eval, (int, float)) and not isinstance(seconds_per_eval, bool)
+    if seconds_per_eval is not None and not (number and 0 < seconds_per_eval < math.inf):
+        raise ValueError(f"seconds_per_eval must be a positive number of seconds, got {seconds_per_eval!r}")
+
+
 def _checked(methods, solvers) -> tuple[list[str], list[str]]:
     methods, solvers = _names(methods, all_methods()), _names(solvers, PLANNED)
     for name, given in (("methods", methods), ("solvers", solvers)):
@@ -590,12 +599,7 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     (a tensor or dict of tensors, one per row): its first half conditions the calibration noises, its
     second half the test noises (each in turn), so every error is measured on conditions no optimizer saw.
     """
-    if budget is not None and (isinstance(budget, bool) or int(budget) != budget or budget < 1):
-        raise ValueError(f"budget must be a positive number of evaluations, got {budget!r}")
-    if seconds_per_eval is not None and not (isinstance(seconds_per_eval, (int, float))
-                                             and not isinstance(seconds_per_eval, bool)
-                                             and 0 < seconds_per_eval < math.inf):
-        raise ValueError(f"seconds_per_eval must be a positive number of seconds, got {seconds_per_eval!r}")
+    _check_budget(budget, seconds_per_eval)
     nfes, n_calib, n_test = _counts(nfe, n_calib, n_test, Sizes.quick() if quick else Sizes())
     methods, solvers = _checked(methods, solvers)
     pools = _split(denoiser, conds)

@@ -32,7 +32,7 @@ from diffusers.utils import logging
 
 from ..models.wrappers import PREDICTIONS, Conditional, FlowDenoiser, VPDiscreteDenoiser
 from ..sampling import nfe, sample
-from ..schedules import BUILTIN_SCHEDULES, Schedule, ScheduleError, as_schedule, builtin, flow_shift
+from ..schedules import BUILTIN_SCHEDULES, Schedule, ScheduleError, ScheduleLike, as_schedule, builtin, flow_shift
 from ..solvers import get_solver
 from .pipelines import Conditioning, encode, encode_prompts, flow_time_scale, network, per_prompt
 from .ranges import clip_to_range
@@ -376,6 +376,9 @@ class FewstepScheduler(SchedulerMixin, ConfigMixin):
                  base_image_seq_len: int = 256, max_image_seq_len: int = 4096, time_shift_type: str = "exponential"):
         if sigmas is not None and schedules is not None:
             raise ValueError("FewstepScheduler takes sigmas= (one schedule) or schedules= (one per budget), not both")
+        if isinstance(sigmas, ScheduleLike):  # a Schedule or a policy, not its numbers
+            raise ValueError("FewstepScheduler's sigmas= are numbers; for a fewstep schedule use "
+                             "FewstepScheduler.from_schedule(schedule, pipe.scheduler.config)")
         get_solver(solver)
         if method is not None and method not in BUILTIN_SCHEDULES:
             raise ValueError(f"unknown method {method!r}; known: {sorted(BUILTIN_SCHEDULES)}")

@@ -49,6 +49,9 @@ class KDiffusionDenoiser:
 def from_kdiffusion(model: Callable, shape=None, sigma_min: float | None = None, sigma_max: float | None = None,
                     **extra_args: Any) -> KDiffusionDenoiser:
     """``from_kdiffusion(CompVisDenoiser(ldm), cond=c)``: the wrapper called as ``model(x, sigma, cond=c)``."""
+    if not callable(model):
+        raise TypeError(f"from_kdiffusion takes a k-diffusion denoiser, a callable model(x, sigma, **extra_args); "
+                        f"got {type(model).__name__}")
     return KDiffusionDenoiser(model, extra_args, shape=shape, sigma_min=sigma_min, sigma_max=sigma_max)
 
 

@@ -39,6 +39,9 @@ def test_sample_and_evaluate_with_a_schedule_file(tmp_path, capsys):
                  "-o", str(tmp_path / "x.pt")]) == 0
     saved = torch.load(tmp_path / "x.pt", weights_only=False)
     assert saved["samples"].shape == (4, 2)
+    assert main(["sample", "--model", "gmm2d", "--schedule", str(tmp_path / "s.json"), "--n", "2",
+                 "-o", str(tmp_path)]) == 0  # a folder: samples.pt in it
+    assert torch.load(tmp_path / "samples.pt", weights_only=False)["samples"].shape == (2, 2)
     capsys.readouterr()
     assert main(["evaluate", "--model", "gmm2d", "--schedule", str(tmp_path / "s.json"), "--n", "16",
                  "--teacher-steps", "64", "--json"]) == 0

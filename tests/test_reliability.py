@@ -347,6 +347,10 @@ def test_cli_errors_after_loading_are_named(tmp_path, capsys, monkeypatch):
           '{"gridd": 8}'], "unknown option(s) 'gridd'"),
         (["tune", "--model", "gmm2d", "--nfe", "3", "--methods", "karras", "--solvers", "euler", "-o",
           str(tmp_path / "out")], "is a file"),
+        (["optimize", "--model", "gmm2d", "--method", "oss", "--solver", "euler", "--nfe", "3", "-o",
+          str(tmp_path / "missing" / "s.json")], "is not a writable folder"),
+        (["sample", "--model", "gmm2d", "--nfe", "3", "--solver", "euler", "-o", str(tmp_path / "out" / "x.pt")],
+         "is not a writable folder"),
         (["sample", "--model", "gmm2d"], "give --schedule FILE"),
         (["sample", "--model", "gmm2d", "--nfe", "3"], "built-in karras schedule is sampled (--builtin): give its --solver"),
     ]

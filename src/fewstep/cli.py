@@ -261,9 +261,10 @@ def _add_schedule_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample(args) -> int:
+    output = _output_file(args.output, "samples.pt")
     den, info, _, pool = _load(args)
     sched = _load_schedule(args, info)
-    image = Path(args.output).suffix.lower() in IMAGE_SUFFIXES  # an image model's samples as one grid image
+    image = output.suffix.lower() in IMAGE_SUFFIXES  # an image model's samples as one grid image
     if image:
         from .report import check_image_shape, save_image_grid  # matplotlib: imported only when needed
 
@@ -273,13 +274,13 @@ def cmd_sample(args) -> int:
     out = sample(den, x, sched, args.solver, progress=True, cond=cond).cpu()
     sigmas = sched.for_batch(x, cond).sigmas  # [steps + 1(, n)]
     if image:
-        save_image_grid(out, args.output)
+        save_image_grid(out, output)
     else:
         buf = io.BytesIO()
         torch.save({"samples": out, "sigmas": sigmas.cpu(), "metadata": sched.metadata, "seed": args.seed}, buf)
-        write_atomic(args.output, buf.getvalue())
-    print(json.dumps({"output": str(args.output), "n": args.n, "shape": list(out.shape)}) if args.json
-          else f"wrote {args.n} samples of shape {tuple(out.shape[1:])} to {args.output}")
+        write_atomic(output, buf.getvalue())
+    print(json.dumps({"output": str(output), "n": args.n, "shape": list(out.shape)}) if args.json
+          else f"wrote {args.n} samples of shape {tuple(out.shape[1:])} to {output}")
     return 0
 
 
@@ -301,7 +302,18 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _output_file(output: str, default: str) -> Path:
+    """Where ``-o`` writes: the path, or ``default`` in it if it is a folder; its folder must be writable,
+    which is checked before any work."""
+    path = Path(output)
+    path = path / default if path.is_dir() else path
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise ValueError(f"cannot write the schedule to {path}: {path.parent} is not a writable folder")
+    return path
+
+
 def cmd_optimize(args) -> int:
+    output = _output_file(args.output, "schedule.json")
     den, info, teacher, pool = _load(args)
     options = args.options or {}
     sched = optimize(den, args.method, args.solver, args.nfe, n=args.n_calib, seed=args.seed, shape=info["shape"],
@@ -309,7 +321,6 @@ def cmd_optimize(args) -> int:
                      cond=_each(pool, args.n_calib, info), **options)
     if distributed.rank() != 0:
         return 0
-    output = Path(args.output)
     if output.suffix != sched.SUFFIX:  # a per-sample policy is a torch file
         output = output.with_suffix(sched.SUFFIX)
     sched.save(output)
@@ -393,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--n-calib", type=_positive, default=64, help="calibration noises (default 64)")
     o.add_argument("--seed", type=int, default=CALIB_SEED, help=f"calibration seed (default {CALIB_SEED})")
     o.add_argument("--options", type=_json_object, help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
-    o.add_argument("-o", "--output", default="schedule.json")
+    o.add_argument("-o", "--output", default="schedule.json",
+                   help="the schedule file (default schedule.json; in a folder given, schedule.json there)")
     o.set_defaults(func=cmd_optimize)
 
     t = sub.add_parser("tune", help="every method x solver x NFE on held-out noises: best schedule per NFE + report")

@@ -61,6 +61,8 @@ def test_bad_conditions_are_named(cg):
         (lambda: fewstep.tune(cg, nfe=[3], methods=["karras"], solvers=["euler"], progress=False, report=False),
          "conditional"),
         (lambda: fewstep.sample(cg, x, fewstep.schedules.karras(3), "euler", cond={"a": c, "b": c[:2]}), "rows"),
+        (lambda: fewstep.sample(cg, x, fewstep.schedules.karras(3), "euler", cond=c * float("nan")), "NaN or inf"),
+        (lambda: fewstep.sample(cg, x, fewstep.schedules.karras(3), "euler", cond={"c": c}), "got dict"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):

@@ -76,10 +76,12 @@ def parts(cond: Cond) -> list:
 
 
 def check(cond: Cond, n: int, what: str = "x") -> None:
-    """cond has ``n`` rows, one per row of ``what`` (or is None)."""
+    """cond has ``n`` rows, one per row of ``what``, and its floating-point tensors are finite (or it is None)."""
     m = length(cond)
     if m is not None and m != n:
         raise ValueError(f"cond has {m} rows for {n} rows of {what}: give one condition per sample")
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all() for t in parts(cond)):
+        raise ValueError("cond contains NaN or inf")
 
 
 def takes_cond(denoiser: Callable) -> bool | None:

@@ -120,16 +120,19 @@ class ConditionalGaussianMixture(GaussianMixture):
 
     def given(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(means [batch, K, d], log weights [batch, K]) for conditions ``cond`` [batch, m]."""
-        c = torch.as_tensor(cond, dtype=torch.float64, device=self.means.device)
+        if not isinstance(cond, torch.Tensor):
+            raise ValueError(f"cond must be a tensor [batch, {self.cond_dim}] of condition vectors, got {type(cond).__name__}")
+        c = cond.to(dtype=torch.float64, device=self.means.device)
         if c.ndim != 2 or c.shape[1] != self.cond_dim:
             raise ValueError(f"cond must be [batch, {self.cond_dim}] condition vectors, got {tuple(c.shape)}")
         means = self.means[None] + torch.einsum("kdm,bm->bkd", self.cond_means, c)
         return means, torch.log_softmax(self.weights.log()[None] + c @ self.cond_logits.T, dim=1)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        means, logw = self.given(cond)
         if cond.shape[0] != x.shape[0]:
             raise ValueError(f"cond has {cond.shape[0]} rows for {x.shape[0]} samples")
-        d_c = self._posterior(x, sigma, *self.given(cond))
+        d_c = self._posterior(x, sigma, means, logw)
         if self.guidance == 1.0:
             return d_c
         d_0 = self._posterior(x, sigma, self.means[None], self.weights.log()[None])

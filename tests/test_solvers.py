@@ -153,6 +153,8 @@ def test_denoiser_nan_is_named():
 def test_denoiser_wrong_shape_is_named():
     with pytest.raises(DenoiserError, match=r"shape \(2, 2\) for input of shape \(2, 3\)"):
         fewstep.sample(lambda x, s: x[:, :2], fewstep.noise(2, (3,), 80, 0), S.karras(3), "euler")
+    with pytest.raises(DenoiserError, match=r"returned a tuple, not a tensor"):
+        fewstep.sample(lambda x, s: (x, x), fewstep.noise(2, (3,), 80, 0), S.karras(3), "euler")
 
 
 def test_unknown_solver_is_named(small_gmm):

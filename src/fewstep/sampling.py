@@ -107,8 +107,9 @@ class CheckedDenoiser:
             raise
         self._count.calls, self._count.rows = self._count.calls + 1, self._count.rows + x.shape[0]
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise DenoiserError(f"denoiser returned shape {got} for input of shape {tuple(x.shape)}")
+            got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else f"a {type(out).__name__}, not a tensor,"
+            raise DenoiserError(f"denoiser returned {got} for input of shape {tuple(x.shape)} (D(x, sigma) is the "
+                                "denoised x0, a tensor of x's shape)")
         return out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, step: int | None = None) -> torch.Tensor:

@@ -404,8 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--n-calib", type=_positive, default=64, help="calibration noises (default 64)")
     o.add_argument("--seed", type=int, default=CALIB_SEED, help=f"calibration seed (default {CALIB_SEED})")
     o.add_argument("--options", type=_json_object, help='method options as JSON, e.g. \'{"coeff": 1.2}\'')
-    o.add_argument("-o", "--output", default="schedule.json",
-                   help="the schedule file (default schedule.json; in a folder given, schedule.json there)")
+    o.add_argument("-o", "--output", default="schedule.json", help="schedule file, or a folder for schedule.json")
     o.set_defaults(func=cmd_optimize)
 
     t = sub.add_parser("tune", help="every method x solver x NFE on held-out noises: best schedule per NFE + report")

@@ -308,7 +308,7 @@ def _output_file(output: str, default: str) -> Path:
     path = Path(output)
     path = path / default if path.is_dir() else path
     if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-        raise ValueError(f"cannot write the schedule to {path}: {path.parent} is not a writable folder")
+        raise ValueError(f"cannot write {path}: {path.parent} is not a writable folder")
     return path
 
 

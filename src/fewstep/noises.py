@@ -13,7 +13,11 @@ TEST_SEED = 1  # evaluation uses another seed: held out
 def noise(n: int, shape, sigma_max: float, seed: int, dtype=torch.float64, device=None) -> torch.Tensor:
     """Initial states x_T = sigma_max * n, n ~ N(0, I), seeded; shape [n, *shape]. Drawn on the CPU and
     then moved to ``device``, so a seed gives the same noises on every device."""
-    if isinstance(n, bool) or int(n) != n or n < 0:
+    try:
+        count = not isinstance(n, bool) and int(n) == n and n >= 0
+    except (TypeError, ValueError, OverflowError):  # not a number, nan, inf
+        count = False
+    if not count:
         raise ValueError(f"noise: n must be a number of noises >= 0, got {n!r}")
     try:
         bad = isinstance(shape, str) or any(isinstance(d, bool) or operator.index(d) < 1 for d in shape)

@@ -140,11 +140,30 @@ def test_ld3_fixed_last_sigma_and_l1(gmm2d_setup):
 
 @pytest.mark.parametrize("options,match", [
     ({"loss": "l3"}, "loss"), ({"valid": 1.5}, "valid"), ({"starts": 0}, "starts"), ({"n": 1}, "too small"),
+    ({"valid_every": 0}, "valid_every"), ({"valid_every": 1.5}, "valid_every"),
 ])
 def test_ld3_bad_options(gmm2d_setup, options, match):
     den, teacher, _ = gmm2d_setup
     with pytest.raises(ValueError, match=match):
         fewstep.optimize(den, "ld3", "euler", 3, teacher=teacher, **{"n": 8, "iters": 1, **options})
+
+
+def test_ld3_validates_every_k_steps(gmm2d_setup):
+    """valid_every=k: the validation half is solved after every k-th step and after the last one only, so the
+    student makes (iters + validations) * NFE calls in training; patience counts steps, not validations."""
+    den, teacher, _ = gmm2d_setup
+    calib = fewstep.noise(32, den.shape, den.sigma_max, seed=0)
+    spent = {}
+    for k in (1, 3):
+        sched = fewstep.optimize(den, "ld3", "euler", 3, calib=calib, teacher=teacher, iters=10, patience=100,
+                                 oss=False, valid_every=k)
+        tr = sched.metadata["training"]
+        assert tr["iters"] == 10 and tr["valid_best"] <= tr["valid_init"]
+        spent[k] = tr["student_calls"]
+    assert spent[1] - spent[3] == (10 - 4) * 3  # batched calls: validations after steps 3, 6, 9, 10, not all ten
+    stuck = fewstep.optimize(den, "ld3", "euler", 3, calib=calib, teacher=teacher, iters=200, patience=4,
+                             oss=False, valid_every=2, lr=0.0)  # never better: 4 restarts of 4 steps (2 validations)
+    assert stuck.metadata["training"]["iters"] == 16
 
 
 def test_ld3_nothing_to_learn(gmm2d_setup):

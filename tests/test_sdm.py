@@ -106,7 +106,8 @@ def test_given_tau_is_used(gmm2d):
 
 
 def test_switch_is_chosen_on_gate_samples_noises(gmm2d):
-    """The calibration batch (8 noises) is extended with seeded noises to gate_samples for the choice."""
+    """The calibration batch (8 noises) is extended with seeded noises to gate_samples for the choice, or cut
+    to its first gate_samples."""
     batches = []
 
     def spy(x, sigma):
@@ -116,6 +117,12 @@ def test_switch_is_chosen_on_gate_samples_noises(gmm2d):
     spy.shape, spy.sigma_min, spy.sigma_max = gmm2d.shape, gmm2d.sigma_min, gmm2d.sigma_max
     sched = fewstep.optimize(spy, "sdm", "heun", 12, n=8, gate_samples=24, teacher=fewstep.Teacher(spy, steps=32))
     assert fewstep.nfe(sched) == 12 and 24 in batches and max(batches) == 24
+    batches.clear()  # fewer than the batch: kappa and the choice on its first gate_samples noises only
+    teacher = fewstep.Teacher(spy, steps=32)
+    sched = fewstep.optimize(spy, "sdm", "heun", 12, n=8, gate_samples=3, search_samples=2, teacher=teacher)
+    assert fewstep.nfe(sched) == 12 and sched.metadata["sdm"]["switch"] is not None
+    assert set(batches) <= {2, 3, 8} and 3 in batches  # search on 2, gate on 3, the teacher's solve of the 8
+    assert teacher.calls == batches.count(8)  # one solve of the batch: the gate takes its first 3 answers
 
 
 @pytest.mark.parametrize("switch, nfe", [(0, 11), (1, 12), (3, 12)])  # Heun from step 0 spends an odd NFE

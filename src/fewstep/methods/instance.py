@@ -240,7 +240,8 @@ class Options(ld3.GlobalStage):
 
     def training(self, radius: float, **kw) -> Training:
         """LD3's training settings with this method's loss, radius, valid and seed (``kw`` on top)."""
-        return Training(loss=self.loss, radius=radius, valid=self.valid, seed=self.seed, **kw)
+        return Training(loss=self.loss, radius=radius, valid=self.valid, valid_every=self.valid_every, seed=self.seed,
+                        **kw)
 
     def ld3_options(self) -> ld3.Options:
         stage = {f.name: getattr(self, f.name) for f in fields(ld3.GlobalStage)}

@@ -34,7 +34,9 @@ class Training:
     (None or 0: a hard teacher); AdamW ``lr`` with decoupled ``weight_decay``, at most ``iters`` steps;
     after ``patience`` steps without a better validation error the best parameters are restored and the
     learning rate halved, and after ``decays`` such restarts training stops; ``valid``: the fraction of
-    the calibration batch held out for it; ``seed``.
+    the calibration batch held out for it; ``valid_every``: validate after every this many steps (and
+    after the last; patience counts steps), so the validation part costs 1/valid_every of its forward
+    passes; ``seed``.
     """
 
     loss: str = "rmse"
@@ -44,6 +46,7 @@ class Training:
     patience: int = 10
     decays: int = 3
     valid: float = 0.5
+    valid_every: int = 1
     seed: int = 0
     weight_decay: float = 0.0
 
@@ -52,6 +55,8 @@ class Training:
             raise ValueError(f"loss must be 'l2', 'l1' or 'rmse', got {self.loss!r}")
         if not 0 < self.valid < 1:
             raise ValueError(f"valid must be a fraction in (0, 1), got {self.valid!r}")
+        if isinstance(self.valid_every, bool) or int(self.valid_every) != self.valid_every or self.valid_every < 1:
+            raise ValueError(f"valid_every must be a positive integer, got {self.valid_every!r}")
 
     def split(self, n: int) -> tuple[int, int]:
         """Training and validation sizes of a calibration batch of ``n``."""
@@ -114,7 +119,7 @@ class _Best:
         if err < self.err:
             self.err, self.values, self.bad = err, [p.detach().clone() for p in self.params], 0
             return True
-        self.bad += 1
+        self.bad += self.train.valid_every
         if self.bad < self.train.patience:
             return True
         self.decays += 1
@@ -216,6 +221,8 @@ class Fit:
             self.opt.step()
             if train.radius:
                 _project(self.delta, self.shift_lr * self.n_train, train.radius)
+            if self.iters % train.valid_every and self.iters < train.iters:
+                continue
             val = self.valid_error()
             bar.set_postfix(train=f"{float(err.detach().mean()):.3g}", valid=f"{val:.3g}", best=f"{self.best.err:.3g}")
             self.done = not self.best.update(val, self.opt)
@@ -271,8 +278,8 @@ def _project(delta: torch.Tensor, step: float, radius: float) -> None:
 @dataclass(frozen=True)
 class GlobalStage:
     """The options of LD3's global schedule, shared by ``ld3`` and ``instance`` (its first stage): the
-    ``Training`` ones ``loss``, ``radius`` (default 0.001 D / steps^2, 0 for a hard teacher), ``valid``
-    and ``seed``; ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
+    ``Training`` ones ``loss``, ``radius`` (default 0.001 D / steps^2, 0 for a hard teacher), ``valid``,
+    ``valid_every`` and ``seed``; ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
     many schedules to start from (the OSS schedule, on an ``oss_grid``-point grid with ``oss_batch``
     noises, then the best baselines; the best result is kept)."""
 
@@ -283,10 +290,11 @@ class GlobalStage:
     oss_grid: int = DEFAULT_SIZE
     oss_batch: int | None = None
     valid: float = Training.valid
+    valid_every: int = Training.valid_every
     seed: int = Training.seed
 
     def __post_init__(self):
-        Training(loss=self.loss, valid=self.valid)  # checks loss and valid
+        Training(loss=self.loss, valid=self.valid, valid_every=self.valid_every)  # checks them
         OSSOptions(batch=self.oss_batch)  # checks oss_batch
         if int(self.starts) != self.starts or self.starts < 1:
             raise ValueError(f"starts must be a positive integer, got {self.starts!r}")
@@ -304,7 +312,7 @@ class Options(GlobalStage):
 
     def training(self, radius: float | None) -> Training:
         return Training(loss=self.loss, radius=radius, lr=self.lr, iters=self.iters, patience=self.patience,
-                        valid=self.valid, seed=self.seed)
+                        valid=self.valid, valid_every=self.valid_every, seed=self.seed)
 
 
 def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict, steps: int, opts: Options,

@@ -243,7 +243,7 @@ def _prepare(ctx: Calibration, solver: str, nfe: int, o: Options, afs: bool, n_t
         return learner, None, start, record
     radius = default_radius(ctx.x.shape[1:], start.steps) if o.radius is None else o.radius
     training = Training(loss=o.loss, radius=radius, lr=o.lr, iters=o.iters, patience=o.patience, valid=o.valid,
-                        seed=o.seed)
+                        valid_every=o.valid_every, seed=o.seed)
     l0 = float(losses(ctx.subset(slice(None, n_train)), start, ctx.target()[:n_train], o.loss).mean())
     loop = Fit(ctx, "learned", {}, learner.plan, learner.params, training,
                desc=f"s4s {solver} nfe={nfe} from {name}", penalty=learner.penalty(o.reg * l0 / n_train))

@@ -275,7 +275,8 @@ class Options:
     error model) or 'both' (the gate is offered both). Gate: with ``gate`` (default), the per-step
     orders of the adaptive solver are measured on the calibration batch and stored; ``tau=None`` picks,
     among the switches a threshold can make, the one with the lowest error to the teacher on
-    ``gate_samples`` noises, and stores tau = kappa at that step; ``switch`` fixes the step at which the
+    ``gate_samples`` noises (the first of the batch, or the batch extended with seeded ones; kappa is
+    measured on the first ``gate_samples`` of the batch), and stores tau = kappa at that step; ``switch`` fixes the step at which the
     higher order starts (e.g. 1: first order on the first step only, as the reference's small tau does).
     ``search_samples``: the search walks the first that many calibration noises (default: all of them).
     """
@@ -338,12 +339,12 @@ def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, path, etas,
     """(sigmas, orders, switch, tau, kappas) of every gated schedule that spends exactly ``nfe`` calls:
     each step count a two-call solver can spend them on, each switch a threshold can make (or the given
     one), with the Euler-resampled sigmas and (``resampling``) the order-consistent ones."""
-    two_stage = get_solver(solver).calls_per_step == 2
+    two_stage, gate = get_solver(solver).calls_per_step == 2, ctx.subset(slice(None, o.gate_samples))  # kappa's noises
     lo = (nfe + 2) // 2 if two_stage else nfe  # Heun: fewest steps (first and last steps first order)
     candidates = []
     for steps in range(lo, nfe + 1) if two_stage else [nfe]:
         sigmas = resample(path, etas, steps, o.power, o.q, o.rho)
-        _, _, kappas = _gate_run(ctx.denoiser, ctx.x, sigmas, solver, math.inf)  # kappa before any switch
+        _, _, kappas = _gate_run(gate.denoiser, gate.x, sigmas, solver, math.inf)  # kappa before any switch
         switches = (_switch_candidates(kappas, o.tau) if o.switch is None
                     else {int(o.switch): kappas[int(o.switch)] if int(o.switch) < steps else math.inf})
         for j, t in switches.items():
@@ -354,7 +355,7 @@ def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, path, etas,
                 # the second-order steps placed by their own error model; kept if the gate, measured
                 # on these sigmas, still switches at j (so the online gate reproduces it)
                 mixed = resample_orders(path, etas, second, j, steps - 1 - j, o.power, o.q, o.rho)
-                _, _, k_mixed = _gate_run(ctx.denoiser, ctx.x, mixed, solver, math.inf)
+                _, _, k_mixed = _gate_run(gate.denoiser, gate.x, mixed, solver, math.inf)
                 found = _switch_candidates(k_mixed, None) if o.switch is None else {j: k_mixed[j]}
                 if j in found:
                     candidates.append((mixed, orders, j, found[j], k_mixed))
@@ -368,13 +369,19 @@ def _candidates(ctx: Calibration, solver: str, nfe: int, o: Options, path, etas,
     return candidates
 
 
+def _gate_batch(ctx: Calibration, gate_samples: int) -> Calibration:
+    """The first ``gate_samples`` calibration noises, or the batch extended to that many with fresh noises
+    from the calibration seed's stream, after the batch's own."""
+    return ctx.subset(slice(None, gate_samples)) if gate_samples < ctx.x.shape[0] else ctx.extended(gate_samples)
+
+
 def _choose(ctx: Calibration, solver: str, candidates: list, gate_samples: int) -> tuple[tuple, float | None]:
-    """The candidate with the lowest error to the teacher on the calibration batch, extended to
-    ``gate_samples`` noises, and that error (the only candidate: None)."""
+    """The candidate with the lowest error to the teacher on ``gate_samples`` noises (``_gate_batch``), and
+    that error (the only candidate: None)."""
     if len(candidates) == 1:
         return candidates[0], None
-    ext = ctx.extended(gate_samples)  # fresh noises from the calibration seed's stream, after the batch's own
-    ref = ext.target()
+    ext = _gate_batch(ctx, gate_samples)
+    ref = ext.target() if gate_samples >= ctx.x.shape[0] else ctx.target()[:gate_samples]  # the batch's, no new solve
     errs = [float(rmse(sample(ext.denoiser, ext.x, Schedule(c[0]), solver, orders=c[1]), ref).mean())
             for c in candidates]
     err = min(errs)
@@ -383,12 +390,13 @@ def _choose(ctx: Calibration, solver: str, candidates: list, gate_samples: int) 
 
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     """The step search (shared by every sdm call on the batch: measured at about 700 rows per noise
-    searched), the gate measured on the candidates (about 3, B * NFE each), and the choice among them on
-    max(B, gate_samples) noises (whose teacher solves the extra ones)."""
-    return 700 * min(n, opts.search_samples or n) + 3 * n * nfe + (3 * max(n, opts.gate_samples) * nfe if opts.gate else 0)
+    searched), the gate measured on the candidates (about 3, min(B, gate_samples) * NFE each), and the
+    choice among them on gate_samples noises (whose teacher solves those beyond the batch)."""
+    gate = 3 * (min(n, opts.gate_samples) + opts.gate_samples) * nfe if opts.gate else 0
+    return 700 * min(n, opts.search_samples or n) + gate
 
 
-@register("sdm", Options, tune_options={"gate_samples": 1, "search_samples": 8}, cost=cost)
+@register("sdm", Options, tune_options={"gate_samples": 16, "search_samples": 8}, cost=cost)
 @torch.no_grad()
 def sdm(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """SDM schedule of exactly ``nfe`` calls for ``solver`` (``Options``; docs/methods/sdm.md)."""

@@ -364,9 +364,8 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
 
 
 @register("instance", Options,
-          tune_options={"oss_grid": 40, "oss_batch": 16, "policy": "residual", "iters": 10, "patience": 5,
-                        "corrections_iters": 10, "ld3_iters": 20},
-          quick_options={"ld3_iters": 10, "iters": 10, "patience": 5, "corrections_iters": 10}, cost=cost, tier=2)
+          tune_options={"oss_grid": 40, "oss_batch": 8, "policy": "residual", "iters": 5, "patience": 5,
+                        "corrections_iters": 5, "ld3_iters": 10}, cost=cost, tier=2)
 def instance(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top
     (``Options``); phi is kept only where its validation gain passes the gate. phi's initialisation is

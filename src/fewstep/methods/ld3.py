@@ -389,7 +389,8 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tupl
     return logits.clone(), steps, sopts, {**record, "reused": reused}
 
 
-# tune: the OSS grid of tune's own oss cells, and (quick) the iters instance's global stage uses: both reused
+# tune: the OSS grid and DP batch of tune's own oss cells, and the iters instance's global stage uses: both reused;
+# 10 steps (digits-unet: the same winners as 20, docs/tune.md)
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     """Ranking the 12 starts on the training part, then up to ``iters`` steps on the whole batch (the
     training part forward and backward, the validation part forward), per start: 12 * B/2 * NFE +
@@ -397,8 +398,7 @@ def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     return 6 * n * nfe + opts.starts * opts.iters * n * nfe
 
 
-@register("ld3", Options, tune_options={"oss_grid": 40, "oss_batch": 16, "iters": 20}, quick_options={"iters": 10},
-          cost=cost, tier=1)
+@register("ld3", Options, tune_options={"oss_grid": 40, "oss_batch": 8, "iters": 10}, cost=cost, tier=1)
 def ld3(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver."""
     logits, steps, sopts, record = learn_global(ctx, solver, nfe, opts)

@@ -70,7 +70,8 @@ def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     return steps * opts.grid * b * (1 + (opts.grid // 2 if get_solver(solver).calls_per_step == 2 else 0))
 
 
-@register("oss", Options, tune_options={"grid": 40, "batch": 16}, cost=cost)
+# tune: a 40-point grid, the DP on 8 noises (digits-unet: the same winners as 16 for half the cost; docs/tune.md)
+@register("oss", Options, tune_options={"grid": 40, "batch": 8}, cost=cost)
 @torch.no_grad()
 def oss(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """OSS schedule of exactly ``nfe`` calls with ``solver``, picked from an ``opts.grid``-point grid."""

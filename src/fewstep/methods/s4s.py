@@ -317,8 +317,9 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
 
 # tune: ld3's OSS grid (its start is the ld3 cell's, reused) and fewer steps (measured: same error, half the time);
 # up to 2 more solvers where a start would be kept (digits-unet, NFE 5: the third, UniPC, learned; docs/tune.md);
+# the plain start screened after 18 of the 60 steps (at 10 or 15 AFS was not yet ahead in some cells there)
 # tier 2: tune runs it for the best one-call solver so far at each NFE (its LD3 start is that solver's ld3 cell's)
-@register("s4s", Options, tune_options={"oss_grid": 40, "iters": 60, "patience": 10, "fallback": 2},
+@register("s4s", Options, tune_options={"oss_grid": 40, "iters": 60, "patience": 10, "fallback": 2, "screen": 0.3},
           quick_options={"ld3_iters": 10, "iters": 20, "patience": 5}, cost=cost, tier=2, accepts=one_call)
 def s4s(ctx: Calibration, solver: str, nfe: int, o: Options) -> Schedule:
     """S4S (arXiv 2502.17423): a 'learned' solver of exactly ``nfe`` calls, started from ``solver`` (one call

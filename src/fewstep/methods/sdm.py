@@ -396,7 +396,9 @@ def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     return 700 * min(n, opts.search_samples or n) + gate
 
 
-@register("sdm", Options, tune_options={"gate_samples": 16, "search_samples": 8}, cost=cost)
+# tune: the search on 6 noises and no gate (the solver's own orders): SDM's cells were never near the lead on
+# digits-unet, and the gate's choice among switches cost ~4x the search there (docs/tune.md)
+@register("sdm", Options, tune_options={"gate": False, "search_samples": 6}, cost=cost)
 @torch.no_grad()
 def sdm(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """SDM schedule of exactly ``nfe`` calls for ``solver`` (``Options``; docs/methods/sdm.md)."""

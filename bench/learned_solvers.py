@@ -18,6 +18,7 @@ A rerun with the same settings resumes each model's tune from ``--out``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -59,7 +60,8 @@ def tuned(name: str, args, out: Path) -> dict:
     den = fewstep.load_model(name)
     info = model_info(den)
     start = time.perf_counter()
-    summary = fewstep.tune(den, nfe=args.nfe, n_calib=args.calib, outdir=out, progress=False, report=False)
+    summary = fewstep.tune(den, nfe=args.nfe, n_calib=args.calib, outdir=out, progress=False, report=False,
+                           method_options=json.loads(getattr(args, "options", None) or "{}"))
     seconds = time.perf_counter() - start
     teacher = fewstep.Teacher(den, sigma_min=info["sigma_min"], model_id=f"{info['name']}@{fingerprint(den)}",
                               cache_dir=out / "teacher")

@@ -97,6 +97,22 @@ def test_ld3_beats_karras_held_out(gmm2d_setup, solver, nfe, n):
     assert err < err_base
 
 
+def start_errors(den, train, y, solver, steps, **named):
+    """LD3's starts' training errors: every baseline, (_up) the baseline of one more step without its sigma_min,
+    and the ``named`` schedules."""
+    def sigmas(name):
+        base = name.removesuffix("_up")
+        if base in named:
+            return named[base]
+        if base == name:
+            return fewstep.schedules.builtin(name, steps, den.sigma_min, den.sigma_max).sigmas
+        longer = fewstep.schedules.builtin(base, steps, den.sigma_min, den.sigma_max, final_zero=False).sigmas
+        return torch.cat([longer[:-1], longer.new_zeros(1)])
+
+    names = [*named, *fewstep.schedules.BASELINES] + [f"{b}_up" for b in fewstep.schedules.BASELINES if b != "ays"]
+    return {n: float(fewstep.rmse(fewstep.sample(den, train, sigmas(n), solver), y).mean()) for n in names}
+
+
 def test_ld3_starts_from_the_best_schedule_and_is_memoized(gmm2d_setup):
     """LD3 starts from the candidate (every baseline, OSS) with the least training error; OSS is not rerun."""
     den, teacher, _ = gmm2d_setup
@@ -108,17 +124,7 @@ def test_ld3_starts_from_the_best_schedule_and_is_memoized(gmm2d_setup):
     assert tr["valid_best"] <= tr["valid_init"]  # never worse than its start on validation
     train, y = calib[:16], teacher.solve(calib, den.sigma_max)[:16]
 
-    def sigmas(name):  # a baseline, or (_up) the baseline of one more step without its sigma_min
-        base = name.removesuffix("_up")
-        if base == "oss":
-            return oss.sigmas
-        if base == name:
-            return fewstep.schedules.builtin(name, 3, den.sigma_min, den.sigma_max).sigmas
-        longer = fewstep.schedules.builtin(base, 3, den.sigma_min, den.sigma_max, final_zero=False).sigmas
-        return torch.cat([longer[:-1], longer.new_zeros(1)])
-
-    names = ["oss", *fewstep.schedules.BASELINES] + [f"{b}_up" for b in fewstep.schedules.BASELINES if b != "ays"]
-    errors = {n: float(fewstep.rmse(fewstep.sample(den, train, sigmas(n), "euler"), y).mean()) for n in names}
+    errors = start_errors(den, train, y, "euler", 3, oss=oss.sigmas)
     assert errors[tr["init"]] <= min(errors.values()) * (1 + 1e-6)
     assert tr["student_calls"] <= 12 * 3 + 3 + tr["iters"] * 6  # ranking 12 starts, training: OSS's DP not rerun
     valid = calib[16:]
@@ -127,6 +133,24 @@ def test_ld3_starts_from_the_best_schedule_and_is_memoized(gmm2d_setup):
     assert torch.allclose(pol.sigmas_for(valid)[:, 0], first.sigmas)
     other = fewstep.optimize(den, "instance", "euler", 3, calib=calib, teacher=teacher, iters=1, lr=0.5)
     assert other.metadata["training"]["ld3_reused"]  # phi's options do not change the global stage
+
+
+def test_ld3_gits_start_is_the_gits_cell():
+    """With ``gits`` the GITS schedule of the same options is one more start, taken from optimize's memo (no new
+    calls beyond ranking it); where it is the best start (gmm64, Euler, 3 steps), training starts from it."""
+    den = fewstep.load_model("gmm64")
+    teacher, calib = fewstep.Teacher(den, steps=256), fewstep.noise(32, den.shape, den.sigma_max, seed=4)
+    kw = dict(calib=calib, teacher=teacher, iters=2, oss=False)
+    plain = fewstep.optimize(den, "ld3", "euler", 3, **kw).metadata["training"]
+    gits = fewstep.optimize(den, "gits", "euler", 3, calib=calib, teacher=teacher, grid=20, warmup=8)
+    tr = fewstep.optimize(den, "ld3", "euler", 3, gits=True, gits_grid=20, gits_warmup=8, **kw).metadata["training"]
+    assert tr["student_calls"] == plain["student_calls"] + 3  # one more batched run (GITS ranked), GITS not rerun
+    train, y = calib[:16], teacher.solve(calib, den.sigma_max)[:16]
+    errors = start_errors(den, train, y, "euler", 3, gits=gits.sigmas)
+    assert errors[tr["init"]] <= min(errors.values()) * (1 + 1e-6)
+    assert tr["init"] == "gits" != plain["init"]  # the case this test is about
+    with pytest.raises(ValueError, match="warmup"):
+        fewstep.optimize(den, "ld3", "euler", 3, n=8, teacher=teacher, gits=True, gits_warmup=0)
 
 
 def test_ld3_fixed_last_sigma_and_l1(gmm2d_setup):

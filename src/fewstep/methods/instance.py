@@ -364,7 +364,7 @@ def cost(o: Options, solver: str, nfe: int, n: int) -> int:
 
 
 @register("instance", Options,
-          tune_options={"oss_grid": 40, "oss_batch": 8, "policy": "residual", "iters": 5, "patience": 5,
+          tune_options={**ld3.TUNE_STARTS, "policy": "residual", "iters": 5, "patience": 5,
                         "corrections_iters": 5, "ld3_iters": 10}, cost=cost, tier=2)
 def instance(ctx: Calibration, solver: str, nfe: int, o: Options) -> SchedulePolicy:
     """A SchedulePolicy for ``solver`` at ``nfe`` calls: LD3's global schedule, then phi trained on top

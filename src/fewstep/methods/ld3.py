@@ -21,6 +21,7 @@ from ..corrections import corrected
 from ..schedules import BASELINES, Schedule, builtin, logits_from_sigmas, sigmas_from_logits
 from ..solvers import get_solver, plan
 from .base import Calibration, memo_key, option_items, register
+from .gits import Options as GITSOptions, gits as gits_schedule
 from .grid import DEFAULT_SIZE
 from .oss import Options as OSSOptions, oss as oss_schedule
 
@@ -281,7 +282,8 @@ class GlobalStage:
     ``Training`` ones ``loss``, ``radius`` (default 0.001 D / steps^2, 0 for a hard teacher), ``valid``,
     ``valid_every`` and ``seed``; ``learn_last`` (learn the last positive sigma, else it is sigma_min); ``starts``: how
     many schedules to start from (the OSS schedule, on an ``oss_grid``-point grid with ``oss_batch``
-    noises, then the best baselines; the best result is kept)."""
+    noises, with ``gits`` the GITS schedule, on a ``gits_grid``-point grid with ``gits_warmup`` noises,
+    and the baselines, ranked by their training error; the best result is kept)."""
 
     loss: str = Training.loss
     radius: float | None = None
@@ -289,6 +291,9 @@ class GlobalStage:
     starts: int = 1
     oss_grid: int = DEFAULT_SIZE
     oss_batch: int | None = None
+    gits: bool = False
+    gits_grid: int = DEFAULT_SIZE
+    gits_warmup: int | None = None
     valid: float = Training.valid
     valid_every: int = Training.valid_every
     seed: int = Training.seed
@@ -296,6 +301,7 @@ class GlobalStage:
     def __post_init__(self):
         Training(loss=self.loss, valid=self.valid, valid_every=self.valid_every)  # checks them
         OSSOptions(batch=self.oss_batch)  # checks oss_batch
+        GITSOptions(warmup=self.gits_warmup)  # checks gits_warmup
         if int(self.starts) != self.starts or self.starts < 1:
             raise ValueError(f"starts must be a positive integer, got {self.starts!r}")
 
@@ -320,8 +326,9 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
     """Starting schedules as logits, (train error, name, logits), best first: every built-in baseline
     (``schedules.BASELINES``) ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
     positive sigma is one grid step up; with ``oss``, the OSS schedule (``methods/oss.py``: the dynamic
-    programming optimum of the batch's error over a fine grid, for this solver), taken from
-    ``fewstep.optimize``'s memo when the ``oss`` method already ran on this model and batch."""
+    programming optimum of the batch's error over a fine grid, for this solver), and with ``gits`` the GITS
+    schedule, each taken from ``fewstep.optimize``'s memo when that method already ran on this model and
+    batch with these options (inside a tune: its own cells)."""
     spec, learn_last = get_solver(solver), opts.learn_last
     train, y = ctx.subset(slice(None, n_train)), ctx.target()[:n_train]
     candidates = {}
@@ -334,6 +341,10 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
         oss_opts = OSSOptions(grid=opts.oss_grid, batch=opts.oss_batch)  # filed as optimize(den, "oss", ...) files it
         candidates["oss"] = ctx.memo("optimize", memo_key(ctx, "oss", solver, nfe, oss_opts),
                                      lambda: oss_schedule(ctx, solver, nfe, oss_opts)).sigmas
+    if opts.gits:
+        gits_opts = GITSOptions(grid=opts.gits_grid, warmup=opts.gits_warmup)
+        candidates["gits"] = ctx.memo("optimize", memo_key(ctx, "gits", solver, nfe, gits_opts),
+                                      lambda: gits_schedule(ctx, solver, nfe, gits_opts)).sigmas
     ranked = []
     with torch.no_grad():
         for name, sig in candidates.items():
@@ -389,16 +400,21 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tupl
     return logits.clone(), steps, sopts, {**record, "reused": reused}
 
 
-# tune: the OSS grid and DP batch of tune's own oss cells, and the iters instance's global stage uses: both reused;
-# 10 steps (digits-unet: the same winners as 20, docs/tune.md)
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
-    """Ranking the 12 starts on the training part, then up to ``iters`` steps on the whole batch (the
-    training part forward and backward, the validation part forward), per start: 12 * B/2 * NFE +
-    starts * iters * B * NFE (OSS's cost too when its schedule is not there already)."""
-    return 6 * n * nfe + opts.starts * opts.iters * n * nfe
+    """Ranking the 12 baselines (and OSS's and GITS's schedules) on the training part, then up to ``iters``
+    steps on the whole batch (the training part forward and backward, the validation part forward), per
+    start: (12 + oss + gits) * B/2 * NFE + starts * iters * B * NFE (OSS's and GITS's costs too when their
+    schedules are not there already)."""
+    return (12 + opts.oss + opts.gits) * n // 2 * nfe + opts.starts * opts.iters * n * nfe
 
 
-@register("ld3", Options, tune_options={"oss_grid": 40, "oss_batch": 8, "iters": 10}, cost=cost, tier=1)
+# tune: the OSS start is tune's own oss cell (its grid and batch) and instance's global stage is this one (the
+# same options): both reused; 10 steps (digits-unet: the same winners as 20, docs/tune.md); no GITS start
+# (exact digits: better at NFE 5, worse at 7, docs/methods/ld3.md)
+TUNE_STARTS = {"oss_grid": 40, "oss_batch": 8}
+
+
+@register("ld3", Options, tune_options={**TUNE_STARTS, "iters": 10}, cost=cost, tier=1)
 def ld3(ctx: Calibration, solver: str, nfe: int, opts: Options) -> Schedule:
     """LD3 (Tong et al., ICLR 2025): one schedule for ``solver`` at ``nfe`` calls, learned through the solver."""
     logits, steps, sopts, record = learn_global(ctx, solver, nfe, opts)

@@ -22,7 +22,7 @@ from ..schedules import ScheduleLike
 from ..solvers import get_solver, plan
 from ..teacher import Teacher
 from ..version import __version__
-from .base import METHODS, Calibration, memo_key
+from .base import METHODS, Calibration, filed
 from . import gits, oss, sdm, ld3, instance, s4s, pas  # noqa: F401,E402  (the registry's entries)
 
 __all__ = ["METHODS", "Calibration", "optimize"]
@@ -93,8 +93,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     teacher_rows0, start = ctx.teacher.rows, time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's
     # schedule, inside fewstep.tune) is answered from memory.
-    result = ctx.memo("optimize", memo_key(ctx, method, solver, nfe, opts),
-                      lambda: on_every_rank(lambda: entry.fn(ctx, solver, int(nfe), opts)))
+    result = filed(ctx, method, solver, nfe, opts, lambda: on_every_rank(lambda: entry.fn(ctx, solver, int(nfe), opts)))
     record = {  # a method may make a schedule for another solver than it was asked for (s4s: 'learned')
         "method": method, "solver": result.solver or solver, "nfe": int(nfe), "model": info["name"],
         "params": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool, list, type(None)))},

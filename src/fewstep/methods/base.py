@@ -139,7 +139,9 @@ def memo_table(denoiser: Callable) -> dict:
     return _MEMO.setdefault(denoiser, {})
 
 
-def memo_key(ctx: Calibration, method: str, solver: str, nfe: int, opts: Any) -> tuple:
-    """What ``optimize`` files a result under: the request with every option's value, so a method that
-    starts from another's schedule (LD3 from OSS) finds it whichever way it was asked for."""
-    return (method, solver, int(nfe), ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps(ctx.sigma_max), option_items(opts))
+def filed(ctx: Calibration, method: str, solver: str, nfe: int, opts: Any, compute: Callable[[], Any]) -> Any:
+    """``method``'s result for this request, computed once (``Calibration.memo``) and filed under the request
+    with every option's value, as ``optimize`` files it: so a method that starts from another's schedule
+    (LD3 from OSS or GITS) finds it whichever way it was asked for."""
+    key = (method, solver, int(nfe), ctx.sigma_min, ctx.sigma_max, ctx.teacher.steps(ctx.sigma_max), option_items(opts))
+    return ctx.memo("optimize", key, compute)

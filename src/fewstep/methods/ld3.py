@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..corrections import corrected
 from ..schedules import BASELINES, Schedule, builtin, logits_from_sigmas, sigmas_from_logits
 from ..solvers import get_solver, plan
-from .base import Calibration, memo_key, option_items, register
+from .base import Calibration, filed, option_items, register
 from .gits import Options as GITSOptions, gits as gits_schedule
 from .grid import DEFAULT_SIZE
 from .oss import Options as OSSOptions, oss as oss_schedule
@@ -338,13 +338,13 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
             longer = builtin(name, steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
             candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
     if opts.oss:
-        oss_opts = OSSOptions(grid=opts.oss_grid, batch=opts.oss_batch)  # filed as optimize(den, "oss", ...) files it
-        candidates["oss"] = ctx.memo("optimize", memo_key(ctx, "oss", solver, nfe, oss_opts),
-                                     lambda: oss_schedule(ctx, solver, nfe, oss_opts)).sigmas
+        oss_opts = OSSOptions(grid=opts.oss_grid, batch=opts.oss_batch)
+        candidates["oss"] = filed(ctx, "oss", solver, nfe, oss_opts,
+                                  lambda: oss_schedule(ctx, solver, nfe, oss_opts)).sigmas
     if opts.gits:
         gits_opts = GITSOptions(grid=opts.gits_grid, warmup=opts.gits_warmup)
-        candidates["gits"] = ctx.memo("optimize", memo_key(ctx, "gits", solver, nfe, gits_opts),
-                                      lambda: gits_schedule(ctx, solver, nfe, gits_opts)).sigmas
+        candidates["gits"] = filed(ctx, "gits", solver, nfe, gits_opts,
+                                   lambda: gits_schedule(ctx, solver, nfe, gits_opts)).sigmas
     ranked = []
     with torch.no_grad():
         for name, sig in candidates.items():
@@ -401,11 +401,11 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tupl
 
 
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
-    """Ranking the 12 baselines (and OSS's and GITS's schedules) on the training part, then up to ``iters``
-    steps on the whole batch (the training part forward and backward, the validation part forward), per
-    start: (12 + oss + gits) * B/2 * NFE + starts * iters * B * NFE (OSS's and GITS's costs too when their
-    schedules are not there already)."""
-    return (12 + opts.oss + opts.gits) * n // 2 * nfe + opts.starts * opts.iters * n * nfe
+    """Ranking the 11 baselines (6, and 5 without their sigma_min) and OSS's and GITS's schedules on the training
+    part, then up to ``iters`` steps on the whole batch (the training part forward and backward, the validation
+    part forward), per start: (11 + oss + gits) * B/2 * NFE + starts * iters * B * NFE (OSS's and GITS's costs
+    too when their schedules are not there already)."""
+    return (11 + opts.oss + opts.gits) * n // 2 * nfe + opts.starts * opts.iters * n * nfe
 
 
 # tune: the OSS start is tune's own oss cell (its grid and batch) and instance's global stage is this one (the

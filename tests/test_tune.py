@@ -262,3 +262,27 @@ def test_report_says_how_sure_each_winner_is(tuned):
     text = "\n".join(_certainty_lines(improvement_rows(with_errors([0.001] * 31 + [1.0]))))
     assert "over 50% of the winner's mean error" in text and "--n-test" in text
     assert "over 50%" not in "\n".join(_certainty_lines(improvement_rows(with_errors([0.01] * 32))))
+
+
+def test_a_cell_that_samples_as_an_earlier_one_takes_its_errors_unsampled(monkeypatch):
+    """A method that returns a schedule an earlier cell has (here: karras itself, as a method that kept its start
+    does) is not sampled again: it gets that cell's errors, at no scoring evaluation."""
+    from dataclasses import dataclass
+
+    from fewstep.methods import METHODS, base
+    from fewstep.schedules import builtin
+
+    @dataclass(frozen=True)
+    class NoOptions:
+        pass
+
+    monkeypatch.setitem(METHODS, "kept_karras", None)
+    base.register("kept_karras", NoOptions)(
+        lambda ctx, solver, nfe, opts: builtin("karras", nfe, ctx.sigma_min, ctx.sigma_max).with_metadata(solver="euler"))
+    s = tune(fewstep.load_model("gmm2d"), nfe=[4], methods=["karras", "ays", "kept_karras"], solvers=["euler"],
+             n_calib=8, n_test=32, report=False, progress=False, exhaustive=True)
+    cells = {c["method"]: c for c in s["cells"] if c["status"] == "ok"}
+    assert cells["kept_karras"]["sigmas"] == cells["karras"]["sigmas"]
+    assert cells["kept_karras"]["errors"] == cells["karras"]["errors"] and len(cells["karras"]["errors"]) == 32
+    assert cells["kept_karras"]["evaluations"]["scoring"] == 0 < cells["karras"]["evaluations"]["scoring"]
+    assert s["cost"]["evaluations"]["scoring"] == cells["karras"]["evaluations"]["scoring"] + cells["ays"]["evaluations"]["scoring"]

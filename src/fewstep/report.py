@@ -219,7 +219,8 @@ def _certainty_lines(rows: list[dict]) -> list[str]:
         lines += [f"At NFE {', '.join(heavy)} the worst {TAIL:.0%} of the samples carry over {HEAVY:.0%} of the winner's "
                   "mean error (mode flips or outliers): the ranking there rests on a few samples, and on other noises "
                   "(or other conditions) the order of close cells can change. More test noises (`--n-test`) and, for "
-                  "a conditional model, more test conditions (a larger pool) settle it.", ""]
+                  "a conditional model, more test conditions (a larger pool) settle it; the optimizers' validation "
+                  "halves rest on a few samples too, so more calibration noises (`--n-calib`) let them learn more.", ""]
     return lines
 
 

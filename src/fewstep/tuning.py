@@ -101,6 +101,7 @@ class _Run:
     results: dict = field(default_factory=dict)
     errors: dict = field(default_factory=dict)  # cell name -> per-sample errors on the first test noises
     schedules: dict = field(default_factory=dict)  # cell name -> its schedule (made or loaded this run)
+    sampled_as: dict = field(default_factory=dict)  # what a schedule samples (``_samples``) -> the first such cell
     refs: list = field(default_factory=list)  # the teacher's x0 for the test rounds solved so far
     calib_cond: Any = None  # the calibration noises' conditions (a conditional model), and the test noises'
     test_cond: Any = None
@@ -190,10 +191,23 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     return tuple(out)
 
 
+def _samples(sched: ScheduleLike) -> tuple | None:
+    """What a schedule makes of any noise: its sigmas, solver and solver options (None for a per-sample
+    policy). Two cells with the same (a method that kept its start) sample the same on every test noise."""
+    if not isinstance(sched, Schedule):
+        return None
+    return sched.solver, json.dumps(sched.solver_options, sort_keys=True), tuple(sched.to_list())
+
+
 def _score(run: _Run, name: str, sched: ScheduleLike, n: int) -> None:
-    """Per-sample errors of the cell on the first ``n`` test noises (only the new ones are sampled)."""
+    """Per-sample errors of the cell on the first ``n`` test noises: only the new ones are sampled, and those
+    that a cell with the same sigmas, solver and options (``_samples``) has are taken from it."""
     have = run.errors.get(name, torch.zeros(0, dtype=torch.float64))
+    twin = run.sampled_as.get(_samples(sched))
+    if twin is not None and twin != name and len(run.errors.get(twin, ())) > len(have):
+        have = run.errors[twin][:n]
     if len(have) >= n:
+        run.errors[name] = have
         return
     ref = run.ref(n)
     with run.meter.at("scoring"):
@@ -268,6 +282,8 @@ def _record(run: _Run, cell: Cell, new: dict, sched: ScheduleLike | None) -> Non
     if new["status"] == "ok":
         run.errors[name] = torch.tensor(new["errors"], dtype=torch.float64)
         run.schedules[name] = sched
+        if (sampled := _samples(sched)) is not None:
+            run.sampled_as.setdefault(sampled, name)
         if "schedule_file" in new and "schedule_file" not in (old or {}) and distributed.rank() == 0:
             sched.save(run.out / "schedules" / new["schedule_file"])
 

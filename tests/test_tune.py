@@ -276,7 +276,7 @@ def test_a_cell_that_samples_as_an_earlier_one_takes_its_errors_unsampled(monkey
     class NoOptions:
         pass
 
-    monkeypatch.setitem(METHODS, "kept_karras", None)
+    monkeypatch.setitem(METHODS, "kept_karras", None)  # so that monkeypatch removes it afterwards
     base.register("kept_karras", NoOptions)(
         lambda ctx, solver, nfe, opts: builtin("karras", nfe, ctx.sigma_min, ctx.sigma_max).with_metadata(solver="euler"))
     s = tune(fewstep.load_model("gmm2d"), nfe=[4], methods=["karras", "ays", "kept_karras"], solvers=["euler"],

@@ -322,19 +322,19 @@ class Options(GlobalStage):
 
 
 def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict, steps: int, opts: Options,
-                   n_train: int) -> list[tuple[float, str, torch.Tensor]]:
-    """Starting schedules as logits, (train error, name, logits), best first: every built-in baseline
+                   n_train: int, rerank: int = 0) -> list[tuple[float, str, torch.Tensor]]:
+    """Starting schedules as logits, (error, name, logits), best first: every built-in baseline
     (``schedules.BASELINES``) ending at sigma_min and (``learn_last``) with sigma_min dropped so the last
     positive sigma is one grid step up; with ``oss``, the OSS schedule (``methods/oss.py``: the dynamic
     programming optimum of the batch's error over a fine grid, for this solver), and with ``gits`` the GITS
     schedule, each taken from ``fewstep.optimize``'s memo when that method already ran on this model and
-    batch with these options (inside a tune: its own cells)."""
-    spec, learn_last = get_solver(solver), opts.learn_last
-    train, y = ctx.subset(slice(None, n_train)), ctx.target()[:n_train]
+    batch with these options (inside a tune: its own cells). Ranked by the error on the first ``n_train``
+    states; the best ``rerank`` of them then by the error on the whole batch (a start that training cannot
+    move, an exact model's piecewise-constant loss, is the result: chosen on every state there is)."""
     candidates = {}
     for name in BASELINES:
         candidates[name] = builtin(name, steps, ctx.sigma_min, ctx.sigma_max).sigmas
-        if learn_last and name != "ays":  # AYS is a fixed table: no variant without sigma_min
+        if opts.learn_last and name != "ays":  # AYS is a fixed table: no variant without sigma_min
             longer = builtin(name, steps, ctx.sigma_min, ctx.sigma_max, final_zero=False).sigmas
             candidates[f"{name}_up"] = torch.cat([longer[:-1], longer.new_zeros(1)])
     if opts.oss:
@@ -345,21 +345,34 @@ def initial_logits(ctx: Calibration, solver: str, nfe: int, solver_options: dict
         gits_opts = GITSOptions(grid=opts.gits_grid, warmup=opts.gits_warmup)
         candidates["gits"] = filed(ctx, "gits", solver, nfe, gits_opts,
                                    lambda: gits_schedule(ctx, solver, nfe, gits_opts)).sigmas
-    ranked = []
+    logits = {name: logits_from_sigmas(sig, ctx.sigma_min, opts.learn_last) for name, sig in candidates.items()}
+    y = ctx.target()
+    error = lambda part, name: _error(ctx, part, y[part], solver, solver_options, logits[name], opts)  # noqa: E731
+    ranked = sorted((error(slice(None, n_train), name), name) for name in logits)
+    n = ctx.x.shape[0]
+    top = sorted(((e * n_train + error(slice(n_train, None), name) * (n - n_train)) / n, name)
+                 for e, name in ranked[:rerank if n > n_train else 0])
+    return [(e, name, logits[name]) for e, name in top + ranked[len(top):]]
+
+
+def _error(ctx: Calibration, part: slice, y: torch.Tensor, solver: str, solver_options: dict, logits: torch.Tensor,
+           opts: Options) -> float:
+    """The mean loss of the schedule ``logits`` on the calibration states ``part`` (the teacher's x0 ``y``)."""
+    spec, sub = get_solver(solver), ctx.subset(part)
+    sig = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, opts.learn_last)
     with torch.no_grad():
-        for name, sig in candidates.items():
-            logits = logits_from_sigmas(sig, ctx.sigma_min, learn_last)
-            sig = sigmas_from_logits(logits, ctx.sigma_max, ctx.sigma_min, learn_last)
-            out = spec.fn(train.denoiser, train.x, sig, **{**spec.options, **solver_options})
-            ranked.append((float(per_sample_loss(out, y, opts.loss).mean()), name, logits))
-    return sorted(ranked, key=lambda r: r[0])
+        out = spec.fn(sub.denoiser, sub.x, sig, **{**spec.options, **solver_options})
+        return float(per_sample_loss(out, y, opts.loss).mean())
+
+
+RERANK = 4  # starts ranked on the whole calibration batch (the best by training error)
 
 
 def _train_starts(ctx: Calibration, solver: str, nfe: int, sopts: dict, steps: int, opts: Options) -> tuple:
     """Train from the OSS schedule and the best baselines (``opts.starts`` in all); the best by validation."""
     train = opts.training(opts.radius)
     teacher_calls0, student_calls0, start = ctx.teacher.calls, ctx.denoiser.calls, time.perf_counter()
-    ranked = initial_logits(ctx, solver, nfe, sopts, steps, opts, train.split(ctx.x.shape[0])[0])
+    ranked = initial_logits(ctx, solver, nfe, sopts, steps, opts, train.split(ctx.x.shape[0])[0], RERANK)
     chosen = ranked[:opts.starts]
     best = None
     for _, init, logits in chosen:
@@ -402,10 +415,10 @@ def learn_global(ctx: Calibration, solver: str, nfe: int, opts: Options) -> tupl
 
 def cost(opts: Options, solver: str, nfe: int, n: int) -> int:
     """Ranking the 11 baselines (6, and 5 without their sigma_min) and OSS's and GITS's schedules on the training
-    part, then up to ``iters`` steps on the whole batch (the training part forward and backward, the validation
-    part forward), per start: (11 + oss + gits) * B/2 * NFE + starts * iters * B * NFE (OSS's and GITS's costs
-    too when their schedules are not there already)."""
-    return (11 + opts.oss + opts.gits) * n // 2 * nfe + opts.starts * opts.iters * n * nfe
+    part and the best RERANK on the validation part too, then up to ``iters`` steps on the whole batch (the
+    training part forward and backward, the validation part forward), per start: (11 + oss + gits + RERANK) *
+    B/2 * NFE + starts * iters * B * NFE (OSS's and GITS's costs too when their schedules are not there already)."""
+    return (11 + opts.oss + opts.gits + RERANK) * n // 2 * nfe + opts.starts * opts.iters * n * nfe
 
 
 # tune: the OSS start is tune's own oss cell (its grid and batch) and instance's global stage is this one (the

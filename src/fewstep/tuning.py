@@ -5,11 +5,11 @@ Cells are (nfe, method, solver). Baseline methods are the built-in schedules; ev
 teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the errors the run measures.
 
 The race (default): the baselines with every solver rank the solvers; the optimizers run for the best
-three solvers at each NFE (tier 1, LD3, for the best two; tier 2 for the best one: instance, and s4s and
-pas for the best one-call solver, from the best schedule so far, for it or another one-call solver,
-``_starts``); every cell is scored on a first round of test noises, and rounds of twice as many go to the
-cells still in the race whose paired difference to the leader is not clearly positive, until one is left or
-the test set is used up.
+three solvers at each NFE; every cell is scored on a first round of test noises, and rounds of twice as
+many go to the cells still in the race whose paired difference to the leader is not clearly positive, until
+one is left or the test set is used up. The learned tiers' solvers are chosen once the race has given the
+cells RANKED noises (tier 1, LD3, for the best two; tier 2 for the best one: instance, and s4s and pas for
+the best one-call solver, from the best schedule so far, for it or another one-call solver, ``_starts``).
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
 cells that do not fit are left out, and the plan, results.json and the report say which. Every cell
 records its evaluations (rows through the network) for the method and the scoring; the run records the
@@ -50,6 +50,7 @@ from .version import __version__
 RESULTS_VERSION = 2
 FIRST_ROUND = 16  # test noises every scored cell gets
 CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (the learned methods: fewer)
+RANKED = 64  # test noises the race gives the cells before the learned methods' solvers are chosen
 COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
 TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
 INITIAL_REL_TOL = 2e-2  # until then: this fraction of the RMS of its answers
@@ -171,15 +172,15 @@ def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
 def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     """What a method that takes ``start`` starts from (the best of them on its own validation noises), among the
     global schedules at NFE ``k`` of the cells made before its tier (the baselines and the earlier tiers'
-    optimizers): every one for ``solver``, and for each other solver the method accepts, the one with the least
-    first-round error. A start brings its solver, so the method is not bound to the solver of its cell. They come
-    least first-round error first, so starts tied on validation (an exact model: all exactly right) go to the
-    one the tune measured best. An exhaustive run gives each cell its own solver's only: the method then runs
+    optimizers): every one for ``solver``, and for each other solver the method accepts, the best by the tune's
+    test noises (``_standing``). A start brings its solver, so the method is not bound to the solver of its cell.
+    They come best first, so starts tied on validation (an exact model: all exactly right) go to the one the
+    tune measured best. An exhaustive run gives each cell its own solver's only: the method then runs
     on every solver it accepts, each cell its own (else every cell would pick the same start)."""
     tier, accepts = METHODS[method].tier, METHODS[method].accepts
     rows = sorted((r for r in _ok(run, k) if "sigmas" in r and accepts(r["solver"])
                    and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier)),
-                  key=lambda r: _first_round(run, r))
+                  key=_standing(run, k))
     best, out = {}, []
     for r in rows:
         best.setdefault(r["solver"], r)
@@ -327,11 +328,23 @@ def _first_round(run: _Run, row: dict) -> float:
     return float(torch.tensor(row["errors"][:run.rounds()[0]]).mean())
 
 
+def _standing(run: _Run, k: int) -> Callable[[dict], tuple]:
+    """A sort key for the scored cells at NFE ``k``, the best first: those scored on the most noises by their
+    mean error on them, then the others (left behind by the race) by their first-round error."""
+    m = _level(run, k)
+    return lambda r: (0, float(torch.tensor(r["errors"][:m]).mean())) if r["n"] >= m else (1, _first_round(run, r))
+
+
+def _level(run: _Run, k: int) -> int:
+    """The most test noises a cell at NFE ``k`` is scored on (the first round before any is)."""
+    return max((r["n"] for r in _ok(run, k)), default=run.rounds()[0])
+
+
 def _ranked_solvers(run: _Run, k: int, solvers: list[str]) -> list[str]:
-    """The solvers by the error of their best scored cell at NFE ``k`` (on the first-round noises)."""
-    best = {}
+    """The solvers by their best scored cell at NFE ``k`` (``_standing``)."""
+    key, best = _standing(run, k), {}
     for r in _ok(run, k, solvers=solvers):
-        best[r["solver"]] = min(best.get(r["solver"], math.inf), _first_round(run, r))
+        best[r["solver"]] = min(best.get(r["solver"], (math.inf,)), key(r))
     return sorted(best, key=best.get)
 
 
@@ -403,10 +416,11 @@ def _solver_count(tier: int) -> int:
     return CONTENDERS if tier == 0 else max(1, LEARNED_SOLVERS + 1 - tier)
 
 
-def _race(run: _Run, nfes: list[int]) -> None:
-    """Rounds of more test noises, every NFE's at once, for the cells not clearly worse than their NFE's leader."""
+def _race(run: _Run, nfes: list[int], upto: float = math.inf) -> None:
+    """Rounds of more test noises (up to ``upto``), every NFE's at once, for the cells not clearly worse than
+    their NFE's leader."""
     racing = list(nfes)
-    for n in run.rounds()[1:]:
+    for n in [n for n in run.rounds()[1:] if n <= upto]:
         cells = {k: _alive(run, k) for k in racing}
         racing = [k for k in racing if cells[k]]
         _do(run, [c for k in racing for c in cells[k]], n)
@@ -434,14 +448,21 @@ def _alive(run: _Run, k: int) -> list[Cell]:
 def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) -> None:
     """The stages, each for every NFE before the next (so a budget that runs out leaves every NFE with
     what came first): the baselines with every solver (cheap: scoring only), the optimizers for the
-    solvers with the best cells so far (learned methods: fewer), then the race."""
-    base, first = [m for m in methods if m in BUILTIN_SCHEDULES], run.rounds()[0]
-    _do(run, [c for k in nfes for c in _stage(run, k, base, solvers, solvers, len(solvers), "")], first)
+    solvers with the best cells so far (learned methods: fewer, chosen once the race has given the cells
+    RANKED test noises; their cells scored on as many as the race's cells at their NFE), then the race."""
+    base = [m for m in methods if m in BUILTIN_SCHEDULES]
+    _do(run, [c for k in nfes for c in _stage(run, k, base, solvers, solvers, len(solvers), "")], run.rounds()[0])
     for tier in sorted({METHODS[m].tier for m in methods if m in METHODS}):
         count, tiered = _solver_count(tier), [m for m in methods if m in METHODS and METHODS[m].tier == tier]
         why = f"not among the {count} best solver(s) so far (by their best scored cell)" + (" (a learned method)" if tier else "")
-        _do(run, [c for k in nfes for c in _stage(run, k, tiered, solvers, _ranked_solvers(run, k, solvers) or solvers,
-                                                  count, f"NFE {k}: {why}")], first)
+        if tier and not run.exhaustive:
+            _race(run, nfes, upto=RANKED)
+        levels = {}
+        for k in nfes:
+            cells = _stage(run, k, tiered, solvers, _ranked_solvers(run, k, solvers) or solvers, count, f"NFE {k}: {why}")
+            levels.setdefault(_level(run, k), []).extend(cells)
+        for n, cells in levels.items():
+            _do(run, cells, n)
     if not run.exhaustive:
         _race(run, nfes)
 
@@ -547,7 +568,8 @@ def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: 
             each = sorted(sum(METHODS[m].cost(opts, s, k, n_calib) for k in nfes) for s in runs_on)
             count = min(count, len(runs_on))
             per = sum(each[:count]) / max(count, 1)
-        est[m] = int(count * (per + n1 * sum(nfes)))
+        scored = n1 if exhaustive or m not in METHODS or not METHODS[m].tier else min(max(n1, RANKED), n_test)
+        est[m] = int(count * (per + scored * sum(nfes)))  # a learned method's cells: on the race's RANKED noises
     if not exhaustive:  # about 6 cells per NFE stay in the race
         est["race"] = 6 * (n_test - n1) * sum(nfes)
     return est

@@ -1,11 +1,12 @@
 """Which one-call solver s4s learns best on: s4s from the AFS start on each of them (docs/methods/s4s.md).
 
-    OMP_NUM_THREADS=1 python bench/s4s_solvers.py [--model digits-unet] [--nfe 5,6] [--iters 60]
+    OMP_NUM_THREADS=1 python bench/s4s_solvers.py [--model digits-unet] [--nfe 5,6] [--iters 60 | --iters 18,60]
 
 Per NFE and solver: ``fewstep.optimize(model, "s4s", solver, nfe, afs=True, gate=-inf)`` on 32 calibration
 noises (seed 0), ``iters`` training steps (the tune's 60, no early stop), what it returns whatever its gain;
 printed: the AFS start's validation error, the learned solver's best validation error, and its mean RMSE on 512
-held-out noises (seed 2) against an error-controlled teacher.
+held-out noises (seed 2) against an error-controlled teacher. With several ``--iters`` (a screen's length and
+the full run's), those two per length: does a short run rank the solvers as the full one does?
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="digits-unet")
     ap.add_argument("--nfe", default="5,6")
-    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--iters", default="60", help="training steps; a comma list runs each length")
     args = ap.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -37,15 +38,19 @@ def main() -> None:
     x = fewstep.noise(512, den.shape, den.sigma_max, 2)
     ref = fewstep.Teacher(den, shape=den.shape).solve(x)
     print(describe())
-    print(f"{args.model}; s4s from the AFS start, {args.iters} steps\n| NFE | solver | start (validation) | "
-          "learned (validation) | held out |\n|---|---|---|---|---|")
+    lengths = [int(v) for v in args.iters.split(",")]
+    cols = "".join(f" {n} steps: validation | held out |" for n in lengths)
+    print(f"{args.model}; s4s from the AFS start\n| NFE | solver | start (validation) |{cols}\n|---" + "|---" * (2 + 2 * len(lengths)) + "|")
     for k in (int(v) for v in args.nfe.split(",")):
         for solver in (s for s in PLANNED if SOLVERS[s].calls_per_step == 1):
-            s = fewstep.optimize(den, "s4s", solver, k, n=32, teacher=teacher, oss_grid=40, iters=args.iters,
-                                 patience=args.iters, afs=True, gate=-float("inf"))
-            tr = s.metadata["training"]
-            e = float(fewstep.rmse(fewstep.sample(den, x, s), ref).mean())
-            print(f"| {k} | {solver} | {tr['tried'][0]['valid_init']:.4f} | {tr['valid_kept']:.4f} | {e:.4f} |", flush=True)
+            line = f"| {k} | {solver} |"
+            for n in lengths:
+                s = fewstep.optimize(den, "s4s", solver, k, n=32, teacher=teacher, oss_grid=40, iters=n,
+                                     patience=n, afs=True, gate=-float("inf"))
+                tr = s.metadata["training"]
+                e = float(fewstep.rmse(fewstep.sample(den, x, s), ref).mean())
+                line += (f" {tr['tried'][0]['valid_init']:.4f} |" if n == lengths[0] else "") + f" {tr['valid_kept']:.4f} | {e:.4f} |"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

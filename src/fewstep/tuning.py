@@ -6,8 +6,8 @@ teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the er
 
 The race (default): the baselines with every solver rank the solvers; the optimizers run for the best
 three solvers at each NFE; every cell is scored on a first round of test noises, and rounds of twice as
-many go to the cells still in the race whose paired difference to the leader is not clearly positive, until
-one is left or the test set is used up. The learned tiers' solvers are chosen once the race has given the
+many go to the cells still in the race whose paired difference to the leader is not clearly positive (the
+ALIVE closest, and the best baseline), until one is left or the test set is used up. The learned tiers' solvers are chosen once the race has given the
 cells RANKED noises (tier 1, LD3, for the best two; tier 2 for the best one: instance, and s4s and pas for
 the best one-call solver, from the best schedule so far, for it or another one-call solver, ``_starts``).
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
@@ -50,6 +50,7 @@ from .version import __version__
 RESULTS_VERSION = 2
 FIRST_ROUND = 16  # test noises every scored cell gets
 CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (the learned methods: fewer)
+ALIVE = 8  # at most this many cells (the closest to the leader) go on to a round, besides the best baseline
 RANKED = 64  # test noises the race gives the cells before the learned methods' solvers are chosen
 COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
 TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
@@ -429,8 +430,8 @@ def _race(run: _Run, nfes: list[int], upto: float = math.inf) -> None:
 def _alive(run: _Run, k: int) -> list[Cell]:
     """The cells at NFE ``k`` still in the race (those scored on the most noises so far) that are not clearly
     worse than the leader (the best global schedule among them), the closest first (should the budget run
-    out): paired differences on the noises they share. The best baseline stays in (the reference); none when
-    only one other cell is left."""
+    out), at most ALIVE of them: paired differences on the noises they share. The best baseline stays in (the
+    reference); none when only one other cell is left."""
     rows = _ok(run, k)
     m = max((r["n"] for r in rows), default=0)
     rows = [r for r in rows if r["n"] >= m]
@@ -442,7 +443,9 @@ def _alive(run: _Run, k: int) -> list[Cell]:
     alive = [r for r in rows if r is base or not clearly_worse(torch.tensor(r["errors"][:m]) - lead)]
     if len([r for r in alive if r is not base]) <= 1:
         return []
-    return [(k, r["method"], r["solver"]) for r in sorted(alive, key=lambda r: r["mean"])]
+    alive = sorted(alive, key=lambda r: r["mean"])
+    closest = [id(r) for r in alive if r is not base][:ALIVE]
+    return [(k, r["method"], r["solver"]) for r in alive if r is base or id(r) in closest]
 
 
 def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) -> None:

@@ -40,7 +40,8 @@ def main() -> None:
     print(describe())
     lengths = [int(v) for v in args.iters.split(",")]
     cols = "".join(f" {n} steps: validation | held out |" for n in lengths)
-    print(f"{args.model}; s4s from the AFS start\n| NFE | solver | start (validation) |{cols}\n|---" + "|---" * (2 + 2 * len(lengths)) + "|")
+    print(f"{args.model}; s4s from the AFS start\n| NFE | solver | start (validation) |{cols}")
+    print("|---" * (3 + 2 * len(lengths)) + "|")
     for k in (int(v) for v in args.nfe.split(",")):
         for solver in (s for s in PLANNED if SOLVERS[s].calls_per_step == 1):
             line = f"| {k} | {solver} |"
@@ -49,7 +50,9 @@ def main() -> None:
                                      patience=n, afs=True, gate=-float("inf"))
                 tr = s.metadata["training"]
                 e = float(fewstep.rmse(fewstep.sample(den, x, s), ref).mean())
-                line += (f" {tr['tried'][0]['valid_init']:.4f} |" if n == lengths[0] else "") + f" {tr['valid_kept']:.4f} | {e:.4f} |"
+                if n == lengths[0]:
+                    line += f" {tr['tried'][0]['valid_init']:.4f} |"
+                line += f" {tr['valid_kept']:.4f} | {e:.4f} |"
             print(line, flush=True)
 
 

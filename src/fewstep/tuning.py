@@ -7,9 +7,10 @@ teacher (``teacher.py``) is solved once per noise, to a tolerance tied to the er
 The race (default): the baselines with every solver rank the solvers; the optimizers run for the best
 three solvers at each NFE; every cell is scored on a first round of test noises, and rounds of twice as
 many go to the cells still in the race whose paired difference to the leader is not clearly positive (the
-ALIVE closest, and the best baseline), until one is left or the test set is used up. The learned tiers' solvers are chosen once the race has given the
-cells RANKED noises (tier 1, LD3, for the best two; tier 2 for the best one: instance, and s4s and pas for
-the best one-call solver, from the best schedule so far, for it or another one-call solver, ``_starts``).
+ALIVE closest, and the best baseline), until one is left or the test set is used up. The learned tiers'
+solvers are chosen once the race has given the cells RANKED noises (tier 1, LD3, for the best two; tier 2
+for the best one: instance, and s4s and pas for the best one-call solver, from the best schedule so far,
+for it or another one-call solver, ``_starts``).
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
 cells that do not fit are left out, and the plan, results.json and the report say which. Every cell
 records its evaluations (rows through the network) for the method and the scoring; the run records the

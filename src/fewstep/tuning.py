@@ -441,11 +441,12 @@ def _alive(run: _Run, k: int) -> list[Cell]:
         return []
     lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
     base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
-    alive = [r for r in rows if r is base or not clearly_worse(torch.tensor(r["errors"][:m]) - lead)]
-    if len([r for r in alive if r is not base]) <= 1:
+    alive = sorted((r for r in rows if r is base or not clearly_worse(torch.tensor(r["errors"][:m]) - lead)),
+                   key=lambda r: r["mean"])
+    others = [r for r in alive if r is not base]
+    if len(others) <= 1:
         return []
-    alive = sorted(alive, key=lambda r: r["mean"])
-    closest = [id(r) for r in alive if r is not base][:ALIVE]
+    closest = {id(r) for r in others[:ALIVE]}
     return [(k, r["method"], r["solver"]) for r in alive if r is base or id(r) in closest]
 
 

@@ -61,7 +61,8 @@ def tuned(name: str, args, out: Path) -> dict:
     info = model_info(den)
     start = time.perf_counter()
     summary = fewstep.tune(den, nfe=args.nfe, n_calib=args.calib, outdir=out, progress=False, report=False,
-                           method_options=json.loads(getattr(args, "options", None) or "{}"))
+                           method_options=json.loads(getattr(args, "options", None) or "{}"),
+                           exhaustive=getattr(args, "exhaustive", False))
     seconds = time.perf_counter() - start
     teacher = fewstep.Teacher(den, sigma_min=info["sigma_min"], model_id=f"{info['name']}@{fingerprint(den)}",
                               cache_dir=out / "teacher")

@@ -2,12 +2,15 @@
 
     OMP_NUM_THREADS=1 python bench/method_vs_baselines.py [--models digits] [--methods ld3,instance]
         [--nfe 4,5,6,7,8] [--calib 32] [--n 512] [--out bench-out/method_vs_baselines] [--options JSON]
+        [--exhaustive]
 
 A default ``fewstep.tune`` per model (resumed from ``--out``), then every cell it made sampled on ``--n``
 held-out noises of a seed the tune never saw (``learned_solvers.py``'s protocol): per NFE, each method's
 best cell and the best baseline cell (any solver) are chosen on the first half of those noises and
 measured on the second half; the ratio method / baseline with its paired-bootstrap 95% interval.
 ``--options``: the tune's ``method_options`` (method -> options, JSON), e.g. a variant to compare.
+``--exhaustive``: the tune runs every method on every solver (no race), so each method's best cell is its
+best over all solvers, not over the few solvers a race gives it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from learned_solvers import per_sample, ratio_interval, tuned
 def main() -> None:
     ap = arguments("digits", 512, 32, methods="ld3,instance", nfe="4,5,6,7,8", out="bench-out/method_vs_baselines",
                    options="")
+    ap.add_argument("--exhaustive", action="store_true", help="tune every method on every solver (no race)")
     args = begin(ap)
     args.nfe = [int(v) for v in args.nfe.split(",")]
     print("| model | NFE | method | its best cell | error | best baseline | error | ratio [95% CI] |\n"

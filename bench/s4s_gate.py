@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
-import torch
 
 import fewstep
 from fewstep.metrics import significance
 
 sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
+from s4s_solvers import setup  # noqa: E402
 
 TUNE = dict(n=32, oss_grid=40, iters=60, patience=10, screen=0.3, fallback=0)  # s4s's tune_options, no fallback
 
@@ -33,12 +32,7 @@ def main() -> None:
     ap.add_argument("--nfe", default="4,10")
     ap.add_argument("--solvers", default="unipc,dpmpp_3m,dpmpp_2m")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    den = fewstep.load_model(args.model)
-    teacher = fewstep.Teacher(den, shape=den.shape)
-    x = fewstep.noise(512, den.shape, den.sigma_max, 2)
-    ref = fewstep.Teacher(den, shape=den.shape).solve(x)
+    den, teacher, x, ref = setup(args.model)
     mse = lambda s: (fewstep.sample(den, x, s) - ref).pow(2).flatten(1).mean(1)  # noqa: E731
     print(f"{describe()}\n{args.model}\n| NFE | solver | gate z (validation) | held out: start | learned | z | "
           "fresh 16-noise gates passing |\n|---|---|---|---|---|---|---|")

@@ -25,18 +25,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from machine import describe  # noqa: E402
 
 
+def setup(model: str) -> tuple:
+    """One torch thread, warnings off; the model, the calibration teacher, 512 held-out noises (seed 2) and an
+    error-controlled teacher's answers for them."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    den = fewstep.load_model(model)
+    x = fewstep.noise(512, den.shape, den.sigma_max, 2)
+    return den, fewstep.Teacher(den, shape=den.shape), x, fewstep.Teacher(den, shape=den.shape).solve(x)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="digits-unet")
     ap.add_argument("--nfe", default="5,6")
     ap.add_argument("--iters", default="60", help="training steps; a comma list runs each length")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    warnings.simplefilter("ignore")
-    den = fewstep.load_model(args.model)
-    teacher = fewstep.Teacher(den, shape=den.shape)
-    x = fewstep.noise(512, den.shape, den.sigma_max, 2)
-    ref = fewstep.Teacher(den, shape=den.shape).solve(x)
+    den, teacher, x, ref = setup(args.model)
     print(describe())
     lengths = [int(v) for v in args.iters.split(",")]
     cols = "".join(f" {n} steps: validation | held out |" for n in lengths)

@@ -15,7 +15,6 @@ import argparse
 import sys
 from pathlib import Path
 
-
 import fewstep
 from fewstep.metrics import significance
 

@@ -1,12 +1,13 @@
 """Which one-call solver s4s learns best on: s4s from the AFS start on each of them (docs/methods/s4s.md).
 
-    OMP_NUM_THREADS=1 python bench/s4s_solvers.py [--model digits-unet] [--nfe 5,6] [--iters 60 | --iters 18,60]
+    OMP_NUM_THREADS=1 python bench/s4s_solvers.py [--model digits-unet] [--nfe 5,6] [--iters 60 | --iters 18,60] [--lr 0.1]
 
 Per NFE and solver: ``fewstep.optimize(model, "s4s", solver, nfe, afs=True, gate=-inf)`` on 32 calibration
 noises (seed 0), ``iters`` training steps (the tune's 60, no early stop), what it returns whatever its gain;
 printed: the AFS start's validation error, the learned solver's best validation error, and its mean RMSE on 512
 held-out noises (seed 2) against an error-controlled teacher. With several ``--iters`` (a screen's length and
-the full run's), those two per length: does a short run rank the solvers as the full one does?
+the full run's), those two per length: does a short run rank the solvers as the full one does? With several
+``--lr``, one row per learning rate (AdamW's, on every parameter; s4s's default 0.1).
 """
 
 from __future__ import annotations
@@ -40,19 +41,20 @@ def main() -> None:
     ap.add_argument("--model", default="digits-unet")
     ap.add_argument("--nfe", default="5,6")
     ap.add_argument("--iters", default="60", help="training steps; a comma list runs each length")
+    ap.add_argument("--lr", default="0.1", help="learning rate; a comma list runs each")
     args = ap.parse_args()
     den, teacher, x, ref = setup(args.model)
     print(describe())
     lengths = [int(v) for v in args.iters.split(",")]
     cols = "".join(f" {n} steps: validation | held out |" for n in lengths)
-    print(f"{args.model}; s4s from the AFS start\n| NFE | solver | start (validation) |{cols}")
-    print("|---" * (3 + 2 * len(lengths)) + "|")
+    print(f"{args.model}; s4s from the AFS start\n| NFE | solver | lr | start (validation) |{cols}")
+    print("|---" * (4 + 2 * len(lengths)) + "|")
     for k in (int(v) for v in args.nfe.split(",")):
-        for solver in (s for s in PLANNED if SOLVERS[s].calls_per_step == 1):
-            line = f"| {k} | {solver} |"
+        for solver, lr in ((s, float(lr)) for s in PLANNED if SOLVERS[s].calls_per_step == 1 for lr in args.lr.split(",")):
+            line = f"| {k} | {solver} | {lr:g} |"
             for n in lengths:
                 s = fewstep.optimize(den, "s4s", solver, k, n=32, teacher=teacher, oss_grid=40, iters=n,
-                                     patience=n, afs=True, gate=-float("inf"))
+                                     patience=n, afs=True, gate=-float("inf"), lr=lr)
                 tr = s.metadata["training"]
                 e = float(fewstep.rmse(fewstep.sample(den, x, s), ref).mean())
                 if n == lengths[0]:

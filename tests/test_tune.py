@@ -252,6 +252,60 @@ def test_the_race_takes_at_most_alive_cells_on_besides_the_best_baseline():
     assert [s for _, _, s in alive] == [f"s{i}" for i in range(ALIVE)] + ["euler"]
 
 
+def _retry_run(s4s_error: float, kept_start: bool = False):
+    """A race's state at NFE 4: karras on four solvers (heun the best, s4s does not run on it) and one s4s cell
+    on UniPC with ``s4s_error`` on every one of 32 test noises (learned, or a copy of karras + UniPC's samples)."""
+    from fewstep.tuning import _cell_name, _samples
+
+    class Run:
+        exhaustive, out, info = False, None, {"sigma_min": 0.002, "sigma_max": 80.0}
+
+        def __init__(self):
+            self.results, self.schedules, self.sampled_as = {}, {}, {}
+
+        def rounds(self):
+            return [16, 32]
+
+    run = Run()
+
+    def add(method, solver, error, v, **training):
+        sched = fewstep.Schedule(torch.tensor([80.0, v, 0.0], dtype=torch.float64), solver=solver)
+        sched = sched.with_metadata(training=training) if training else sched
+        name = _cell_name(4, method, solver)
+        run.results[name] = {"nfe": 4, "method": method, "solver": solver, "status": "ok", "n": 32,
+                             "mean": error, "errors": [error] * 32, "sigmas": sched.to_list()}
+        run.schedules[name] = sched
+        run.sampled_as.setdefault(_samples(sched), name)
+
+    for solver, error in (("heun", 0.5), ("unipc", 1.0), ("dpmpp_2m", 1.1), ("dpmpp_3m", 1.2)):
+        add("karras", solver, error, 1.0)
+    add("s4s", "unipc", s4s_error, 1.0 if kept_start else 2.0, kept="learned", start_solver="unipc",
+        tried=[{"solver": "unipc"}])
+    run.results[_cell_name(4, "s4s", "dpmpp_2m")] = {"nfe": 4, "method": "s4s", "solver": "dpmpp_2m",
+                                                      "status": "pruned", "reason": "not among the best"}
+    return run
+
+
+def test_a_learned_cell_behind_on_the_test_noises_gets_one_more_solver():
+    """s4s learned on UniPC and is behind the best cell of another method (karras + Heun) on the test noises:
+    one more s4s cell, on the best-ranked solver it runs on and has not tried (not Heun: two calls a step),
+    from that solver's schedules only; none when it is ahead, when it kept a start (its cell samples as
+    karras + UniPC does), or when it has had its one more."""
+    from fewstep.tuning import _cell_name, _retries, _starts
+
+    solvers = ["heun", "unipc", "dpmpp_2m", "dpmpp_3m"]
+    run = _retry_run(1.05)
+    assert _retries(run, 4, ["karras", "s4s"], solvers) == [(4, "s4s", "dpmpp_2m")]
+    assert _cell_name(4, "s4s", "dpmpp_2m") not in run.results  # the pruned row is gone: the cell will be made
+    assert [(s.metadata.get("method"), s.solver) for s in _starts(run, 4, "s4s", "dpmpp_2m")] == [("karras", "dpmpp_2m")]
+    assert _retries(_retry_run(0.4), 4, ["karras", "s4s"], solvers) == []
+    assert _retries(_retry_run(1.0, kept_start=True), 4, ["karras", "s4s"], solvers) == []
+    run = _retry_run(1.05)
+    run.results[_cell_name(4, "s4s", "dpmpp_3m")] = {**run.results[_cell_name(4, "s4s", "unipc")], "solver": "dpmpp_3m"}
+    run.schedules[_cell_name(4, "s4s", "dpmpp_3m")] = run.schedules[_cell_name(4, "s4s", "unipc")]
+    assert _retries(run, 4, ["karras", "s4s"], solvers) == []
+
+
 def test_tail_share_tells_even_errors_from_a_few_large_ones():
     from fewstep.metrics import tail_share
 

@@ -10,7 +10,8 @@ many go to the cells still in the race whose paired difference to the leader is 
 ALIVE closest, and the best baseline), until one is left or the test set is used up. The learned tiers'
 solvers are chosen once the race has given the cells RANKED noises (tier 1, LD3, for the best two; tier 2
 for the best one: instance, and s4s and pas for the best one-call solver, from the best schedule so far,
-for it or another one-call solver, ``_starts``).
+for it or another one-call solver, ``_starts``). Where what such a method learned is behind another method's
+best cell on the test noises, it runs once more on the next solver (``_retries``; not with a budget).
 ``exhaustive`` scores every cell on every test noise. A ``budget`` of evaluations is never exceeded:
 cells that do not fit are left out, and the plan, results.json and the report say which. Every cell
 records its evaluations (rows through the network) for the method and the scoring; the run records the
@@ -54,6 +55,7 @@ CONTENDERS, LEARNED_SOLVERS = 3, 2  # solvers per NFE the optimizers run for (th
 ALIVE = 8  # at most this many cells (the closest to the leader) go on to a round, besides the best baseline
 RANKED = 64  # test noises the race gives the cells before the learned methods' solvers are chosen
 COSTLIER = 4  # a race leaves out a solver for which a method costs over this many times another's
+RETRIES = 1  # a start-taking learned method whose own solver is behind on the test noises: once more, another solver
 TEACHER_SHARE = 0.05  # the teacher's tolerance: this fraction of the least baseline error measured
 INITIAL_REL_TOL = 2e-2  # until then: this fraction of the RMS of its answers
 
@@ -164,11 +166,15 @@ def _schedule(run: _Run, k: int, method: str, solver: str) -> ScheduleLike:
         from .schedules import load_schedule
         return load_schedule(run.out / "schedules" / row["schedule_file"])
     options = run.method_options[method]
-    if "start" in {f.name for f in dataclasses.fields(METHODS[method].options)} and "start" not in options:
+    if _takes_start(method) and "start" not in options:
         options = {**options, "start": _starts(run, k, method, solver)}
     with run.meter.at("method"):
         return optimize(run.meter, method, solver, k, calib=run.calib, teacher=run.teacher, cond=run.calib_cond,
                         sigma_min=run.info["sigma_min"], sigma_max=run.info["sigma_max"], **options)
+
+
+def _takes_start(method: str) -> bool:
+    return "start" in {f.name for f in dataclasses.fields(METHODS[method].options)}
 
 
 def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
@@ -178,8 +184,10 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     test noises (``_standing``). A start brings its solver, so the method is not bound to the solver of its cell.
     They come best first, so starts tied on validation (an exact model: all exactly right) go to the one the
     tune measured best. An exhaustive run gives each cell its own solver's only: the method then runs
-    on every solver it accepts, each cell its own (else every cell would pick the same start)."""
+    on every solver it accepts, each cell its own (else every cell would pick the same start); so does a race
+    to a second cell of the method at ``k`` (``_retries``: another solver than the first cell's)."""
     tier, accepts = METHODS[method].tier, METHODS[method].accepts
+    own = run.exhaustive or any(r["solver"] != solver for r in _ok(run, k, methods=[method]))
     rows = sorted((r for r in _ok(run, k) if "sigmas" in r and accepts(r["solver"])
                    and (r["method"] in BUILTIN_SCHEDULES or METHODS[r["method"]].tier < tier)),
                   key=_standing(run, k))
@@ -187,7 +195,7 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     for r in rows:
         best.setdefault(r["solver"], r)
     for r in rows:
-        if r["solver"] == solver or (best[r["solver"]] is r and not run.exhaustive):
+        if r["solver"] == solver or (best[r["solver"]] is r and not own):
             sched = _schedule(run, k, r["method"], r["solver"])
             if isinstance(sched, Schedule) and sched.solver == r["solver"]:
                 out.append(sched.with_metadata(method=r["method"]))
@@ -469,7 +477,59 @@ def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) 
         for n, cells in levels.items():
             _do(run, cells, n)
     if not run.exhaustive:
+        if run.key.get("budget") is None:  # a budgeted run leaves what is left to the race
+            for _ in range(RETRIES):
+                for n, cells in _by_level(run, [c for k in nfes for c in _retries(run, k, methods, solvers)]).items():
+                    _do(run, cells, n)
         _race(run, nfes)
+
+
+def _by_level(run: _Run, cells: list[Cell]) -> dict[int, list[Cell]]:
+    """The cells grouped by the noises their NFE's cells are scored on (``_level``)."""
+    levels = {}
+    for cell in cells:
+        levels.setdefault(_level(run, cell[0]), []).append(cell)
+    return levels
+
+
+def _learned_rows(run: _Run, k: int, method: str) -> list[dict]:
+    """The method's global cells at NFE ``k`` that sample unlike every cell before them (learned, not a start
+    kept)."""
+    return [r for r in _ok(run, k, methods=[method]) if "sigmas" in r
+            and run.sampled_as.get(_samples(_schedule(run, k, method, r["solver"]))) == _cell_name(k, method, r["solver"])]
+
+
+def _tried(run: _Run, k: int, method: str) -> set[str]:
+    """The solvers the method's cells at NFE ``k`` are for, started from or learned on (s4s's ``tried``)."""
+    out = set()
+    for r in _ok(run, k, methods=[method]):
+        training = getattr(_schedule(run, k, method, r["solver"]), "metadata", {}).get("training", {})
+        out |= {r["solver"], r.get("start_solver", r["solver"])} | {t["solver"] for t in training.get("tried", [])}
+    return out
+
+
+def _retries(run: _Run, k: int, methods: list[str], solvers: list[str]) -> list[Cell]:
+    """For each learned method that takes ``start`` (tier 2: s4s, pas): where what it learned at NFE ``k`` is
+    behind the best global cell of another method on the test noises so far (its validation noises missed
+    what these show), and nothing it made at ``k`` is ahead, one more cell, on the best-ranked solver it accepts
+    and has not tried there; that cell starts from its own solver's schedules only (``_starts``)."""
+    todo, same = [], twins(tuple(solvers), k)
+    for method in (m for m in methods if m in METHODS and METHODS[m].tier >= 2 and _takes_start(m)):
+        learned, mine = _learned_rows(run, k, method), _ok(run, k, methods=[method])
+        others = [r for r in _ok(run, k) if "sigmas" in r and r["method"] != method and r["n"] >= _level(run, k)]
+        if not learned or not others or len(mine) >= _solver_count(METHODS[method].tier) + RETRIES:
+            continue
+        n = min(r["n"] for r in learned)
+        best = min(float(torch.tensor(r["errors"][:n]).mean()) for r in others)
+        if min(float(torch.tensor(r["errors"][:n]).mean()) for r in mine) < best:
+            continue
+        tried = _tried(run, k, method)
+        fresh = [s for s in _ranked_solvers(run, k, solvers) if METHODS[method].accepts(s) and s not in tried
+                 and s not in same]
+        if fresh:
+            run.results.pop(_cell_name(k, method, fresh[0]), None)  # pruned when its tier ran
+            todo.append((k, method, fresh[0]))
+    return todo
 
 
 # --------------------------------------------------------------------------------------------

@@ -255,13 +255,13 @@ def test_the_race_takes_at_most_alive_cells_on_besides_the_best_baseline():
 def _retry_run(s4s_error: float, kept_start: bool = False):
     """A race's state at NFE 4: karras on four solvers (heun the best, s4s does not run on it) and one s4s cell
     on UniPC with ``s4s_error`` on every one of 32 test noises (learned, or a copy of karras + UniPC's samples)."""
-    from fewstep.tuning import _cell_name, _samples
+    from fewstep.tuning import _cell_name, baseline
 
     class Run:
         exhaustive, out, info = False, None, {"sigma_min": 0.002, "sigma_max": 80.0}
 
         def __init__(self):
-            self.results, self.schedules, self.sampled_as = {}, {}, {}
+            self.results, self.schedules = {}, {}
 
         def rounds(self):
             return [16, 32]
@@ -269,17 +269,17 @@ def _retry_run(s4s_error: float, kept_start: bool = False):
     run = Run()
 
     def add(method, solver, error, v, **training):
-        sched = fewstep.Schedule(torch.tensor([80.0, v, 0.0], dtype=torch.float64), solver=solver)
+        sched = (baseline("karras", solver, 4, run.info) if v is None else  # None: karras's own samples
+                 fewstep.Schedule(torch.tensor([80.0, v, 0.0], dtype=torch.float64), solver=solver))
         sched = sched.with_metadata(training=training) if training else sched
         name = _cell_name(4, method, solver)
         run.results[name] = {"nfe": 4, "method": method, "solver": solver, "status": "ok", "n": 32,
                              "mean": error, "errors": [error] * 32, "sigmas": sched.to_list()}
         run.schedules[name] = sched
-        run.sampled_as.setdefault(_samples(sched), name)
 
     for solver, error in (("heun", 0.5), ("unipc", 1.0), ("dpmpp_2m", 1.1), ("dpmpp_3m", 1.2)):
         add("karras", solver, error, 1.0)
-    add("s4s", "unipc", s4s_error, 1.0 if kept_start else 2.0, kept="learned", start_solver="unipc",
+    add("s4s", "unipc", s4s_error, None if kept_start else 2.0, kept="learned", start_solver="unipc",
         tried=[{"solver": "unipc"}])
     run.results[_cell_name(4, "s4s", "dpmpp_2m")] = {"nfe": 4, "method": "s4s", "solver": "dpmpp_2m",
                                                       "status": "pruned", "reason": "not among the best"}

@@ -493,10 +493,11 @@ def _by_level(run: _Run, cells: list[Cell]) -> dict[int, list[Cell]]:
 
 
 def _learned_rows(run: _Run, k: int, method: str) -> list[dict]:
-    """The method's global cells at NFE ``k`` that sample unlike every cell before them (learned, not a start
-    kept)."""
-    return [r for r in _ok(run, k, methods=[method]) if "sigmas" in r
-            and run.sampled_as.get(_samples(_schedule(run, k, method, r["solver"]))) == _cell_name(k, method, r["solver"])]
+    """The method's global cells at NFE ``k`` that sample unlike every other cell there (learned, not a start
+    kept); from the schedules themselves, so a resumed run finds the same."""
+    rows = [r for r in _ok(run, k) if "sigmas" in r]
+    samples = [_samples(_schedule(run, k, r["method"], r["solver"])) for r in rows]
+    return [r for r, s in zip(rows, samples) if r["method"] == method and samples.count(s) == 1]
 
 
 def _tried(run: _Run, k: int, method: str) -> set[str]:

@@ -13,6 +13,7 @@ the full run's), those two per length: does a short run rank the solvers as the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import warnings
 from pathlib import Path
@@ -50,7 +51,8 @@ def main() -> None:
     print(f"{args.model}; s4s from the AFS start\n| NFE | solver | lr | start (validation) |{cols}")
     print("|---" * (4 + 2 * len(lengths)) + "|")
     for k in (int(v) for v in args.nfe.split(",")):
-        for solver, lr in ((s, float(lr)) for s in PLANNED if SOLVERS[s].calls_per_step == 1 for lr in args.lr.split(",")):
+        one_call = [s for s in PLANNED if SOLVERS[s].calls_per_step == 1]
+        for solver, lr in itertools.product(one_call, [float(v) for v in args.lr.split(",")]):
             line = f"| {k} | {solver} | {lr:g} |"
             for n in lengths:
                 s = fewstep.optimize(den, "s4s", solver, k, n=32, teacher=teacher, oss_grid=40, iters=n,

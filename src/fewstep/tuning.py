@@ -333,16 +333,21 @@ def _ok(run: _Run, k: int, methods=None, solvers=None) -> list[dict]:
             and (methods is None or r["method"] in methods) and (solvers is None or r["solver"] in solvers)]
 
 
+def _mean_on(row: dict, n: int) -> float:
+    """A cell's mean error on the first ``n`` test noises (all it has, if fewer)."""
+    return float(torch.tensor(row["errors"][:n]).mean())
+
+
 def _first_round(run: _Run, row: dict) -> float:
     """A cell's mean error on the first-round noises (every scored cell has them)."""
-    return float(torch.tensor(row["errors"][:run.rounds()[0]]).mean())
+    return _mean_on(row, run.rounds()[0])
 
 
 def _standing(run: _Run, k: int) -> Callable[[dict], tuple]:
     """A sort key for the scored cells at NFE ``k``, the best first: those scored on the most noises by their
     mean error on them, then the others (left behind by the race) by their first-round error."""
     m = _level(run, k)
-    return lambda r: (0, float(torch.tensor(r["errors"][:m]).mean())) if r["n"] >= m else (1, _first_round(run, r))
+    return lambda r: (0, _mean_on(r, m)) if r["n"] >= m else (1, _first_round(run, r))
 
 
 def _level(run: _Run, k: int) -> int:
@@ -470,11 +475,9 @@ def _stages(run: _Run, nfes: list[int], methods: list[str], solvers: list[str]) 
         why = f"not among the {count} best solver(s) so far (by their best scored cell)" + (" (a learned method)" if tier else "")
         if tier and not run.exhaustive:
             _race(run, nfes, upto=RANKED)
-        levels = {}
-        for k in nfes:
-            cells = _stage(run, k, tiered, solvers, _ranked_solvers(run, k, solvers) or solvers, count, f"NFE {k}: {why}")
-            levels.setdefault(_level(run, k), []).extend(cells)
-        for n, cells in levels.items():
+        cells = [c for k in nfes for c in _stage(run, k, tiered, solvers, _ranked_solvers(run, k, solvers) or solvers,
+                                                 count, f"NFE {k}: {why}")]
+        for n, cells in _by_level(run, cells).items():
             _do(run, cells, n)
     if not run.exhaustive:
         if run.key.get("budget") is None:  # a budgeted run leaves what is left to the race
@@ -521,8 +524,7 @@ def _retries(run: _Run, k: int, methods: list[str], solvers: list[str]) -> list[
         if not learned or not others or len(mine) >= _solver_count(METHODS[method].tier) + RETRIES:
             continue
         n = min(r["n"] for r in learned)
-        best = min(float(torch.tensor(r["errors"][:n]).mean()) for r in others)
-        if min(float(torch.tensor(r["errors"][:n]).mean()) for r in mine) < best:
+        if min(_mean_on(r, n) for r in mine) < min(_mean_on(r, n) for r in others):
             continue
         tried = _tried(run, k, method)
         fresh = [s for s in _ranked_solvers(run, k, solvers) if METHODS[method].accepts(s) and s not in tried

@@ -178,14 +178,16 @@ def _takes_start(method: str) -> bool:
 
 
 def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
-    """What a method that takes ``start`` starts from (the best of them on its own validation noises), among the
-    global schedules at NFE ``k`` of the cells made before its tier (the baselines and the earlier tiers'
-    optimizers): every one for ``solver``, and for each other solver the method accepts, the best by the tune's
-    test noises (``_standing``). A start brings its solver, so the method is not bound to the solver of its cell.
-    They come best first, so starts tied on validation (an exact model: all exactly right) go to the one the
-    tune measured best. An exhaustive run gives each cell its own solver's only: the method then runs
-    on every solver it accepts, each cell its own (else every cell would pick the same start); so does a race
-    to a second cell of the method at ``k`` (``_retries``: another solver than the first cell's)."""
+    """What a method that takes ``start`` starts from, among the global schedules at NFE ``k`` of the cells made
+    before its tier (the baselines and the earlier tiers' optimizers): for each solver the method accepts, the
+    best by the tune's test noises (``_standing``; one for each solver a fallback may learn on), and the other
+    schedules for ``solver`` not clearly worse than the first on the test noises both are scored on (as the race
+    judges: a few validation noises could only put those ahead by luck). A start brings its solver, so the
+    method is not bound to the solver of its cell. They come best first: the method keeps the first unless
+    another is clearly ahead on its validation noises. An exhaustive run gives each cell its own solver's only:
+    the method then runs on every solver it accepts, each cell its own (else every cell would pick the same
+    start); so does a race to a second cell of the method at ``k`` (``_retries``: another solver than the
+    first cell's)."""
     tier, accepts = METHODS[method].tier, METHODS[method].accepts
     own = run.exhaustive or any(r["solver"] != solver for r in _ok(run, k, methods=[method]))
     rows = sorted((r for r in _ok(run, k) if "sigmas" in r and accepts(r["solver"])
@@ -194,11 +196,14 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
     best, out = {}, []
     for r in rows:
         best.setdefault(r["solver"], r)
+    rows = [r for r in rows if r["solver"] == solver or (best[r["solver"]] is r and not own)]
     for r in rows:
-        if r["solver"] == solver or (best[r["solver"]] is r and not own):
-            sched = _schedule(run, k, r["method"], r["solver"])
-            if isinstance(sched, Schedule) and sched.solver == r["solver"]:
-                out.append(sched.with_metadata(method=r["method"]))
+        m = min(r["n"], rows[0]["n"])
+        if best[r["solver"]] is not r and clearly_worse(torch.tensor(r["errors"][:m]) - torch.tensor(rows[0]["errors"][:m])):
+            continue
+        sched = _schedule(run, k, r["method"], r["solver"])
+        if isinstance(sched, Schedule) and sched.solver == r["solver"]:
+            out.append(sched.with_metadata(method=r["method"]))
     return tuple(out)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 from ..files import FewstepWarning
-from ..metrics import significance
+from ..metrics import clearly_worse, significance
 from ..schedules import Schedule, logits_from_sigmas, sigmas_from_logits
 from ..solvers import PLANNED, chain, get_solver, plan
 from .base import Calibration, register
@@ -45,9 +45,10 @@ class LearnedStage(ld3.GlobalStage):
     """The options s4s and pas share: ``ld3.GlobalStage``'s (their LD3 start, with ``ld3_iters`` as its
     ``iters``); ``gate``: what is learned is kept only if its validation gain over its start is at least
     this many standard errors (else the start is returned); ``start``: schedules to start from instead of
-    LD3's, each on its own one-call solver (``given_start``: the one of ``nfe`` calls with the least validation
-    error, whose solver is then the one learned on; ``fewstep tune`` passes every global schedule it has at that
-    NFE for a one-call solver, so the start is the best it found so far, whichever solver it is for)."""
+    LD3's, each on its own one-call solver, in order of preference (``given_start``: the first of ``nfe`` calls
+    unless another is clearly ahead on validation; its solver is then the one learned on; ``fewstep tune``
+    passes every global schedule it has at that NFE for a one-call solver, best first by its test noises, so
+    the start is the best it found so far, whichever solver it is for)."""
 
     ld3_iters: int = Training.iters
     gate: float = 1.0
@@ -167,9 +168,12 @@ def check_starts(starts) -> None:
 def given_start(ctx: Calibration, nfe: int, starts, loss: str, n_train: int) -> tuple | None:
     """(schedule, name) of the given starts that make ``nfe`` calls on a planned one-call solver (not a learned
     one: its coefficients are no start), each on its own solver (from sigma_max to 0, that solver's options for
-    ``nfe``), with the least mean loss on the validation part; None if none fits; of starts tied, the first. The
-    start's solver is the one learned on: a start is a schedule and its solver together. The losses are memoized
-    (in a tune, s4s and pas are given the same starts on the same batch)."""
+    ``nfe``): the first of them, unless the one with the least mean loss on the validation part is CLEARLY
+    standard errors ahead of it there (paired per-sample losses); None if none fits. The starts come in order
+    of preference (in a tune, best first by its test noises, many more than the validation part: the least of
+    several means on a few noises is mostly the luckiest). The start's solver is the one learned on: a start is
+    a schedule and its solver together. The losses are memoized (in a tune, s4s and pas are given the same
+    starts on the same batch)."""
     fits = []
     for s in starts:
         if s.solver not in PLANNED or not one_call(s.solver):  # a learned solver's schedule is no start
@@ -182,9 +186,9 @@ def given_start(ctx: Calibration, nfe: int, starts, loss: str, n_train: int) -> 
         return None
     valid, y = ctx.subset(slice(n_train, None)), ctx.target()[n_train:]
     settings = ([sched.describe() for sched, _ in fits], loss, n_train, ctx.teacher.steps(ctx.sigma_max))
-    errors = ctx.memo("given_start", settings,
-                      lambda: [float(losses(valid, sched, y, loss).mean()) for sched, _ in fits])
-    i = min(range(len(fits)), key=lambda i: (errors[i], i))
+    errors = ctx.memo("given_start", settings, lambda: [losses(valid, sched, y, loss) for sched, _ in fits])
+    i = min(range(len(fits)), key=lambda i: (float(errors[i].mean()), i))
+    i = i if clearly_worse(errors[0] - errors[i]) else 0
     return fits[i][0], str(fits[i][1].metadata.get("method", f"given start {i}"))
 
 

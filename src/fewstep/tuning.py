@@ -198,8 +198,7 @@ def _starts(run: _Run, k: int, method: str, solver: str) -> tuple:
         best.setdefault(r["solver"], r)
     rows = [r for r in rows if r["solver"] == solver or (best[r["solver"]] is r and not own)]
     for r in rows:
-        m = min(r["n"], rows[0]["n"])
-        if best[r["solver"]] is not r and clearly_worse(torch.tensor(r["errors"][:m]) - torch.tensor(rows[0]["errors"][:m])):
+        if best[r["solver"]] is not r and _behind(r, rows[0]):
             continue
         sched = _schedule(run, k, r["method"], r["solver"])
         if isinstance(sched, Schedule) and sched.solver == r["solver"]:
@@ -343,6 +342,13 @@ def _mean_on(row: dict, n: int) -> float:
     return float(torch.tensor(row["errors"][:n]).mean())
 
 
+def _behind(row: dict, lead: dict) -> bool:
+    """Whether a cell is clearly worse than ``lead`` (``metrics.clearly_worse``) on the test noises both are
+    scored on: their paired per-sample differences."""
+    n = min(row["n"], lead["n"])
+    return clearly_worse(torch.tensor(row["errors"][:n]) - torch.tensor(lead["errors"][:n]))
+
+
 def _first_round(run: _Run, row: dict) -> float:
     """A cell's mean error on the first-round noises (every scored cell has them)."""
     return _mean_on(row, run.rounds()[0])
@@ -457,10 +463,9 @@ def _alive(run: _Run, k: int) -> list[Cell]:
     glob = [r for r in rows if "sigmas" in r]
     if not glob:
         return []
-    lead = torch.tensor(min(glob, key=lambda r: r["mean"])["errors"][:m])
+    lead = min(glob, key=lambda r: r["mean"])
     base = min((r for r in glob if r["method"] in BUILTIN_SCHEDULES), key=lambda r: r["mean"], default=None)
-    alive = sorted((r for r in rows if r is base or not clearly_worse(torch.tensor(r["errors"][:m]) - lead)),
-                   key=lambda r: r["mean"])
+    alive = sorted((r for r in rows if r is base or not _behind(r, lead)), key=lambda r: r["mean"])
     others = [r for r in alive if r is not base]
     if len(others) <= 1:
         return []

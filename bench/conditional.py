@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=64)
     ap.add_argument("--n", type=int, default=512)
     ap.add_argument("--n-test", type=int, default=None, help="the tune's test noises (default: tune's, 128)")
+    ap.add_argument("--calib", type=int, default=None, help="the tune's calibration noises (default: tune's, 32)")
     ap.add_argument("--optimizer-cells", action="store_true",
                     help="also every optimizer cell the tune made: its error here and on the tune's test noises")
     args = ap.parse_args()
@@ -71,7 +72,7 @@ def main() -> None:
     for w in args.guidance:
         den, out = make(w), Path(tempfile.mkdtemp())
         summary = fewstep.tune(den, nfe=nfes, conds=pool(args.pool), outdir=out, progress=False, report=False,
-                               n_test=args.n_test)
+                               n_test=args.n_test, n_calib=args.calib)
         x, c = fewstep.noise(args.n, den.shape, den.sigma_max, 2), held_out(args.n)
         ref = fewstep.Teacher(den, tol=1e-4, check_cond=c).solve(x, cond=c)
         sure = {r["nfe"]: r for r in improvement_rows(summary)}  # on the tune's own test noises

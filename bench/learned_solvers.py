@@ -118,7 +118,7 @@ def few_noises(name: str, run: dict, args) -> None:
 
 def main() -> None:
     ap = arguments("gmm2d,gmm64,gmm-scales,digits,digits-unet,digits-flow", 512, 32, nfe="3,4,5,6,7,8,9,10",
-                   robust_nfe="3,5", solver="dpmpp_2m", out="bench-out/learned_solvers")
+                   robust_nfe="3,5", solver="dpmpp_2m", out="bench-out/learned_solvers", options="")
     args = begin(ap)
     print(f"(the held-out noises are seed {HELD_OUT_SEED}, not the tune's test noises; each side's best is chosen on "
           "their first half and measured on the second)")

@@ -173,6 +173,21 @@ def test_every_evaluation_is_counted_and_the_plan_printed(capsys):
     assert all(c["n"] == len(c["errors"]) for c in ok)
 
 
+def test_the_reports_evaluations_are_counted_too(tmp_path):
+    """The report's plots (the winners' samples and trajectories) run the network after the cells: their rows are
+    in the summary's cost, results.json's and the report's (before, ~1k rows of every default tune were not)."""
+    den = _Rows(fewstep.load_model("digits-unet"))
+    s = tune(den, nfe=[3], methods=["karras", "ays"], solvers=["euler", "dpmpp_2m"], n_calib=8, n_test=8,
+             outdir=tmp_path, progress=False, seconds_per_eval=0.1)
+    cost = s["cost"]
+    assert cost["total"] == den.rows == sum(cost["evaluations"].values())
+    assert cost["evaluations"]["report"] == 8 * 3 + 3 * 3  # samples: 8 noises, trajectories: 3 (NFE 3 each)
+    assert json.loads((tmp_path / "results.json").read_text())["cost"] == json.loads(json.dumps(cost))
+    assert cost["at_seconds_per_eval"]["hours"] == pytest.approx(den.rows * 0.1 / 3600, rel=1e-3)
+    assert f"| report | {cost['evaluations']['report']:,} |" in (tmp_path / "report.md").read_text()
+    assert f"| total | {den.rows:,} |" in (tmp_path / "report.md").read_text()
+
+
 def test_the_teacher_counts_as_teacher_whoever_asks(tmp_path):
     """The teacher's solves inside a method (GITS's warm-up trajectories, SDM's checks) are teacher evaluations:
     a run whose teacher comes from a warm disk cache spends the same method evaluations per cell, fewer teacher."""

@@ -2,7 +2,7 @@
 counted where the model is called, attributed to stages, and kept within a budget.
 
 ``Meter`` wraps the user's denoiser once, below every fewstep wrapper, so nothing escapes the count;
-``stage`` names what the rows are for (teacher, method, scoring, probe). With a ``budget`` the meter
+``stage`` names what the rows are for (teacher, method, scoring, probe, report). With a ``budget`` the meter
 refuses a call that would exceed it (``BudgetExhausted``), so a run never spends more than it was given.
 Under torchrun each rank's meter counts its own rows and keeps to its share of the budget
 (``budget / ranks``); ``combined`` sums the ranks' counts.
@@ -20,7 +20,7 @@ import torch
 from . import distributed
 from .sampling import CheckedDenoiser
 
-STAGES = ("probe", "teacher", "method", "scoring")
+STAGES = ("probe", "teacher", "method", "scoring", "report")
 FACTS = ("shape", "sigma_min", "sigma_max", "name", "device", "model_id", "guidance", "max_batch")  # passed through to wrappers
 
 
@@ -84,6 +84,20 @@ class Meter:
             out["at_seconds_per_eval"] = {"seconds_per_eval": seconds_per_eval,
                                           "hours": round(self.total * seconds_per_eval / 3600, 3)}
         return out
+
+
+def with_spent(cost: dict, rows: dict, seconds: dict) -> dict:
+    """A cost (``Meter.report``'s) with more evaluations (``rows``, per stage) and seconds: what one rank spent on
+    its own after the ranks' counts were summed (the report's plots, on rank 0)."""
+    out = {**cost, "evaluations": dict(cost["evaluations"]), "model_seconds": dict(cost["model_seconds"]),
+           "total": cost["total"] + sum(rows.values())}
+    for stage in (s for s in STAGES if rows.get(s)):
+        out["evaluations"][stage] = out["evaluations"].get(stage, 0) + rows[stage]
+        out["model_seconds"][stage] = round(out["model_seconds"].get(stage, 0) + seconds.get(stage, 0), 2)
+    at = cost.get("at_seconds_per_eval")
+    if at:
+        out["at_seconds_per_eval"] = {**at, "hours": round(out["total"] * at["seconds_per_eval"] / 3600, 3)}
+    return out
 
 
 def _pass_facts(source: Any, target: Any) -> None:

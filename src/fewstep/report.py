@@ -102,7 +102,7 @@ def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path:
     trajectory's top-2 principal directions."""
     x = x[:n]
     fine = karras(64, teacher.sigma_min, float(sched.sigmas[0])).sigmas
-    traj = teacher.trajectory(x, fine, substeps=4).flatten(2).cpu()  # [T, n, d]
+    traj = teacher.trajectory(x, fine).flatten(2).cpu()  # [T, n, d]: the one solve's dense output
     states = _student_states(denoiser, x, sched)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2))
     for i, ax in enumerate(axes if n > 1 else [axes]):
@@ -354,8 +354,9 @@ def _plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) ->
     return todo
 
 
-def write_report(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> None:
-    """report.md and report.html; a plot that fails is named in the report instead of ending the run."""
+def make_plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> tuple[dict, dict]:
+    """The report's plots: (title -> file name, title -> why it failed); a plot that fails is named in the
+    report instead of ending the run."""
     images, failed = {}, {}
     for title, make in _plots(out, summary, denoiser, teacher, x_test).items():
         try:
@@ -365,6 +366,11 @@ def write_report(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tens
             continue
         if name:
             images[title] = name
+    return images, failed
+
+
+def write_report(out: Path, summary: dict, images: dict, failed: dict) -> None:
+    """report.md and report.html, with the plots ``make_plots`` made."""
     md = _markdown(summary, images)
     if failed:
         md += "\n## Plots not made\n\n" + "".join(f"- {t}: {why}\n" for t, why in failed.items())

@@ -35,7 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import conditions, distributed
-from .costs import BudgetExhausted, Meter, Staged, seconds_per_row
+from .costs import BudgetExhausted, Meter, Staged, seconds_per_row, with_spent
 from .files import FewstepWarning, write_atomic
 from .methods import METHODS, optimize
 from .methods.base import any_solver, memo_table
@@ -133,9 +133,10 @@ class _Run:
                                                 conditions.rows(self.test_cond, slice(a, b))))
         return torch.cat(self.refs)[:n]
 
-    def save(self) -> None:
-        """results.json rewritten (by rank 0; every rank calls this at the same point) and the progress bar."""
-        cost = self.cost()
+    def save(self, cost: dict | None = None) -> None:
+        """results.json rewritten (by rank 0; every rank calls this at the same point, unless ``cost`` is given:
+        rank 0 alone, after the report) and the progress bar."""
+        cost = self.cost() if cost is None else cost
         if self.out is not None and distributed.rank() == 0:
             payload = {"version": RESULTS_VERSION, "key": self.key, "model": {**self.info, "shape": list(self.info["shape"])},
                        "cells": list(self.results.values()), "cost": cost}
@@ -631,7 +632,7 @@ def _load_results(path: Path, key: dict, retry_failed: bool) -> dict:
 
 
 def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: int, n_test: int,
-              teacher_steps: int, options: dict, exhaustive: bool, first: int = FIRST_ROUND) -> dict:
+              teacher_steps: int, options: dict, exhaustive: bool, first: int = FIRST_ROUND, report: bool = False) -> dict:
     """Evaluations each stage is expected to cost (the methods' own cost formulas, ``Method.cost``)."""
     n1 = n_test if exhaustive else min(first, n_test)
     # the teacher's solves, and its error check on the test noises (a solve with twice the steps)
@@ -650,13 +651,15 @@ def _estimate(methods: list[str], solvers: list[str], nfes: list[int], n_calib: 
         est[m] = int(count * (per + scored * sum(nfes)))  # a learned method's cells: on the race's RANKED noises
     if not exhaustive:  # about 6 cells per NFE stay in the race
         est["race"] = 6 * (n_test - n1) * sum(nfes)
+    if report:  # the sample grid (8 noises per NFE, for images) and 3 trajectories with their teacher solve
+        est["report"] = 8 * sum(nfes) + 3 * (max(nfes) + teacher_steps + 1)
     return est
 
 
-def _plan(run: _Run, nfes, methods, solvers, n_calib, n_test, options, seconds: float) -> dict:
+def _plan(run: _Run, nfes, methods, solvers, n_calib, n_test, options, seconds: float, report: bool) -> dict:
     """The run's plan: its cells, sizes and the evaluations each stage is expected to cost, printed."""
     est = _estimate(methods, solvers, nfes, n_calib, n_test, run.teacher.steps(run.info["sigma_max"]), options,
-                    run.exhaustive, run.first)
+                    run.exhaustive, run.first, report)
     total = sum(est.values())
     plan_ = {"nfe": nfes, "methods": methods, "solvers": solvers, "n_calib": n_calib, "n_test": n_test,
              "mode": "exhaustive" if run.exhaustive else "race", "estimated_evaluations": est,
@@ -735,12 +738,14 @@ def tune(denoiser: Callable, nfe=None, methods="all", solvers="all", outdir: str
     options = {m: {**e.tune, **(e.quick if quick else {}), **(method_options or {}).get(m, {})} for m, e in METHODS.items()}
     steps, _ = teacher.steps(info["sigma_max"]), teacher.error(info["sigma_max"])  # its error control runs here
     spent = meter.combined().total
+    report = report and out is not None
     sizes = _fit(None if budget is None else budget - spent, methods, solvers, nfes, n_calib, n_test, steps, options,
-                 exhaustive)
+                 exhaustive, report)
     run = _new_run(meter, info, teacher, options, out, sizes, pools, exhaustive,
                    {"model": model_id, "budget": budget, "solvers": solvers})
     run.results = distributed.from_rank0(lambda: _load_results(out / "results.json", run.key, retry_failed)) if out else {}
-    plan_ = {**_plan(run, nfes, sizes["methods"], solvers, run.calib.shape[0], run.x_test.shape[0], options, seconds),
+    plan_ = {**_plan(run, nfes, sizes["methods"], solvers, run.calib.shape[0], run.x_test.shape[0], options, seconds,
+                    report),
              "left_out": sizes["left_out"]}
     progress = progress and distributed.rank() == 0
     if progress:
@@ -785,7 +790,7 @@ def _new_run(meter: Meter, info: dict, teacher: Teacher, options: dict, out, siz
     return run
 
 
-def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive) -> dict:
+def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive, report) -> dict:
     """Sizes and methods whose estimated cost is at most 90% of what is left of ``budget``: the first
     round, the test and the calibration sizes halved (to 8, 32 and 16), then methods left out from the
     costliest tier down, then the sizes halved again (to 4, 16 and 8); what was cut is listed
@@ -793,7 +798,7 @@ def _fit(budget, methods, solvers, nfes, n_calib, n_test, steps, options, exhaus
     first, left_out, methods = FIRST_ROUND, [], list(methods)
 
     def fits() -> bool:
-        est = _estimate(methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive, first)
+        est = _estimate(methods, solvers, nfes, n_calib, n_test, steps, options, exhaustive, first, report)
         return budget is None or sum(est.values()) <= 0.9 * budget
 
     def shrink(floor: tuple) -> None:
@@ -833,10 +838,22 @@ def _finish(run: _Run, nfes: list[int], plan_: dict, report: bool, seconds_per_e
         with distributed.local():  # rank 0 writes (its report's samples: on its own)
             _write_best(run.out, summary, run.info)
             if report:
-                from .report import write_report
-                with run.meter.at("scoring"):
-                    write_report(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
+                _report(run, summary)
     return summary
+
+
+def _report(run: _Run, summary: dict) -> None:
+    """The report (rank 0): its plots first (the winners' samples and trajectories: evaluations of a stage of
+    their own, within the budget; the teacher's for the trajectories count as the teacher's), then
+    results.json, the summary and the report's text with them in the cost."""
+    from .report import make_plots, write_report
+    rows, seconds = dict(run.meter.rows), dict(run.meter.seconds)
+    with run.meter.at("report"):
+        images, failed = make_plots(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
+    summary["cost"] = with_spent(summary["cost"], {s: v - rows.get(s, 0) for s, v in run.meter.rows.items()},
+                                 {s: v - seconds.get(s, 0) for s, v in run.meter.seconds.items()})
+    run.save(summary["cost"])
+    write_report(run.out, summary, images, failed)
 
 
 def _per_condition(errors: list, pool: int) -> dict:

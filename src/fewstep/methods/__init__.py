@@ -31,12 +31,12 @@ __all__ = ["METHODS", "Calibration", "optimize"]
 def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min, sigma_max, teacher, progress,
                  cond=None):
     """The Calibration context: the model's facts, the calibration states at sigma_max (given, or drawn from
-    ``seed``) on the denoiser's device, and the teacher."""
+    ``seed``) on the denoiser's device, and the teacher; and the rows the denoiser's probe evaluated."""
     if shape is None and getattr(denoiser, "shape", None) is None and isinstance(calib, torch.Tensor):
         shape = tuple(calib.shape[1:])  # the calibration batch gives the shape only if the model has none
     info = model_info(denoiser, shape, sigma_min, sigma_max)
     conditions.check_model(denoiser, cond)
-    probe_denoiser(denoiser, info, cond)
+    probed = probe_denoiser(denoiser, info, cond)
     if calib is None:
         if isinstance(n, bool) or int(n) != n or n < 1:
             raise ValueError(f"n (calibration noises) must be a positive integer, got {n!r}")
@@ -52,7 +52,7 @@ def _calibration(denoiser: Callable, calib, shape, n: int, seed: int, sigma_min,
                                  shape=info["shape"], check_cond=cond)
     ctx = Calibration(CheckedDenoiser(denoiser, cond), calib.to(info["device"], torch.float64), info["sigma_min"],
                       info["sigma_max"], teacher, seed, progress, cond)
-    return ctx, info
+    return ctx, info, probed
 
 
 def _check_scale(calib: torch.Tensor, sigma_max: float) -> None:
@@ -89,7 +89,7 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
     if plan(solver, int(nfe))[0] < 2:  # every method learns interior sigmas: said before the teacher's work
         raise ValueError(f"{solver} at nfe={nfe} makes 1 step: the only schedule is [sigma_max, 0], nothing to "
                          "optimize; ask for a larger nfe")
-    ctx, info = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress, cond)
+    ctx, info, probed = _calibration(denoiser, calib, shape, n, seed, sigma_min, sigma_max, teacher, progress, cond)
     teacher_rows0, start = ctx.teacher.rows, time.perf_counter()
     # The same request on the same denoiser and batch (e.g. a method that starts from another's
     # schedule, inside fewstep.tune) is answered from memory.
@@ -100,8 +100,8 @@ def optimize(denoiser: Callable, method: str, solver: str, nfe: int, calib: torc
         "provenance": {
             **result.metadata.get("provenance", {}),
             "calib_n": int(ctx.x.shape[0]), "calib_seed": seed, "seconds": round(time.perf_counter() - start, 3),
-            "evaluations": {"teacher": ctx.teacher.rows - teacher_rows0, "method": ctx.denoiser.rows,
-                            "total": ctx.teacher.rows - teacher_rows0 + ctx.denoiser.rows},
+            "evaluations": {"probe": probed, "teacher": ctx.teacher.rows - teacher_rows0, "method": ctx.denoiser.rows,
+                            "total": probed + ctx.teacher.rows - teacher_rows0 + ctx.denoiser.rows},
             "teacher_steps": ctx.teacher.steps(ctx.sigma_max), "sigma_min": info["sigma_min"], "sigma_max": info["sigma_max"],
             "fewstep": __version__,
         },

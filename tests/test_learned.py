@@ -328,7 +328,7 @@ def test_training_in_pieces_is_training_in_one_go(gmm2d):
     from fewstep.methods.s4s import Learner, Options
 
     den, teacher, _, _ = gmm2d
-    ctx, _ = _calibration(den, None, None, 32, 0, None, None, teacher, False)
+    ctx, _, _ = _calibration(den, None, None, 32, 0, None, None, teacher, False)
     start = fewstep.tuning.baseline("ays", "unipc", 4, {"sigma_min": den.sigma_min, "sigma_max": den.sigma_max})
     o, train = Options(), Training(iters=7, patience=7)
     learners = [Learner(ctx, "unipc", {}, S.logits_from_sigmas(start.sigmas, ctx.sigma_min, o.learn_last), o)

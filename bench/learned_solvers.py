@@ -12,6 +12,7 @@ Part 2, per model: s4s and pas with 1 and 8 calibration noises (the first of see
 start (the same call with gate=inf: what they return when nothing passes), held out, the ratio's interval.
 
     OMP_NUM_THREADS=1 python bench/learned_solvers.py [--models gmm2d,...] [--nfe 3,4,...] [--calib 32] [--n 512] [--robust_nfe 3,5]
+                                                      [--options '{"s4s": {"iters": 200}}']  (the tune's method_options)
 
 A rerun with the same settings resumes each model's tune from ``--out``.
 """

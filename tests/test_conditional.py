@@ -85,7 +85,8 @@ def test_tune_calibrates_and_scores_on_disjoint_conditions(cg, tmp_path):
     assert rows <= {tuple(r.tolist()) for r in pool}
     p = s["best"]["4"]["per_condition"]
     assert p["conditions"] == 10 and p["min"] <= p["median"] <= p["max"]
-    assert "## Conditions" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "## Conditions" in report and "Plots not made" not in report  # the trajectories take their conditions
     oss = fewstep.load_schedule(tmp_path / "schedules" / "nfe4-oss-dpmpp_2m.json")
     test_x = fewstep.noise(16, cg.shape, 80.0, seed=1)  # the test noises are scored with the second half only
     err = fewstep.rmse(fewstep.sample(cg, test_x, oss, cond=fewstep.conditions.cycle(pool[10:], 16)),
@@ -157,6 +158,8 @@ def test_cli_tunes_the_shipped_class_conditional_network(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["model"]["name"] == "digits-cond@w3" and results["key"]["conds"]
     assert sum(c["status"] == "ok" for c in results["cells"]) == 6
+    assert "Plots not made" not in (tmp_path / "out" / "report.md").read_text()  # samples under their own labels
+    assert (tmp_path / "out" / "plots" / "samples.png").stat().st_size > 0
 
 
 def test_instance_policies_read_the_condition_beside_the_noise(cg, tmp_path):

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from . import conditions  # noqa: E402
 from .files import write_atomic  # noqa: E402
 from .metrics import significance, standard_error, tail_share  # noqa: E402
 from .sampling import sample  # noqa: E402
@@ -97,13 +98,14 @@ def plot_sigmas(summary: dict, path: Path) -> str:
     return _save(fig, path)
 
 
-def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path: Path, n: int = 3) -> str:
+def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path: Path, n: int = 3,
+                      cond=None) -> str:
     """The 'boomerang': each sample's teacher trajectory and few-step states in the plane of the
-    trajectory's top-2 principal directions."""
-    x = x[:n]
+    trajectory's top-2 principal directions (``cond``: the samples' conditions, for a conditional model)."""
+    x, cond = x[:n], conditions.rows(cond, slice(None, n))
     fine = karras(64, teacher.sigma_min, float(sched.sigmas[0])).sigmas
-    traj = teacher.trajectory(x, fine).flatten(2).cpu()  # [T, n, d]: the one solve's dense output
-    states = _student_states(denoiser, x, sched)
+    traj = teacher.trajectory(x, fine, cond=cond).flatten(2).cpu()  # [T, n, d]: the one solve's dense output
+    states = _student_states(denoiser, x, sched, cond)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n, 3.2))
     for i, ax in enumerate(axes if n > 1 else [axes]):
         t = traj[:, i]
@@ -123,21 +125,21 @@ def plot_trajectories(denoiser, teacher, x: torch.Tensor, sched: Schedule, path:
     return _save(fig, path)
 
 
-def _student_states(denoiser, x, sched: Schedule) -> torch.Tensor:
+def _student_states(denoiser, x, sched: Schedule, cond=None) -> torch.Tensor:
     states = []
-    out = sample(denoiser, x, sched, callback=lambda d: states.append(d["x"].flatten(1).to(torch.float64)))
+    out = sample(denoiser, x, sched, cond=cond, callback=lambda d: states.append(d["x"].flatten(1).to(torch.float64)))
     return torch.stack(states + [out.flatten(1).to(torch.float64)]).cpu()
 
 
 def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Tensor, out: Path, path: Path,
-                 n: int = 8) -> str | None:
+                 n: int = 8, cond=None) -> str | None:
     shape = tuple(summary["model"]["shape"])
     if len(shape) != 3 or shape[0] not in (1, 3):
         return None
     rows = [("teacher", teacher_out[:n])]
     for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
         sched = Schedule.load(out / "best" / f"nfe-{k}.json")
-        rows.append((f"NFE {k}", sample(denoiser, x[:n], sched)))
+        rows.append((f"NFE {k}", sample(denoiser, x[:n], sched, cond=conditions.rows(cond, slice(None, n)))))
     fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.15 * len(rows)))
     for r, (label, imgs) in enumerate(rows):
         for c in range(n):
@@ -338,7 +340,7 @@ def _html(markdown_text: str, plots: Path) -> str:
     return f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>fewstep report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
 
 
-def _plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> dict:
+def _plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor, cond=None) -> dict:
     """title -> a function making that plot (returning its file name, or None for no plot)."""
     plots, cells = out / "plots", summary["cells"]
     todo = {"Held-out error vs NFE": lambda: plot_error_vs_nfe(cells, plots / "error_vs_nfe.png")}
@@ -348,17 +350,19 @@ def _plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) ->
         k_max = max(summary["best"], key=int)
         todo["Chosen sigmas"] = lambda: plot_sigmas(summary, plots / "sigmas.png")
         todo[f"Trajectories at NFE {k_max}"] = lambda: plot_trajectories(
-            denoiser, teacher, x_test, Schedule.load(out / "best" / f"nfe-{k_max}.json"), plots / "trajectories.png")
-        todo["Samples"] = lambda: plot_samples(denoiser, summary, teacher.solve(x_test, summary["model"]["sigma_max"]),
-                                               x_test, out, plots / "samples.png")
+            denoiser, teacher, x_test, Schedule.load(out / "best" / f"nfe-{k_max}.json"), plots / "trajectories.png",
+            cond=cond)
+        todo["Samples"] = lambda: plot_samples(denoiser, summary, teacher.solve(x_test, summary["model"]["sigma_max"],
+                                                                                cond), x_test, out, plots / "samples.png",
+                                               cond=cond)
     return todo
 
 
-def make_plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor) -> tuple[dict, dict]:
-    """The report's plots: (title -> file name, title -> why it failed); a plot that fails is named in the
-    report instead of ending the run."""
+def make_plots(out: Path, summary: dict, denoiser, teacher, x_test: torch.Tensor, cond=None) -> tuple[dict, dict]:
+    """The report's plots (``cond``: the test noises' conditions, for a conditional model): (title -> file name,
+    title -> why it failed); a plot that fails is named in the report instead of ending the run."""
     images, failed = {}, {}
-    for title, make in _plots(out, summary, denoiser, teacher, x_test).items():
+    for title, make in _plots(out, summary, denoiser, teacher, x_test, cond).items():
         try:
             name = make()
         except Exception as e:  # the results are written already: one plot never loses them

@@ -849,7 +849,8 @@ def _report(run: _Run, summary: dict) -> None:
     from .report import make_plots, write_report
     rows, seconds = dict(run.meter.rows), dict(run.meter.seconds)
     with run.meter.at("report"):
-        images, failed = make_plots(run.out, summary, run.meter, run.teacher, run.x_test[:run.first])
+        images, failed = make_plots(run.out, summary, run.meter, run.teacher, run.x_test[:run.first],
+                                    conditions.rows(run.test_cond, slice(None, run.first)))
     summary["cost"] = with_spent(summary["cost"], {s: v - rows.get(s, 0) for s, v in run.meter.rows.items()},
                                  {s: v - seconds.get(s, 0) for s, v in run.meter.seconds.items()})
     run.save(summary["cost"])

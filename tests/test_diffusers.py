@@ -377,7 +377,9 @@ def test_cli_tunes_a_pipeline_folder_over_its_prompts(sd_folder, tmp_path, monke
     assert {s for _, s in status} <= {"ok", "skipped", "pruned"}  # none failed
     assert {m for m, s in status if s == "ok"} >= {"gits", "oss", "ld3", "karras"}
     assert ("instance", "skipped") not in status  # phi sees the prompt's embedding beside the noise
-    assert "Calibrated on 2 conditions; scored on 2 other conditions" in (tmp_path / "out" / "report.md").read_text()
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Calibrated on 2 conditions; scored on 2 other conditions" in report
+    assert "Plots not made" not in report  # the trajectories under the prompts' embeddings
     capsys.readouterr()
     assert cli.main(["sample", *model, "--schedule", str(tmp_path / "out" / "best" / "nfe-5.json"), "--n", "3",
                      "-o", str(tmp_path / "s.pt")]) == 0

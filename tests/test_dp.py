@@ -167,18 +167,9 @@ def test_held_out_beats_baselines(model):
 
 
 @pytest.mark.parametrize("method", ["gits", "oss"])
-def test_every_row_through_the_network_is_in_the_provenance(method):
+def test_every_row_through_the_network_is_in_the_provenance(method, counted):
     """provenance.evaluations counts what an outside counter sees, the denoiser's probe included."""
-
-    class Rows:
-        def __init__(self, den):
-            self.den, self.rows, self.shape, self.sigma_min, self.sigma_max = den, 0, den.shape, den.sigma_min, den.sigma_max
-
-        def __call__(self, x, sigma):
-            self.rows += x.shape[0]
-            return self.den(x, sigma)
-
-    den = Rows(fewstep.load_model("gmm2d"))
+    den = counted(fewstep.load_model("gmm2d"))
     s = fewstep.optimize(den, method, "dpmpp_2m", 4, calib=fewstep.noise(8, den.shape, 80.0, 0), grid=16)
     ev = s.metadata["provenance"]["evaluations"]
     assert ev["total"] == den.rows == ev["probe"] + ev["teacher"] + ev["method"] and ev["probe"] == 4

@@ -145,20 +145,8 @@ def test_killed_run_resumes_to_the_same_results(tmp_path, tuned):
     assert _errors(out / "results.json") == _errors(tuned[0] / "results.json")
 
 
-class _Rows:
-    """The model with an outside count of the rows it evaluates."""
-
-    def __init__(self, den):
-        self.den, self.rows = den, 0
-        self.shape, self.sigma_min, self.sigma_max, self.name = den.shape, den.sigma_min, den.sigma_max, "rows"
-
-    def __call__(self, x, sigma):
-        self.rows += x.shape[0]
-        return self.den(x, sigma)
-
-
-def test_every_evaluation_is_counted_and_the_plan_printed(capsys):
-    den = _Rows(fewstep.load_model("gmm2d"))
+def test_every_evaluation_is_counted_and_the_plan_printed(capsys, counted):
+    den = counted(fewstep.load_model("gmm2d"))
     s = tune(den, nfe=[3, 4], methods=["karras", "ays", "oss", "ld3"], solvers=["euler", "dpmpp_2m", "heun"],
              n_calib=8, n_test=32, report=False, progress=True, seconds_per_eval=0.1)
     assert "fewstep tune plan (race)" in capsys.readouterr().out
@@ -173,10 +161,10 @@ def test_every_evaluation_is_counted_and_the_plan_printed(capsys):
     assert all(c["n"] == len(c["errors"]) for c in ok)
 
 
-def test_the_reports_evaluations_are_counted_too(tmp_path):
+def test_the_reports_evaluations_are_counted_too(tmp_path, counted):
     """The report's plots (the winners' samples and trajectories) run the network after the cells: their rows are
     in the summary's cost, results.json's and the report's (before, ~1k rows of every default tune were not)."""
-    den = _Rows(fewstep.load_model("digits-unet"))
+    den = counted(fewstep.load_model("digits-unet"))
     s = tune(den, nfe=[3], methods=["karras", "ays"], solvers=["euler", "dpmpp_2m"], n_calib=8, n_test=8,
              outdir=tmp_path, progress=False, seconds_per_eval=0.1)
     cost = s["cost"]
@@ -202,8 +190,8 @@ def test_the_teacher_counts_as_teacher_whoever_asks(tmp_path):
     assert warm["cost"]["evaluations"]["method"] == cold["cost"]["evaluations"]["method"] > 0
 
 
-def test_a_budget_is_never_exceeded_and_what_is_left_out_is_said(tmp_path):
-    den = _Rows(fewstep.load_model("gmm2d"))
+def test_a_budget_is_never_exceeded_and_what_is_left_out_is_said(tmp_path, counted):
+    den = counted(fewstep.load_model("gmm2d"))
     s = tune(den, nfe=[4, 6], outdir=tmp_path, budget=6000, n_calib=16, n_test=64, progress=False)
     assert den.rows <= 6000 and s["cost"]["total"] <= 6000
     pruned = [c for c in s["cells"] if c["status"] == "pruned"]

@@ -136,10 +136,10 @@ def plot_samples(denoiser, summary: dict, teacher_out: torch.Tensor, x: torch.Te
     shape = tuple(summary["model"]["shape"])
     if len(shape) != 3 or shape[0] not in (1, 3):
         return None
-    rows = [("teacher", teacher_out[:n])]
+    rows, x, cond = [("teacher", teacher_out[:n])], x[:n], conditions.rows(cond, slice(None, n))
     for k, entry in sorted(summary["best"].items(), key=lambda kv: int(kv[0])):
         sched = Schedule.load(out / "best" / f"nfe-{k}.json")
-        rows.append((f"NFE {k}", sample(denoiser, x[:n], sched, cond=conditions.rows(cond, slice(None, n)))))
+        rows.append((f"NFE {k}", sample(denoiser, x, sched, cond=cond)))
     fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.15 * len(rows)))
     for r, (label, imgs) in enumerate(rows):
         for c in range(n):
